@@ -1,0 +1,249 @@
+"""The ``chatzeo`` command: serve, chat, send, tail, history, rooms, who, check, pack.
+
+Exit status: 0 on success, 2 for a usage error (bad options, unknown command), 1 with
+a one-line ``chatzeo: error: ...`` on standard error for anything else (server
+unreachable, bad room name, message refused, ...). No traceback for a user mistake.
+
+Runs in the main thread; `chatzeo chat` hands over to `chatzeo.terminal`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .client import ChatClient
+from .database import DEFAULT_ADDRESS, open_db
+from .errors import ChatError
+from .message import Message
+from .sanitize import clean
+from .validation import (
+    MAX_MESSAGE_BYTES,
+    check_room_name,
+    check_text,
+    check_user_name,
+    decode_text,
+)
+
+__all__ = ["main", "build_parser", "format_line"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+DEFAULT_ROOM = "lobby"
+
+
+def format_line(message: Message) -> str:
+    """One message as a plain, terminal-safe line: ``HH:MM:SS <author> text``."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(message.time))
+    author = clean(message.author or "anonymous")
+    text = clean(message.text)
+    if message.kind == "action":
+        return f"{stamp} * {author} {text}"
+    return f"{stamp} <{author}> {text}"
+
+
+def _default_name() -> str:
+    return os.environ.get("CHATZEO_NAME") or os.environ.get("USER") or "guest"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="chatzeo", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, target: bool = True, room: bool = False) -> Any:
+        sub = commands.add_parser(name, help=help, description=help)
+        if target:
+            sub.add_argument(
+                "--server",
+                default=os.environ.get("CHATZEO_SERVER", DEFAULT_ADDRESS),
+                help="host:port, socket path, zodburi URI or ZConfig file "
+                "(default: $CHATZEO_SERVER or %(default)s)",
+            )
+            sub.add_argument(
+                "--wait", type=float, default=10.0, help="seconds to wait for the server"
+            )
+        if room:
+            sub.add_argument("--room", default=DEFAULT_ROOM, help="room (default: %(default)s)")
+        return sub
+
+    serve = command("serve", "run the ZEO server", target=False)
+    serve.add_argument("--config", type=Path, help="ZEO config file (default: ./zeo.conf)")
+    serve.add_argument("--address", help="listen on host:port or a socket path")
+    serve.add_argument("--data-dir", type=Path, help="directory of the FileStorage")
+
+    chat = command("chat", "talk in a room, in this terminal", room=True)
+    chat.add_argument("--name", default=_default_name(), help="your user name")
+
+    send = command("send", "post one message", room=True)
+    send.add_argument("--name", default=_default_name(), help="author name")
+    send.add_argument("text", help="the message, or - to read it from standard input")
+
+    tail = command("tail", "print messages as they arrive, until interrupted", room=True)
+    tail.add_argument(
+        "--history", type=_count, default=0, metavar="N", help="print the last N first"
+    )
+    tail.add_argument("--json", action="store_true", help="print JSON lines")
+
+    history = command("history", "print a room's latest messages", room=True)
+    history.add_argument("--limit", type=_count, default=50, metavar="N")
+    history.add_argument("--json", action="store_true", help="print JSON lines")
+
+    command("rooms", "list rooms and their message counts")
+    command("who", "list users present in a room", room=True)
+    return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``chatzeo`` command; return its exit status."""
+    args = build_parser().parse_args(argv)
+    _quiet_logging(args.command)
+    try:
+        return COMMANDS[args.command](args)
+    except ChatError as error:
+        print(f"chatzeo: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        # Reader went away (e.g. `chatzeo tail | head`); not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
+
+
+def _quiet_logging(command: str) -> None:
+    # ZEO logs each reconnection attempt; on a client that is noise on stderr (or,
+    # in the terminal client, damage to the screen). CHATZEO_LOG=FILE keeps it.
+    destination = os.environ.get("CHATZEO_LOG")
+    if command == "serve":
+        return
+    if destination:
+        logging.basicConfig(filename=destination, level=logging.INFO)
+    else:
+        logging.getLogger().addHandler(logging.NullHandler())
+        logging.getLogger().setLevel(logging.CRITICAL)
+
+
+def _client(args: argparse.Namespace, user: str | None = None) -> ChatClient:
+    db = open_db(args.server, wait=args.wait)
+    try:
+        return ChatClient(db, user)
+    except BaseException:
+        db.close()
+        raise
+
+
+def _with_client(
+    args: argparse.Namespace, work: Callable[[ChatClient], int], user: str | None = None
+) -> int:
+    client = _client(args, user)
+    try:
+        return work(client)
+    finally:
+        client.close()
+        client.db.close()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(args.config, args.address, args.data_dir)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .terminal import run_chat
+
+    return run_chat(args)
+
+
+def _send(args: argparse.Namespace) -> int:
+    if args.text == "-":
+        data = sys.stdin.buffer.read(MAX_MESSAGE_BYTES * 4 + 1)
+        text = decode_text(data)
+    else:
+        text = args.text
+    # Validate before connecting: a bad message never costs a round trip.
+    text, room = check_text(text), check_room_name(args.room)
+    name = check_user_name(args.name)
+
+    def send(client: ChatClient) -> int:
+        client.join(room, history=0)
+        client.send(text)
+        return EXIT_OK
+
+    return _with_client(args, send, user=name)
+
+
+def _print(message: Message, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(message.as_json(), ensure_ascii=False), flush=True)
+    else:
+        print(format_line(message), flush=True)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    def tail(client: ChatClient) -> int:
+        for message in client.join(args.room, history=args.history):
+            _print(message, args.json)
+        while True:
+            # The wait only watches a local event set by ZEO's push; the timeout
+            # just lets Ctrl-C in promptly and costs the server nothing.
+            if client.wait(1.0):
+                for message in client.receive():
+                    _print(message, args.json)
+
+    return _with_client(args, tail)
+
+
+def _history(args: argparse.Namespace) -> int:
+    def history(client: ChatClient) -> int:
+        for message in client.join(args.room, history=args.limit, create=False):
+            _print(message, args.json)
+        return EXIT_OK
+
+    return _with_client(args, history)
+
+
+def _rooms(args: argparse.Namespace) -> int:
+    def rooms(client: ChatClient) -> int:
+        for name, count in client.rooms():
+            print(f"{name}\t{count}")
+        return EXIT_OK
+
+    return _with_client(args, rooms)
+
+
+def _who(args: argparse.Namespace) -> int:
+    def who(client: ChatClient) -> int:
+        for name in client.who(args.room):
+            print(name)
+        return EXIT_OK
+
+    return _with_client(args, who)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _serve,
+    "chat": _chat,
+    "send": _send,
+    "tail": _tail,
+    "history": _history,
+    "rooms": _rooms,
+    "who": _who,
+}

@@ -1,0 +1,196 @@
+"""`ChatClient`: one participant's view of the chat, as the command line and the terminal use it.
+
+It owns one ZODB connection with its own transaction manager, a `ChangeFeed` on
+the current room, and (for a named user) a presence lease renewed by `heartbeat`.
+Every write (joining, posting, renewing) runs in its own retried transaction
+(`chatzeo.retry`); reads happen in the client's connection, refreshed by `receive`.
+
+Threads: a `ChatClient` belongs to the thread that created it, except `wake`, which
+any thread may call to end a `wait` early.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import transaction
+
+from .delivery import ChangeFeed
+from .errors import NoSuchRoom
+from .message import Message, MessageKind, new_message_id
+from .realm import ChatRoot, get_root
+from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
+from .session import ChatSession
+from .validation import check_room_name, check_user_name
+
+__all__ = ["ChatClient", "RoomInfo"]
+
+RoomInfo = tuple[str, int]
+
+log = logging.getLogger(__name__)
+
+
+class ChatClient:
+    """A user (or an anonymous reader, ``user=None``) talking in one room at a time."""
+
+    def __init__(
+        self,
+        db: Any,
+        user: str | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        notify: Callable[[], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.user = check_user_name(user) if user is not None else None
+        self.lease_id = new_message_id()
+        self.clock = clock
+        self.policy = policy
+        self.room: ChatSession | None = None
+        self._manager = transaction.TransactionManager()
+        self._connection = db.open(transaction_manager=self._manager)
+        self.feed = ChangeFeed(db, notify)
+        self._connected = False
+        try:
+            if user is not None:
+                name = check_user_name(user)
+                self._write(
+                    lambda root: root.connect(name, self.lease_id, self.clock()),
+                    f"connecting user {name!r}",
+                )
+                self._connected = True
+        except BaseException:
+            self.close()
+            raise
+
+    # -- rooms -----------------------------------------------------------------
+
+    def join(self, room_name: str, history: int = 50, create: bool = True) -> list[Message]:
+        """Enter ``room_name``, leaving the current room.
+
+        Returns its latest ``history`` messages; `receive` then returns only what
+        comes after them. A missing room is created, or with ``create=False``
+        refused with `NoSuchRoom`.
+        """
+        name = check_room_name(room_name)
+        if not create:
+            self._manager.begin()
+            if name not in self._root().rooms:
+                raise NoSuchRoom(name)
+        user = self.user
+        if user is not None:
+            self._write(
+                lambda root: root.enter(user, self.lease_id, name, self.clock()),
+                f"joining room {name!r}",
+            )
+        elif name not in self._root().rooms:
+            self._write(lambda root: root.room(name), f"creating room {name!r}")
+        self._manager.begin()
+        room = self._root().rooms[name]
+        self.room = room
+        self.feed.watch([room._clock])
+        page = room.latest(history)
+        room.skip_to_end()
+        return page
+
+    def rooms(self) -> list[RoomInfo]:
+        """Every room's name and message count, by name."""
+        self._manager.begin()
+        return [(name, len(room)) for name, room in self._root().rooms.items()]
+
+    def who(self, room_name: str | None = None) -> list[str]:
+        """Users present in a room now (the current one by default)."""
+        self._manager.begin()
+        name = room_name or self._current().name
+        return self._root().who(name, self.clock())
+
+    # -- messages --------------------------------------------------------------
+
+    def send(self, text: str, kind: MessageKind = "say") -> Message:
+        """Post ``text`` to the current room as this user and commit it."""
+        return self._current().add_message(
+            text, self.user, kind=kind, policy=self.policy, clock=self.clock
+        )
+
+    def receive(self) -> list[Message]:
+        """Messages committed to the current room since the last call, oldest first."""
+        self._manager.begin()
+        return self._current().new_messages()
+
+    def history(self, limit: int, before: Message | None = None) -> list[Message]:
+        """The ``limit`` messages before ``before`` (default: the latest), oldest first."""
+        self._manager.begin()
+        return self._current().history(before=before, limit=limit)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current room changes (True) or ``timeout`` passes (False)."""
+        return self.feed.wait(timeout)
+
+    def wake(self) -> None:
+        """End a `wait` early, from any thread."""
+        self.feed._fire()
+
+    # -- presence --------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Renew this client's presence lease; re-acquire it if it lapsed."""
+        if self.user is None:
+            return
+        user = self.user
+
+        def renew(root: ChatRoot) -> None:
+            now = self.clock()
+            if not root.renew(user, self.lease_id, now):
+                root.connect(user, self.lease_id, now)
+                if self.room is not None:
+                    root.enter(user, self.lease_id, self.room.name, now)
+
+        self._write(renew, "renewing presence")
+
+    def is_connected(self) -> bool:
+        """Whether the storage is connected to its server (always True for local ones)."""
+        check = getattr(self.db.storage, "is_connected", None)
+        return True if check is None else bool(check())
+
+    def close(self) -> None:
+        """Count this connection out and release everything. Best effort when the
+        server is gone: the lease then simply expires."""
+        user = self.user
+        try:
+            if self._connected and user is not None:
+                self._connected = False
+                self._write(
+                    lambda root: root.disconnect(user, self.lease_id),
+                    "disconnecting",
+                    policy=RetryPolicy(max_seconds=2.0),
+                )
+        except Exception as error:  # the lease expires by itself
+            log.info("could not count connection out: %s", error)
+        finally:
+            self.feed.close()
+            self._manager.abort()
+            self._connection.close()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _root(self) -> ChatRoot:
+        return get_root(self._connection)
+
+    def _current(self) -> ChatSession:
+        if self.room is None:
+            raise RuntimeError("join a room first")
+        return self.room
+
+    def _write(
+        self, change: Callable[[ChatRoot], Any], what: str, policy: RetryPolicy | None = None
+    ) -> Any:
+        return run_in_transaction(
+            self.db,
+            lambda connection: change(get_root(connection)),
+            what=what,
+            policy=policy or self.policy,
+        )

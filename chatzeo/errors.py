@@ -1,0 +1,109 @@
+"""Every error chatzeo raises, under one base class.
+
+Errors a caller should retry are `transaction.interfaces.TransientError`s, so the
+transaction manager's ``attempts()`` and `chatzeo.retry` treat them like conflicts.
+Bad input is a `ValueError`, so code that validates generically still catches it.
+"""
+
+from __future__ import annotations
+
+from transaction.interfaces import TransientError
+
+__all__ = [
+    "ChatError",
+    "InvalidInput",
+    "InvalidName",
+    "InvalidMessage",
+    "InvalidTarget",
+    "RetryLimitExceeded",
+    "ServerUnavailable",
+    "TooManyConnections",
+    "NotInDatabase",
+    "NoSuchRoom",
+    "UnsafeRecord",
+]
+
+
+class ChatError(Exception):
+    """Base class of every error chatzeo raises on purpose."""
+
+
+class InvalidInput(ChatError, ValueError):
+    """Input was refused before anything was written."""
+
+
+class InvalidName(InvalidInput):
+    """A room or user name is empty, too long or has characters names may not have."""
+
+    def __init__(self, kind: str, name: object, reason: str):
+        self.kind = kind
+        self.name = name
+        self.reason = reason
+        super().__init__(f"invalid {kind} name {name!r}: {reason}")
+
+
+class InvalidMessage(InvalidInput):
+    """A message's text is empty, too big, not valid UTF-8 or holds a forbidden character."""
+
+
+class InvalidTarget(InvalidInput):
+    """A database target (server address, URI or config file) cannot be understood."""
+
+    def __init__(self, target: object, reason: str):
+        self.target = target
+        self.reason = reason
+        super().__init__(f"invalid database target {target!r}: {reason}")
+
+
+class RetryLimitExceeded(ChatError):
+    """A transaction kept failing with transient errors (conflicts, a lost server)
+    until its retry budget ran out. ``last_error`` is the final transient error."""
+
+    def __init__(self, what: str, attempts: int, seconds: float, last_error: BaseException):
+        self.attempts = attempts
+        self.seconds = seconds
+        self.last_error = last_error
+        super().__init__(
+            f"{what} failed after {attempts} attempts in {seconds:.1f}s: "
+            f"{type(last_error).__name__}: {last_error}"
+        )
+
+
+class ServerUnavailable(ChatError, TransientError):
+    """No ZEO server answered at the address within the wait bound."""
+
+    def __init__(self, address: object, seconds: float):
+        self.address = address
+        self.seconds = seconds
+        super().__init__(f"no chatzeo server answered at {address} within {seconds:g}s")
+
+
+class TooManyConnections(ChatError):
+    """A user already holds the maximum number of live connections."""
+
+    def __init__(self, user: str, limit: int):
+        self.user = user
+        self.limit = limit
+        super().__init__(f"user {user!r} already has {limit} live connections (the limit)")
+
+
+class NotInDatabase(ChatError):
+    """`ChatSession.add_message` was called on a session that is not yet committed
+    to a database, so there is nothing it could commit the message to."""
+
+
+class NoSuchRoom(ChatError, LookupError):
+    """A command that only reads named a room that does not exist."""
+
+    def __init__(self, room: str):
+        self.room = room
+        super().__init__(f"no room named {room!r}")
+
+
+class UnsafeRecord(ChatError):
+    """A database record names a class outside chatzeo's allowlist; it was not loaded."""
+
+    def __init__(self, module: str, name: str):
+        self.module = module
+        self.name = name
+        super().__init__(f"refused to load {module}.{name}: not a class chatzeo trusts")

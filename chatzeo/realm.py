@@ -1,0 +1,145 @@
+"""The realm: rooms by name, one persistent object per user, connections and presence.
+
+After Twisted's ``CachingRealm`` (``../shared/seeds/000_*``): a user name maps to one
+persistent `User` however many connections use it; each connection is counted while
+it lives, and a configurable maximum refuses the next one. Unlike the seed's counter,
+a connection is a *lease* with an expiry that its client renews by heartbeat, so a
+client that crashes without disconnecting drops out of `who` and out of the count
+once its lease runs out, instead of staying "online" for ever.
+
+Everything here changes objects in the caller's transaction; `chatzeo.client` runs
+each operation in its own retried transaction. Creating a room or user twice at once
+is safe: both insert the same key into one BTree bucket, which conflicts, and the
+loser's retry finds the winner's object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from BTrees.OOBTree import OOBTree
+from persistent import Persistent
+
+from .errors import TooManyConnections
+from .session import ChatSession
+from .validation import check_room_name, check_user_name
+
+__all__ = ["ChatRoot", "User", "get_root", "ROOT_KEY"]
+
+ROOT_KEY = "chatzeo"
+
+
+class User(Persistent):
+    """One chat user: the name, and the leases of the connections it holds now."""
+
+    def __init__(self, name: str) -> None:
+        self.name = check_user_name(name)
+        # lease id -> (room name or None, expiry in epoch seconds)
+        self.leases = OOBTree()
+        self.last_connected = 0.0
+
+    def __repr__(self) -> str:
+        return f"<User {self.name!r}>"
+
+    def connections(self, now: float) -> int:
+        """How many of this user's connections hold a lease that has not expired."""
+        return sum(1 for _, expiry in self.leases.values() if expiry > now)
+
+
+class ChatRoot(Persistent):
+    """The top of chatzeo's object graph: rooms, users and the connection rules."""
+
+    def __init__(self, *, max_connections: int = 8, lease_seconds: float = 60.0) -> None:
+        self.rooms = OOBTree()
+        self.users = OOBTree()
+        self.max_connections = max_connections
+        self.lease_seconds = lease_seconds
+
+    # -- rooms and users -------------------------------------------------------
+
+    def room(self, name: str) -> ChatSession:
+        """The room called ``name``, created on first use."""
+        name = check_room_name(name)
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = ChatSession(name)
+        return room
+
+    def user(self, name: str) -> User:
+        """The user called ``name``, created on first use (the seed's CachingRealm)."""
+        name = check_user_name(name)
+        user = self.users.get(name)
+        if user is None:
+            user = self.users[name] = User(name)
+        return user
+
+    # -- connections and presence ---------------------------------------------
+
+    def connect(self, user_name: str, lease_id: str, now: float) -> User:
+        """Count a new connection of ``user_name`` in, under ``lease_id``.
+
+        Expired leases are dropped first. Raises `TooManyConnections` when the user
+        already holds `max_connections` live ones. Writing the user object makes two
+        simultaneous connects of one user conflict, so the limit holds under races.
+        """
+        user = self.user(user_name)
+        for stale, (room_name, expiry) in list(user.leases.items()):
+            if expiry <= now:
+                del user.leases[stale]
+                if room_name in self.rooms:
+                    self.rooms[room_name].presence.pop(stale, None)
+        if lease_id not in user.leases and len(user.leases) >= self.max_connections:
+            raise TooManyConnections(user.name, self.max_connections)
+        user.leases[lease_id] = (None, now + self.lease_seconds)
+        user.last_connected = now
+        return user
+
+    def disconnect(self, user_name: str, lease_id: str) -> None:
+        """Count a connection out: drop its lease and its presence in its room."""
+        user = self.users.get(user_name)
+        if user is None:
+            return
+        entry = user.leases.pop(lease_id, None)
+        if entry is not None and entry[0] in self.rooms:
+            self.rooms[entry[0]].presence.pop(lease_id, None)
+
+    def enter(self, user_name: str, lease_id: str, room_name: str, now: float) -> ChatSession:
+        """Move a connection into ``room_name`` (leaving its previous room)."""
+        user = self.user(user_name)
+        previous = user.leases.get(lease_id, (None, 0.0))[0]
+        room = self.room(room_name)
+        if previous not in (None, room.name) and previous in self.rooms:
+            self.rooms[previous].presence.pop(lease_id, None)
+        expiry = now + self.lease_seconds
+        user.leases[lease_id] = (room.name, expiry)
+        room.presence[lease_id] = (user.name, expiry)
+        return room
+
+    def renew(self, user_name: str, lease_id: str, now: float) -> bool:
+        """Extend a live lease; False if it expired or was never granted."""
+        user = self.users.get(user_name)
+        entry = user.leases.get(lease_id) if user is not None else None
+        if entry is None:
+            return False
+        room_name, _ = entry
+        expiry = now + self.lease_seconds
+        user.leases[lease_id] = (room_name, expiry)
+        if room_name in self.rooms:
+            self.rooms[room_name].presence[lease_id] = (user.name, expiry)
+        return True
+
+    def who(self, room_name: str, now: float) -> list[str]:
+        """Names of the users with a live lease in the room, sorted."""
+        room = self.rooms.get(check_room_name(room_name))
+        if room is None:
+            return []
+        return sorted({name for name, expiry in room.presence.values() if expiry > now})
+
+
+def get_root(connection: Any) -> ChatRoot:
+    """chatzeo's `ChatRoot` in ``connection``'s database, created on first use."""
+    root = connection.root()
+    chat_root = root.get(ROOT_KEY)
+    if chat_root is None:
+        chat_root = root[ROOT_KEY] = ChatRoot()
+    return chat_root

@@ -1,0 +1,88 @@
+"""Running a unit of work in its own transaction, retried on transient errors.
+
+`run_in_transaction` opens a private connection with a private transaction manager,
+so whatever the caller's own transaction holds is never committed by it. Retries
+use full-jitter exponential backoff and are bounded by time and by attempts;
+when the budget is spent it raises `RetryLimitExceeded`.
+
+Runs entirely in the calling thread.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import transaction
+from ZODB.Connection import Connection
+
+from .errors import RetryLimitExceeded
+
+__all__ = ["RetryPolicy", "run_in_transaction"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long and how often a transaction is retried.
+
+    The n-th retry sleeps a random time in ``[0, min(max_delay, base_delay * 2**n))``
+    ("full jitter"), so writers that collided once spread out instead of colliding again.
+    """
+
+    max_seconds: float = 15.0
+    max_attempts: int = 1000
+    base_delay: float = 0.001
+    max_delay: float = 0.25
+
+    def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
+        """Seconds to sleep before retry number ``retry`` (0 for the first retry)."""
+        return rng() * min(self.max_delay, self.base_delay * (2 ** min(retry, 30)))
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+
+def run_in_transaction(
+    db: Any,
+    work: Callable[[Connection], T],
+    *,
+    what: str = "transaction",
+    policy: RetryPolicy = DEFAULT_POLICY,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``work(connection)`` in a fresh transaction of a private connection to
+    ``db`` and commit; on a retryable error abort, back off and call it again.
+
+    ``work`` must be safe to call again after an attempt whose commit raised (for a
+    lost server the commit may have landed anyway). Returns what the successful call
+    returned. Raises `RetryLimitExceeded` when the policy's bound is reached, and any
+    non-retryable error at once.
+    """
+    manager = transaction.TransactionManager(explicit=True)
+    connection = db.open(transaction_manager=manager)
+    started = clock()
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            manager.begin()
+            try:
+                result = work(connection)
+                manager.commit()
+                return result
+            except Exception as error:
+                manager.abort()
+                if not manager.isRetryableError(error):
+                    raise
+                elapsed = clock() - started
+                if attempt >= policy.max_attempts or elapsed >= policy.max_seconds:
+                    raise RetryLimitExceeded(what, attempt, elapsed, error) from error
+                sleep(min(policy.delay(attempt - 1), max(0.0, policy.max_seconds - elapsed)))
+    finally:
+        connection.close()

@@ -1,0 +1,211 @@
+"""`chatzeo serve`: the ZEO storage server every chat client talks to.
+
+It reads the same ZConfig file as ``runzeo -C zeo.conf`` (ZEO's own schema), applies
+the ``--address`` and ``--data-dir`` overrides, creates chatzeo's root objects before
+the first client connects (two clients creating the root of an empty storage at once
+would conflict), makes conflict resolution load only allowlisted classes, and then
+runs ZEO's `StorageServer` until SIGINT or SIGTERM.
+
+Threads: everything here runs in the main thread; the server's network IO runs in
+ZEO's asyncio loop, which `StorageServer.loop` runs in that same thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import transaction
+import zc.lockfile
+import ZConfig
+import ZEO
+import ZODB
+from ZEO.runzeo import create_server
+
+from .allowlist import guard_conflict_resolution
+from .database import default_data_dir, parse_address
+from .errors import ChatError
+from .realm import get_root
+
+__all__ = ["serve", "load_config", "ServerConfigError", "default_config_path"]
+
+log = logging.getLogger(__name__)
+
+
+class ServerConfigError(ChatError):
+    """The server's config is broken, its port is taken or its storage is locked."""
+
+
+def default_config_path() -> Path:
+    """``$CHATZEO_CONFIG``, else ``./zeo.conf``, else the copy shipped with chatzeo."""
+    explicit = os.environ.get("CHATZEO_CONFIG")
+    if explicit:
+        return Path(explicit)
+    local = Path("zeo.conf")
+    if local.is_file():
+        return local
+    return Path(str(resources.files("chatzeo") / "zeo.conf"))
+
+
+def load_config(
+    path: Path, address: str | None = None, data_dir: Path | None = None
+) -> Any:
+    """Parse a ZEO server config with ZEO's schema and apply the overrides.
+
+    Relative storage paths are taken relative to the config file's directory. Raises
+    `ServerConfigError` with a one-line reason for a file that cannot be used.
+    """
+    if not path.is_file():
+        raise ServerConfigError(f"config file {path} does not exist")
+    schema = ZConfig.loadSchema(os.path.join(os.path.dirname(ZEO.__file__), "schema.xml"))
+    try:
+        config, _ = ZConfig.loadConfig(schema, str(path))
+    except Exception as error:
+        reason = " ".join(str(error).split())
+        raise ServerConfigError(f"config file {path} is broken: {reason}") from None
+    if address is not None:
+        parsed = parse_address(address)
+        config.zeo.address = SimpleNamespace(
+            family=socket.AF_UNIX if isinstance(parsed, str) else _family(parsed[0]),
+            address=parsed,
+        )
+    for opener in config.storages:
+        storage_path = getattr(opener.config, "path", None)
+        if storage_path is None:
+            continue
+        if data_dir is not None:
+            storage_path = str(Path(data_dir) / Path(storage_path).name)
+        elif not os.path.isabs(storage_path):
+            storage_path = str(path.parent.resolve() / storage_path)
+        Path(storage_path).parent.mkdir(parents=True, exist_ok=True)
+        opener.config.path = storage_path
+    return config
+
+
+def serve(
+    config_path: Path | None = None, address: str | None = None, data_dir: Path | None = None
+) -> int:
+    """Run the server until SIGINT or SIGTERM; return the exit status."""
+    path = config_path or default_config_path()
+    packaged = config_path is None and not os.environ.get("CHATZEO_CONFIG") and not Path(
+        "zeo.conf"
+    ).is_file()
+    if packaged and data_dir is None:
+        data_dir = default_data_dir()
+    config = load_config(path, address, data_dir)
+    _setup_logging(config)
+    bound = config.zeo.address.address
+    _check_port(bound)
+    guard_conflict_resolution()
+    storages = {opener.name or "1": _open_storage(opener) for opener in config.storages}
+    server = None
+    try:
+        for storage in storages.values():
+            _prepare(storage)
+        server = create_server(storages, _server_options(config))
+        _handle_signals()
+        log.info("chatzeo server listening on %s", _show(server.acceptor.addr))
+        server.loop()
+    except SystemExit as stop:
+        log.info("chatzeo server stopped (%s)", stop.code)
+    finally:
+        if server is not None:
+            server.close()
+        else:
+            for storage in storages.values():
+                storage.close()
+    return 0
+
+
+def _open_storage(opener: Any) -> Any:
+    try:
+        return opener.open()
+    except zc.lockfile.LockError:
+        where = getattr(opener.config, "path", opener.name)
+        raise ServerConfigError(
+            f"storage {where} is locked: another server is already using it"
+        ) from None
+
+
+def _prepare(storage: Any) -> None:
+    """Create ZODB's root and chatzeo's root in ``storage`` if they are missing.
+
+    The DB is dropped without closing it: closing would close the storage the
+    server is about to serve.
+    """
+    db = ZODB.DB(storage)
+    manager = transaction.TransactionManager()
+    connection = db.open(transaction_manager=manager)
+    try:
+        get_root(connection)
+        manager.commit()
+    finally:
+        connection.close()
+
+
+def _check_port(address: Any) -> None:
+    if isinstance(address, str):
+        return
+    host, port = address
+    probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        probe.bind((host, port))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ServerConfigError(
+                f"port {port} on {host} is taken: is another chatzeo server running?"
+            ) from None
+        raise ServerConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    finally:
+        probe.close()
+
+
+def _server_options(config: Any) -> Any:
+    zeo = config.zeo
+    return SimpleNamespace(
+        address=zeo.address.address,
+        read_only=zeo.read_only,
+        client_conflict_resolution=zeo.client_conflict_resolution,
+        msgpack=zeo.msgpack,
+        invalidation_queue_size=zeo.invalidation_queue_size,
+        invalidation_age=zeo.invalidation_age,
+        transaction_timeout=zeo.transaction_timeout,
+        ssl=zeo.ssl,
+    )
+
+
+def _setup_logging(config: Any) -> None:
+    if getattr(config, "eventlog", None) is not None:
+        config.eventlog.startup()
+        return
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def _handle_signals() -> None:
+    def stop(signum: int, frame: Any) -> None:
+        sys.exit(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _show(address: Any) -> str:
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
