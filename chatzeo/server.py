@@ -13,8 +13,10 @@ ZEO's asyncio loop, which `StorageServer.loop` runs in that same thread.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -55,19 +57,37 @@ def default_config_path() -> Path:
     return Path(str(resources.files("chatzeo") / "zeo.conf"))
 
 
+_DATA_DIR_DEFINE = re.compile(r"^%define\s+DATA_DIR\s+(?P<value>\S.*?)\s*$", re.MULTILINE)
+
+
 def load_config(
     path: Path, address: str | None = None, data_dir: Path | None = None
 ) -> Any:
     """Parse a ZEO server config with ZEO's schema and apply the overrides.
 
-    Relative storage paths are taken relative to the config file's directory. Raises
-    `ServerConfigError` with a one-line reason for a file that cannot be used.
+    The storage's directory is the config's ``%define DATA_DIR``: ``data_dir`` replaces
+    it, a relative one is taken relative to the config file, and it is created if
+    missing. Raises `ServerConfigError` with a one-line reason for a file that
+    cannot be used.
     """
-    if not path.is_file():
-        raise ServerConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ServerConfigError(f"cannot read config file {path}: {error}") from None
+    define = _DATA_DIR_DEFINE.search(text)
+    if define is None:
+        if data_dir is not None:
+            raise ServerConfigError(f"config file {path} has no '%define DATA_DIR' to override")
+    else:
+        directory = Path(data_dir) if data_dir is not None else Path(define["value"])
+        if not directory.is_absolute():
+            base = Path.cwd() if data_dir is not None else path.parent
+            directory = base.resolve() / directory
+        directory.mkdir(parents=True, exist_ok=True)
+        text = text[: define.start()] + f"%define DATA_DIR {directory}" + text[define.end():]
     schema = ZConfig.loadSchema(os.path.join(os.path.dirname(ZEO.__file__), "schema.xml"))
     try:
-        config, _ = ZConfig.loadConfig(schema, str(path))
+        config, _ = ZConfig.loadConfigFile(schema, io.StringIO(text), path.resolve().as_uri())
     except Exception as error:
         reason = " ".join(str(error).split())
         raise ServerConfigError(f"config file {path} is broken: {reason}") from None
@@ -77,16 +97,6 @@ def load_config(
             family=socket.AF_UNIX if isinstance(parsed, str) else _family(parsed[0]),
             address=parsed,
         )
-    for opener in config.storages:
-        storage_path = getattr(opener.config, "path", None)
-        if storage_path is None:
-            continue
-        if data_dir is not None:
-            storage_path = str(Path(data_dir) / Path(storage_path).name)
-        elif not os.path.isabs(storage_path):
-            storage_path = str(path.parent.resolve() / storage_path)
-        Path(storage_path).parent.mkdir(parents=True, exist_ok=True)
-        opener.config.path = storage_path
     return config
 
 

@@ -1,0 +1,120 @@
+"""Shared fixtures: a real chatzeo ZEO server on a free loopback port, and waiting helpers.
+
+The server is started exactly as users start it (`chatzeo serve` with the repo's
+`zeo.conf`, overriding only the address and data directory) in its own process, so
+it can be killed with -9 and restarted on the same port and data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ZEO_CONF = REPO / "zeo.conf"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(label: str, condition: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {label}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def chatzeo_command(*args: str) -> list[str]:
+    """The argv that runs ``chatzeo ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "chatzeo", *args]
+
+
+class ServerProcess:
+    """A `chatzeo serve` subprocess; ``address`` is ``127.0.0.1:PORT``."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, config: Path = ZEO_CONF):
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = data_dir / "server.log"
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                chatzeo_command(
+                    "serve",
+                    "--config", str(self.config),
+                    "--address", self.address,
+                    "--data-dir", str(self.data_dir),
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(f"server on {self.address}", self._answers, timeout)
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited: {self.log.read_text()[-2000:]}")
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; returns the exit status."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode if self.process else None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A running `chatzeo serve` on a free port, stopped after the test."""
+    process = ServerProcess(tmp_path / "server").start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def cli_env(server: ServerProcess, tmp_path: Path) -> dict[str, str]:
+    """Environment for `chatzeo` subprocesses talking to ``server``."""
+    env = dict(os.environ)
+    env["CHATZEO_SERVER"] = server.address
+    env["CHATZEO_DATA"] = str(tmp_path / "client-data")
+    env.pop("CHATZEO_CONFIG", None)
+    return env
