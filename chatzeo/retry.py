@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import transaction
@@ -38,6 +38,8 @@ class RetryPolicy:
     max_attempts: int = 1000
     base_delay: float = 0.001
     max_delay: float = 0.25
+    # Called with the error before each retry (the benchmark counts conflicts with it).
+    on_retry: Callable[[BaseException], None] | None = field(default=None, compare=False)
 
     def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
         """Seconds to sleep before retry number ``retry`` (0 for the first retry)."""
@@ -86,6 +88,8 @@ def run_in_transaction(
                 elapsed = clock() - started
                 if attempt >= policy.max_attempts or elapsed >= policy.max_seconds:
                     raise RetryLimitExceeded(what, attempt, elapsed, error) from error
+                if policy.on_retry is not None:
+                    policy.on_retry(error)
                 sleep(min(policy.delay(attempt - 1), max(0.0, policy.max_seconds - elapsed)))
     finally:
         connection.close()
