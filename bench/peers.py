@@ -1,0 +1,140 @@
+"""How each compared system writes a message and hands it to a reader in another process.
+
+Every writer stamps the message with ``time.time()`` just before its write call;
+every reader takes ``time.time()`` when the message is handed to it, so a latency is
+"post to screen" on one machine clock, commit included. Systems:
+
+``chatzeo``  `ChatClient.send` / `ChatClient.wait` + `ChatClient.receive` (push).
+``seed``     the seed's `SeedChatSession.add_message` / a reader polling every 0.2 s.
+``redis``    Redis Streams ``XADD`` / ``XREAD BLOCK`` (redis-py).
+
+Threads: each ``*_reader``/``*_writer`` function is the main thread of a child process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import transaction
+import ZODB
+from ZEO.ClientStorage import ClientStorage
+
+from chatzeo.client import ChatClient
+from chatzeo.database import open_db, parse_address
+
+from .seed import POLL_SECONDS, seed_room
+
+__all__ = ["READERS", "WRITERS", "seed_db", "stamp", "age"]
+
+
+def stamp(index: int) -> str:
+    return f"{time.time():.6f} {index}"
+
+
+def age(text: str | bytes) -> tuple[int, float]:
+    """The index and the seconds since the stamp of a message made by `stamp`."""
+    now = time.time()
+    if isinstance(text, bytes):
+        text = text.decode()
+    sent, index = text.split()
+    return int(index), now - float(sent)
+
+
+def seed_db(address: str) -> ZODB.DB:
+    """A plain ZODB client, as the seed opened it (no class allowlist: the seed had none)."""
+    return ZODB.DB(ClientStorage(parse_address(address), wait_timeout=30))
+
+
+def _collect(latencies: dict[int, float], texts: Sequence[str | bytes]) -> None:
+    for text in texts:
+        index, seconds = age(text)
+        # The seed re-delivers everything after its _v_ cursor is ghosted; count first sight.
+        latencies.setdefault(index, seconds)
+
+
+def chatzeo_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> list[float]:
+    db = open_db(target)
+    client = ChatClient(db)
+    client.join(room, history=0)
+    ready.set()
+    latencies: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(latencies) < count and time.monotonic() < deadline:
+        if client.wait(1.0):
+            _collect(latencies, [message.text for message in client.receive()])
+    client.close()
+    db.close()
+    return list(latencies.values())
+
+
+def chatzeo_writer(target: str, room: str, gaps: Sequence[float]) -> None:
+    db = open_db(target)
+    client = ChatClient(db)
+    client.join(room, history=0)
+    for index, gap in enumerate(gaps):
+        time.sleep(gap)
+        client.send(stamp(index))
+    client.close()
+    db.close()
+
+
+def seed_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> list[float]:
+    db = seed_db(target)
+    connection = db.open()
+    session = seed_room(connection, room)
+    session.new_messages()
+    ready.set()
+    latencies: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(latencies) < count and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        transaction.begin()
+        _collect(latencies, session.new_messages())
+    connection.close()
+    db.close()
+    return list(latencies.values())
+
+
+def seed_writer(target: str, room: str, gaps: Sequence[float]) -> None:
+    db = seed_db(target)
+    connection = db.open()
+    session = seed_room(connection, room)
+    for index, gap in enumerate(gaps):
+        time.sleep(gap)
+        session.add_message(stamp(index))
+    connection.close()
+    db.close()
+
+
+def redis_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> list[float]:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=int(target))
+    client.ping()
+    ready.set()
+    latencies: dict[int, float] = {}
+    last = "0-0"
+    deadline = time.monotonic() + timeout
+    while len(latencies) < count and time.monotonic() < deadline:
+        for _stream, entries in client.xread({room: last}, block=1000) or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                _collect(latencies, [fields[b"m"]])
+    client.close()
+    return list(latencies.values())
+
+
+def redis_writer(target: str, room: str, gaps: Sequence[float]) -> None:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=int(target))
+    for index, gap in enumerate(gaps):
+        time.sleep(gap)
+        client.xadd(room, {"m": stamp(index)})
+    client.close()
+
+
+READERS = {"chatzeo": chatzeo_reader, "seed": seed_reader, "redis": redis_reader}
+WRITERS = {"chatzeo": chatzeo_writer, "seed": seed_writer, "redis": redis_writer}
