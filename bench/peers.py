@@ -115,10 +115,11 @@ def redis_reader(target: str, room: str, count: int, timeout: float, ready: Any)
     client.ping()
     ready.set()
     latencies: dict[int, float] = {}
-    last = "0-0"
+    last: Any = "0-0"
     deadline = time.monotonic() + timeout
     while len(latencies) < count and time.monotonic() < deadline:
-        for _stream, entries in client.xread({room: last}, block=1000) or []:
+        reply: Any = client.xread({room: last}, block=1000)
+        for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 last = entry_id
                 _collect(latencies, [fields[b"m"]])

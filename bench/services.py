@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["ZeoServer", "RedisServer", "free_port", "wait_until", "REPO", "ZEO_CONF"]
 
@@ -58,7 +58,7 @@ class _Process:
     def _command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> _Process:
+    def start(self) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
@@ -84,7 +84,7 @@ class _Process:
             self.process.kill()
             self.process.wait(10)
 
-    def __enter__(self) -> _Process:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

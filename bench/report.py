@@ -1,0 +1,314 @@
+"""The benchmark's output: the figures as tables, the targets met or missed, the machine,
+a markdown report and a PNG of the delivery latency distributions.
+
+Runs in the benchmark's main thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .append import AppendResult
+from .delivery import DeliveryResult
+from .history import HistoryResult
+from .idle import IdleResult
+from .memory import MemoryResult
+from .stats import ms, percentile
+
+__all__ = ["Results", "Target", "targets", "render_markdown", "render_terminal", "write_plot"]
+
+
+@dataclass
+class Results:
+    mode: str
+    command: str
+    seconds: float = 0.0
+    append: list[AppendResult] = field(default_factory=list)
+    delivery: list[DeliveryResult] = field(default_factory=list)
+    history: list[HistoryResult] = field(default_factory=list)
+    memory: list[MemoryResult] = field(default_factory=list)
+    idle: list[IdleResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def lost_or_duplicated(self) -> int:
+        return sum(result.lost + result.duplicated for result in self.append)
+
+    def delivered(self, system: str) -> DeliveryResult | None:
+        return next((result for result in self.delivery if result.system == system), None)
+
+
+@dataclass
+class Target:
+    name: str
+    goal: str
+    measured: str
+    met: bool | None  # None: not measured
+    shortfall: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.met is None:
+            return "not measured"
+        return "met" if self.met else f"missed by {self.shortfall}"
+
+
+def targets(results: Results) -> list[Target]:
+    """The project's targets, each judged on this run's figures."""
+    found: list[Target] = []
+    chatzeo = results.delivered("chatzeo")
+    redis = results.delivered("redis (fsync always)")
+    seed = results.delivered("seed")
+    if chatzeo and redis:
+        ratio = chatzeo.p50 / redis.p50
+        found.append(Target(
+            "delivery vs Redis Streams", "p50 <= 2x Redis Streams (fsync always)",
+            f"{ms(chatzeo.p50):.2f} ms vs {ms(redis.p50):.2f} ms = {ratio:.1f}x",
+            ratio <= 2.0, f"{ratio / 2.0:.1f}x"))
+    else:
+        found.append(Target("delivery vs Redis Streams", "p50 <= 2x Redis Streams",
+                            "Redis not measured", None))
+    if chatzeo and seed:
+        speedup = seed.p50 / chatzeo.p50
+        found.append(Target(
+            "delivery vs the seed", "p50 >= 20x better than the seed's polling",
+            f"{ms(seed.p50):.1f} ms vs {ms(chatzeo.p50):.2f} ms = {speedup:.0f}x better",
+            speedup >= 20.0, f"{20.0 / speedup:.1f}x"))
+    ours = sorted((r for r in results.history if r.system == "chatzeo"), key=lambda r: r.size)
+    if len(ours) >= 2:
+        small, big = ours[0], ours[-1]
+        ratio = big.new_messages / small.new_messages
+        found.append(Target(
+            "new_messages vs history size", f"cost at {big.size:,} <= 1.5x cost at {small.size:,}",
+            f"{big.new_messages * 1e6:.0f} us vs {small.new_messages * 1e6:.0f} us = {ratio:.2f}x",
+            ratio <= 1.5, f"{ratio / 1.5:.2f}x"))
+    if results.append:
+        one = min(results.append, key=lambda r: r.writers)
+        many = max(results.append, key=lambda r: r.writers)
+        share = many.throughput / one.throughput
+        nothing_lost = many.lost == 0 and many.duplicated == 0
+        found.append(Target(
+            f"{many.writers} concurrent writers",
+            "nothing lost, throughput >= 1/2 of one writer's",
+            f"lost {many.lost}, duplicated {many.duplicated}, {many.throughput:.0f} vs "
+            f"{one.throughput:.0f} msgs/s = {share:.0%}",
+            nothing_lost and share >= 0.5,
+            f"{0.5 / share:.2f}x" if nothing_lost else f"{many.lost} messages lost"))
+    ours_memory = next((r for r in results.memory if r.system == "chatzeo"), None)
+    if ours_memory:
+        found.append(Target(
+            "latest-50 client memory", f"peak RSS < 100 MB (room of {ours_memory.size:,})",
+            f"{ours_memory.peak_mb:.0f} MB", ours_memory.peak_mb < 100,
+            f"{ours_memory.peak_mb - 100:.0f} MB"))
+    ours_idle = next((r for r in results.idle if r.system == "chatzeo"), None)
+    if ours_idle:
+        found.append(Target(
+            "idle client", "sends no requests",
+            f"{ours_idle.requests} requests in {ours_idle.seconds:g} s",
+            ours_idle.requests == 0, f"{ours_idle.per_minute(ours_idle.requests):.0f}/min"))
+    return found
+
+
+# What limits each target when it is missed, and what would close the gap; from the
+# profiles described in docs/benchmarks.md ("Where the time goes").
+ANALYSIS: dict[str, str] = {}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def tables(results: Results) -> list[tuple[str, str]]:
+    """(title, markdown table) for each measurement that ran."""
+    out = []
+    if results.append:
+        out.append(("Append (`ChatSession.add_message`, separate writer processes, one room)",
+                    _table(
+            ["writers", "msgs/s", "p50 ms", "p99 ms", "committed", "conflicts", "retries",
+             "gave up", "lost", "duplicated"],
+            [[str(r.writers), _f(r.throughput, 0), _f(ms(r.p50)), _f(ms(r.p99)),
+              str(r.committed), str(r.conflicts), str(r.retries), str(r.gave_up),
+              f"lost {r.lost}", str(r.duplicated)] for r in results.append])))
+    if results.delivery:
+        out.append(("Delivery (post to screen, writer and reader processes, same pacing)",
+                    _table(
+            ["system", "received/sent", "p50 ms", "p90 ms", "p99 ms", "max ms"],
+            [[r.system, f"{r.received}/{r.sent}", _f(ms(r.p50)),
+              _f(ms(percentile(r.latencies, 0.9))), _f(ms(r.p99)),
+              _f(ms(max(r.latencies, default=math.nan)))] for r in results.delivery])))
+    if results.history:
+        sizes = sorted({r.size for r in results.history})
+        by = {(r.system, r.size): r for r in results.history}
+        rows = []
+        for size in sizes:
+            ours, seed = by[("chatzeo", size)], by[("seed", size)]
+            rows.append([
+                f"{size:,}", _f(ours.new_messages * 1e6, 0), _f(seed.new_messages * 1e6, 0),
+                _f(seed.new_messages / ours.new_messages, 0) + "x",
+                _f(ours.latest * 1e6, 0), _f(seed.latest * 1e6, 0),
+                f"{ours.new_iterations} / {seed.new_iterations}"])
+        out.append(("History cost (median per call, FileStorage, warm cache)", _table(
+            ["messages", "chatzeo new_messages us", "seed new_messages us", "seed/chatzeo",
+             "chatzeo latest(50) us", "seed join (full history) us", "iterations chatzeo/seed"],
+            rows)))
+    if results.memory:
+        out.append(("Memory (fresh client process through ZEO, peak RSS = VmHWM)", _table(
+            ["client", "room", "peak RSS MB", "after imports MB", "open and show s", "shown"],
+            [[f"{r.system} ({'latest 50' if r.system == 'chatzeo' else 'first new_messages'})",
+              f"{r.size:,}", _f(r.peak_mb, 1), _f(r.baseline_mb, 1), _f(r.seconds, 3),
+              str(r.shown)] for r in results.memory])))
+    if results.idle:
+        out.append(("Idle cost (client waiting, nobody posting; counted on the client socket)",
+                    _table(
+            ["client", "room", "window s", "requests/min", "keepalives/min", "bytes/min",
+             "CPU s/min", "requests while opening"],
+            [[f"{r.system} ({'push' if r.system == 'chatzeo' else 'poll 0.2 s'})",
+              f"{r.room_size:,}", _f(r.seconds, 0), _f(r.per_minute(r.requests), 0),
+              _f(r.per_minute(r.keepalives), 0), _f(r.per_minute(r.bytes_sent), 0),
+              _f(r.per_minute(r.cpu_seconds), 3), str(r.setup_requests)]
+             for r in results.idle])))
+    return out
+
+
+def _targets_table(results: Results) -> str:
+    return _table(["target", "goal", "measured", "verdict"],
+                  [[t.name, t.goal, t.measured, t.verdict] for t in targets(results)])
+
+
+def machine() -> list[str]:
+    """Lines describing the machine and the software versions."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    try:
+        redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
+                               check=False).stdout.strip()
+    except OSError:
+        redis = "not installed"
+    import os
+
+    return [
+        f"`{' '.join(platform.uname())}`",
+        f"CPU: {cpu}, {os.cpu_count()} logical CPUs",
+        f"Python {platform.python_version()}, ZODB {version('ZODB')}, ZEO {version('ZEO')}, "
+        f"BTrees {version('BTrees')}, redis-py {version('redis')}; {redis}",
+    ]
+
+
+def render_terminal(results: Results) -> str:
+    parts = [f"chatzeo benchmark ({results.mode}, {results.seconds:.0f} s)", ""]
+    for title, table in tables(results):
+        parts += [title, table, ""]
+    parts += ["Targets", _targets_table(results)]
+    parts += results.skipped
+    return "\n".join(parts)
+
+
+def render_markdown(results: Results, plot: str | None) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "# chatzeo benchmarks", "",
+        f"Measured {now} with `{results.command}` ({results.mode} mode, "
+        f"{results.seconds:.0f} s), all on 127.0.0.1, in one run so the ratios hold on a "
+        "noisy machine. Regenerate with the same command; `bench/` holds the code.", "",
+        *[f"- {line}" for line in machine()], "",
+        "## Targets", "", _targets_table(results), "",
+    ]
+    for line in results.skipped:
+        parts += [f"**{line}**", ""]
+    for title, table in tables(results):
+        parts += [f"## {title}", "", table, ""]
+        if title.startswith("Delivery") and plot:
+            parts += [f"![delivery latency CDF]({plot})", ""]
+    parts += [METHOD]
+    for target in targets(results):
+        if target.met is False and target.name in ANALYSIS:
+            parts += [f"### Missed: {target.name}", "", ANALYSIS[target.name], ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+METHOD = """## How it is measured
+
+- **Servers.** The ZEO server is `python -m chatzeo serve --config zeo.conf --address
+  127.0.0.1:PORT --data-dir TMP`, as users start it (FileStorage, fsync at every commit).
+  Redis is its own `redis-server --save "" --appendonly yes --appendfsync always` (the
+  like-for-like peer of FileStorage), and again with `--appendonly no`.
+- **Append.** Each writer is a separate process with its own ZEO client, posting back to
+  back with `ChatSession.add_message` for a fixed time; conflicts and retries are counted
+  through `RetryPolicy.on_retry`. Afterwards the room is read back: every id a writer was
+  told was committed must be there exactly once (`lost`, `duplicated`).
+- **Delivery.** A writer process stamps each message with `time.time()` just before its
+  write call; the reader process takes `time.time()` when the message is handed to it
+  (same machine clock), so the latency includes the commit. chatzeo: `ChatClient.send` /
+  `ChatClient.wait` + `receive` (push through ZEO invalidations). Seed: its design ported
+  to ZODB 6 (`bench/seed.py`: OOBTree keyed by `time.time()`, full-scan `new_messages`,
+  reader polling every 0.2 s). Redis: `XADD` / `XREAD BLOCK`. The same gaps (10-30 ms,
+  drawn once from a fixed seed) pace every system.
+- **History cost.** Rooms are built with `post()` in 100k-message transactions into one
+  FileStorage and timed without ZEO: a reader with its cursor at the end calls
+  `new_messages()` right after another connection committed one message (median over the
+  iterations shown; the first call is not counted). The seed has no `latest`; a seed
+  client joining a room gets the whole history from its first `new_messages()`, so that
+  is its column.
+- **Memory.** A fresh `python -m bench.memory` process opens the biggest room through the
+  ZEO server and shows the latest 50 (chatzeo: `ChatClient.join(room, history=50)`).
+  Peak RSS is `VmHWM` from `/proc/self/status`: `ru_maxrss` survives `execve` on Linux, so a
+  child of the benchmark reports at least the benchmark's own size.
+- **Idle cost.** Both clients open the middle-size room, then wait while nobody posts; every
+  message the ZEO client writes to its socket is counted by wrapping the protocol's
+  `write_message` (requests apart from ZEO's keepalive frame, which ZEO sends once per
+  `heartbeat_interval` = 60 s of silence, so a window shorter than that may show none).
+  "Requests while opening" shows the counter at work. The seed's polling sends nothing
+  either (a `transaction.begin()` is local in ZEO 5+): its cost is CPU.
+"""
+
+
+def write_plot(results: Results, path: Path) -> None:
+    """Latency CDFs of every delivery system, log scale, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for result in results.delivery:
+        values = sorted(ms(value) for value in result.latencies)
+        if not values:
+            continue
+        fractions = [(index + 1) / len(values) for index in range(len(values))]
+        axes.step(values, fractions, where="post",
+                  label=f"{result.system} (p50 {ms(result.p50):.2f} ms)")
+    axes.set_xscale("log")
+    axes.set_xlabel("post-to-screen latency, ms (log scale)")
+    axes.set_ylabel("fraction of messages")
+    axes.set_title(f"Delivery latency, {len(results.delivery)} systems, same pacing")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
