@@ -6,6 +6,9 @@ through `RetryPolicy.on_retry`; afterwards the room's history is read back and e
 id a writer was told was committed must be in it exactly once ("lost" and
 "duplicated" must be 0).
 
+The CPU time the writers and the server used during the window is recorded too:
+on a small machine it tells whether the writers wait on each other or on the CPUs.
+
 Threads: `measure` runs in the benchmark's main thread; `_writer` is the main
 thread of a child process.
 """
@@ -13,6 +16,7 @@ thread of a child process.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,10 +45,24 @@ class AppendResult:
     duplicated: int
     p50: float
     p99: float
+    writers_cpu: float
+    server_cpu: float
 
     @property
     def throughput(self) -> float:
         return self.committed / self.seconds
+
+    @property
+    def cpu_share(self) -> float:
+        """CPU time used by writers and server, as a share of all the machine's CPUs."""
+        return (self.writers_cpu + self.server_cpu) / (self.seconds * (os.cpu_count() or 1))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _writer(address: str, room: str, seconds: float, go: Any, ready: Any, out: Any) -> None:
@@ -64,6 +82,7 @@ def _writer(address: str, room: str, seconds: float, go: Any, ready: Any, out: A
     latencies: list[float] = []
     ids: list[str] = []
     gave_up = 0
+    cpu = time.process_time()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         started = time.perf_counter()
@@ -74,13 +93,15 @@ def _writer(address: str, room: str, seconds: float, go: Any, ready: Any, out: A
             continue
         latencies.append(time.perf_counter() - started)
         ids.append(message.id)
+    cpu = time.process_time() - cpu
     connection.close()
     db.close()
-    out.put((latencies, ids, counts["conflicts"], counts["retries"], gave_up))
+    out.put((latencies, ids, counts["conflicts"], counts["retries"], gave_up, cpu))
 
 
-def measure(address: str, writers: int, seconds: float) -> AppendResult:
-    """``writers`` processes post into a fresh room for ``seconds``; returns the figures."""
+def measure(address: str, writers: int, seconds: float, server_pid: int) -> AppendResult:
+    """``writers`` processes post into a fresh room for ``seconds``; returns the figures.
+    ``server_pid`` is the ZEO server's process, whose CPU time is taken."""
     room = f"append-{writers}-{time.time_ns()}"
     db = open_db(address)
     try:
@@ -96,8 +117,11 @@ def measure(address: str, writers: int, seconds: float) -> AppendResult:
         for _ in processes:
             if not ready.acquire(timeout=60):
                 raise RuntimeError("a writer process did not connect")
+        server_cpu = _cpu_seconds(server_pid)
         go.set()
         results = [out.get(timeout=seconds + 120) for _ in processes]
+        # The last writer reports just after the window: close enough for a share.
+        server_cpu = _cpu_seconds(server_pid) - server_cpu
         for process in processes:
             process.join(30)
         latencies = [value for result in results for value in result[0]]
@@ -119,4 +143,6 @@ def measure(address: str, writers: int, seconds: float) -> AppendResult:
         duplicated=len(stored) - len(stored_set),
         p50=percentile(latencies, 0.50),
         p99=percentile(latencies, 0.99),
+        writers_cpu=sum(result[5] for result in results),
+        server_cpu=server_cpu,
     )

@@ -31,6 +31,7 @@ class DeliveryResult:
     system: str
     sent: int
     latencies: list[float] = field(repr=False)
+    writes: list[float] = field(repr=False)  # duration of each write call
 
     @property
     def received(self) -> int:
@@ -43,6 +44,10 @@ class DeliveryResult:
     @property
     def p99(self) -> float:
         return percentile(self.latencies, 0.99)
+
+    @property
+    def write_p50(self) -> float:
+        return percentile(self.writes, 0.50)
 
 
 def schedule(count: int, low: float = 0.010, high: float = 0.030) -> list[float]:
@@ -75,8 +80,8 @@ def _read(system: str, target: str, room: str, count: int, timeout: float, ready
     out.put(READERS[system](target, room, count, timeout, ready))
 
 
-def _write(system: str, target: str, room: str, gaps: list[float]) -> None:
-    WRITERS[system](target, room, gaps)
+def _write(system: str, target: str, room: str, gaps: list[float], out: Any) -> None:
+    out.put(WRITERS[system](target, room, gaps))
 
 
 def measure(system: str, target: str, room: str, gaps: list[float],
@@ -85,7 +90,7 @@ def measure(system: str, target: str, room: str, gaps: list[float],
     redis port) and return their latencies as the reader saw them."""
     prepare_room(system, target, room)
     context = multiprocessing.get_context("spawn")
-    ready, out = context.Event(), context.Queue()
+    ready, out, written = context.Event(), context.Queue(), context.Queue()
     timeout = sum(gaps) + 60
     reader = context.Process(
         target=_read, args=(system, target, room, len(gaps), timeout, ready, out)
@@ -94,9 +99,10 @@ def measure(system: str, target: str, room: str, gaps: list[float],
     try:
         if not ready.wait(60):
             raise RuntimeError(f"{system} reader did not start")
-        writer = context.Process(target=_write, args=(system, target, room, gaps))
+        writer = context.Process(target=_write, args=(system, target, room, gaps, written))
         writer.start()
         latencies: list[float] = out.get(timeout=timeout + 30)
+        writes: list[float] = written.get(timeout=60)
         writer.join(60)
         if writer.exitcode != 0:
             raise RuntimeError(f"{system} writer failed with exit code {writer.exitcode}")
@@ -104,4 +110,4 @@ def measure(system: str, target: str, room: str, gaps: list[float],
         reader.join(30)
         if reader.is_alive():
             reader.kill()
-    return DeliveryResult(label or system, len(gaps), latencies)
+    return DeliveryResult(label or system, len(gaps), latencies, writes)

@@ -8,13 +8,16 @@ every reader takes ``time.time()`` when the message is handed to it, so a latenc
 ``seed``     the seed's `SeedChatSession.add_message` / a reader polling every 0.2 s.
 ``redis``    Redis Streams ``XADD`` / ``XREAD BLOCK`` (redis-py).
 
+Writers return how long each write call took (``send``, the seed's ``add_message``,
+``XADD``): the part of the latency spent before the reader can possibly know.
+
 Threads: each ``*_reader``/``*_writer`` function is the main thread of a child process.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import transaction
@@ -69,15 +72,24 @@ def chatzeo_reader(target: str, room: str, count: int, timeout: float, ready: An
     return list(latencies.values())
 
 
-def chatzeo_writer(target: str, room: str, gaps: Sequence[float]) -> None:
+def _timed(write: Callable[[str], object], gaps: Sequence[float]) -> list[float]:
+    durations = []
+    for index, gap in enumerate(gaps):
+        time.sleep(gap)
+        started = time.perf_counter()
+        write(stamp(index))
+        durations.append(time.perf_counter() - started)
+    return durations
+
+
+def chatzeo_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]:
     db = open_db(target)
     client = ChatClient(db)
     client.join(room, history=0)
-    for index, gap in enumerate(gaps):
-        time.sleep(gap)
-        client.send(stamp(index))
+    durations = _timed(client.send, gaps)
     client.close()
     db.close()
+    return durations
 
 
 def seed_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> list[float]:
@@ -97,15 +109,14 @@ def seed_reader(target: str, room: str, count: int, timeout: float, ready: Any) 
     return list(latencies.values())
 
 
-def seed_writer(target: str, room: str, gaps: Sequence[float]) -> None:
+def seed_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]:
     db = seed_db(target)
     connection = db.open()
     session = seed_room(connection, room)
-    for index, gap in enumerate(gaps):
-        time.sleep(gap)
-        session.add_message(stamp(index))
+    durations = _timed(session.add_message, gaps)
     connection.close()
     db.close()
+    return durations
 
 
 def redis_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> list[float]:
@@ -127,14 +138,13 @@ def redis_reader(target: str, room: str, count: int, timeout: float, ready: Any)
     return list(latencies.values())
 
 
-def redis_writer(target: str, room: str, gaps: Sequence[float]) -> None:
+def redis_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]:
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=int(target))
-    for index, gap in enumerate(gaps):
-        time.sleep(gap)
-        client.xadd(room, {"m": stamp(index)})
+    durations = _timed(lambda text: client.xadd(room, {"m": text}), gaps)
     client.close()
+    return durations
 
 
 READERS = {"chatzeo": chatzeo_reader, "seed": seed_reader, "redis": redis_reader}

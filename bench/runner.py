@@ -75,7 +75,10 @@ def run(settings: Settings, work: Path, progress: Progress, results: Results) ->
     with ZeoServer(work / "zeo") as server:
         for writers in settings.writers:
             progress(f"append: {writers} writer(s) for {settings.append_seconds:g}s")
-            results.append.append(append.measure(server.address, writers, settings.append_seconds))
+            assert server.process is not None
+            results.append.append(append.measure(
+                server.address, writers, settings.append_seconds, server.process.pid
+            ))
         gaps = delivery.schedule(settings.messages)
         for system in ("chatzeo", "seed"):
             progress(f"delivery: {system}, {len(gaps)} messages")
