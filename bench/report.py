@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import math
+import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class Results:
     memory: list[MemoryResult] = field(default_factory=list)
     idle: list[IdleResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    # 1-minute load averages when the run started and ended: other work on the machine.
+    load: list[float] = field(default_factory=list)
 
     def lost_or_duplicated(self) -> int:
         return sum(result.lost + result.duplicated for result in self.append)
@@ -268,8 +271,6 @@ def machine() -> list[str]:
                                check=False).stdout.strip()
     except OSError:
         redis = "not installed"
-    import os
-
     return [
         f"`{' '.join(platform.uname())}`",
         f"CPU: {cpu}, {os.cpu_count()} logical CPUs",
@@ -279,7 +280,9 @@ def machine() -> list[str]:
 
 
 def render_terminal(results: Results) -> str:
-    parts = [f"chatzeo benchmark ({results.mode}, {results.seconds:.0f} s)", ""]
+    load = ", ".join(f"{value:.1f}" for value in results.load)
+    parts = [f"chatzeo benchmark ({results.mode}, {results.seconds:.0f} s, "
+             f"load average at start and end {load})", ""]
     for title, table in tables(results):
         parts += [title, table, ""]
     parts += ["Targets", _targets_table(results)]
@@ -294,7 +297,9 @@ def render_markdown(results: Results, plot: str | None) -> str:
         f"Measured {now} with `{results.command}` ({results.mode} mode, "
         f"{results.seconds:.0f} s), all on 127.0.0.1, in one run so the ratios hold on a "
         "noisy machine. Regenerate with the same command; `bench/` holds the code.", "",
-        *[f"- {line}" for line in machine()], "",
+        *[f"- {line}" for line in machine()],
+        "- 1-minute load average (other work on the machine) at start and end: "
+        + ", ".join(f"{value:.1f}" for value in results.load), "",
         "## Targets", "", _targets_table(results), "",
     ]
     for line in results.skipped:

@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ SETTINGS = {
     "full": Settings(5.0, (1, 2, 4, 8), 300, (1_000, 100_000, 1_000_000), 200, 6.0, 10.0),
     "quick": Settings(2.0, (1, 2, 4, 8), 100, (1_000, 10_000), 50, 1.0, 5.0),
 }
+
+
+DELIVERY_ROUNDS = 3
 
 
 class Progress:
@@ -71,32 +75,46 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _delivery(settings: Settings, work: Path, zeo: ZeoServer, progress: Progress,
+              results: Results) -> None:
+    """Every system in turn, in ``DELIVERY_ROUNDS`` rounds with the same slice of the
+    schedule, so a noisy spell of the machine (or its disk) hits them all alike."""
+    targets = [("chatzeo", "chatzeo", zeo.address), ("seed", "seed", zeo.address)]
+    with ExitStack() as servers:
+        if RedisServer.available():
+            for fsync, label in ((True, "redis (fsync always)"), (False, "redis (no persistence)")):
+                redis = servers.enter_context(RedisServer(work / f"redis-{fsync}", fsync=fsync))
+                targets.append((label, "redis", str(redis.port)))
+        else:
+            results.skipped.append(
+                "redis-server is not installed: the Redis Streams comparison was skipped "
+                "(apt-get install redis-server)"
+            )
+        gaps = delivery.schedule(settings.messages)
+        size = -(-len(gaps) // DELIVERY_ROUNDS)
+        merged = {label: delivery.DeliveryResult(label, 0, [], []) for label, _, _ in targets}
+        for round_index in range(DELIVERY_ROUNDS):
+            chunk = gaps[round_index * size:(round_index + 1) * size]
+            for label, system, target in targets:
+                progress(f"delivery round {round_index + 1}/{DELIVERY_ROUNDS}: {label}, "
+                         f"{len(chunk)} messages")
+                result = delivery.measure(system, target, f"delivery-{round_index}", chunk, label)
+                total = merged[label]
+                total.sent += result.sent
+                total.latencies += result.latencies
+                total.writes += result.writes
+        results.delivery.extend(merged.values())
+
+
 def run(settings: Settings, work: Path, progress: Progress, results: Results) -> None:
     with ZeoServer(work / "zeo") as server:
+        assert server.process is not None
         for writers in settings.writers:
             progress(f"append: {writers} writer(s) for {settings.append_seconds:g}s")
-            assert server.process is not None
             results.append.append(append.measure(
                 server.address, writers, settings.append_seconds, server.process.pid
             ))
-        gaps = delivery.schedule(settings.messages)
-        for system in ("chatzeo", "seed"):
-            progress(f"delivery: {system}, {len(gaps)} messages")
-            results.delivery.append(
-                delivery.measure(system, server.address, f"delivery-{system}", gaps)
-            )
-    if RedisServer.available():
-        for fsync, label in ((True, "redis (fsync always)"), (False, "redis (no persistence)")):
-            progress(f"delivery: {label}, {len(gaps)} messages")
-            with RedisServer(work / f"redis-{fsync}", fsync=fsync) as redis_server:
-                results.delivery.append(
-                    delivery.measure("redis", str(redis_server.port), "chat", gaps, label)
-                )
-    else:
-        results.skipped.append(
-            "redis-server is not installed: the Redis Streams comparison was skipped "
-            "(apt-get install redis-server)"
-        )
+        _delivery(settings, work, server, progress, results)
     store = work / "history"
     store.mkdir()
     sizes = list(settings.sizes)
@@ -125,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         print("CHATZEO_REQUIRE_REDIS=1 but redis-server is not installed", file=sys.stderr)
         return 2
     command = " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])])
-    results = Results(mode=mode, command=command)
+    results = Results(mode=mode, command=command, load=[os.getloadavg()[0]])
     progress = Progress()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="chatzeo-bench-") as work:
         run(SETTINGS[mode], Path(work), progress, results)
     results.seconds = time.monotonic() - started
+    results.load.append(os.getloadavg()[0])
     progress("done")
     progress.done()
     if args.plot:
