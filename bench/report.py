@@ -162,8 +162,9 @@ def analysis(results: Results, target: Target) -> str:
         return (
             f"{many.writers} writers made {attempts:.0f} commit attempts/s, close to one "
             f"writer's {one.throughput:.0f}/s, but {wasted:.0%} of them were refused with a "
-            f"conflict and redone, and the CPUs were only {many.cpu_share:.0%} busy. So the "
-            "limit is not CPU: the ZEO server commits one transaction at a time (its commit "
+            f"conflict and redone; the writers and the server kept the CPUs "
+            f"{many.cpu_share:.0%} busy. The limit is the serial commit: the ZEO server "
+            "commits one transaction at a time (its commit "
             "lock is held from `tpc_vote` until the client's `tpc_finish` arrives, across a "
             "round trip), and every post writes the room's `RoomClock`, whose conflict "
             "resolution refuses a post whose key was taken before another writer committed "
@@ -326,7 +327,9 @@ METHOD = """## How it is measured
 - **Append.** Each writer is a separate process with its own ZEO client, posting back to
   back with `ChatSession.add_message` for a fixed time; conflicts and retries are counted
   through `RetryPolicy.on_retry`. Afterwards the room is read back: every id a writer was
-  told was committed must be there exactly once (`lost`, `duplicated`).
+  told was committed must be there exactly once (`lost`, `duplicated`). "CPU busy" is
+  the CPU time of the writers and the server over the window, as a share of all CPUs
+  (other work on the machine is not in it: see the load average above).
 - **Delivery.** A writer process stamps each message with `time.time()` just before its
   write call; the reader process takes `time.time()` when the message is handed to it
   (same machine clock), so the latency includes the commit. chatzeo: `ChatClient.send` /
@@ -373,7 +376,7 @@ def write_plot(results: Results, path: Path) -> None:
     axes.set_ylabel("fraction of messages")
     axes.set_title(f"Delivery latency, {len(results.delivery)} systems, same pacing")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="center right", fontsize="small")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
