@@ -363,7 +363,7 @@ def write_plot(results: Results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
     for result in results.delivery:
         values = sorted(ms(value) for value in result.latencies)
         if not values:
@@ -376,7 +376,7 @@ def write_plot(results: Results, path: Path) -> None:
     axes.set_ylabel("fraction of messages")
     axes.set_title(f"Delivery latency, {len(results.delivery)} systems, same pacing")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="center right", fontsize="small")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
