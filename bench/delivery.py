@@ -58,7 +58,7 @@ def schedule(count: int, low: float = 0.010, high: float = 0.030) -> list[float]
 
 def prepare_room(system: str, target: str, room: str) -> None:
     """Create the room before reader and writer start, so they do not race to create it."""
-    if system == "chatzeo":
+    if system.startswith("chatzeo"):
         db = open_db(target)
         try:
             run_in_transaction(db, lambda connection: get_root(connection).room(room))

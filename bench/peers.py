@@ -7,6 +7,10 @@ every reader takes ``time.time()`` when the message is handed to it, so a latenc
 ``chatzeo``  `ChatClient.send` / `ChatClient.wait` + `ChatClient.receive` (push).
 ``seed``     the seed's `SeedChatSession.add_message` / a reader polling every 0.2 s.
 ``redis``    Redis Streams ``XADD`` / ``XREAD BLOCK`` (redis-py).
+``chatzeo-prefetch``  chatzeo with a change proposed for `chatzeo.delivery`, tried
+             here only: when a push names the watched clock, ask ZEO at once for every
+             object that commit changed (``ClientStorage.prefetch``), so ``receive``
+             finds them in the client cache instead of loading them one by one.
 
 Writers return how long each write call took (``send``, the seed's ``add_message``,
 ``XADD``): the part of the latency spent before the reader can possibly know.
@@ -17,19 +21,22 @@ Threads: each ``*_reader``/``*_writer`` function is the main thread of a child p
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import transaction
 import ZODB
 from ZEO.ClientStorage import ClientStorage
+from ZODB.utils import p64, u64
 
 from chatzeo.client import ChatClient
 from chatzeo.database import open_db, parse_address
 
 from .seed import POLL_SECONDS, seed_room
 
-__all__ = ["READERS", "WRITERS", "seed_db", "stamp", "age"]
+__all__ = ["READERS", "WRITERS", "PREFETCH_LABEL", "seed_db", "stamp", "age"]
+
+PREFETCH_LABEL = "chatzeo + prefetch (proposal)"
 
 
 def stamp(index: int) -> str:
@@ -57,10 +64,29 @@ def _collect(latencies: dict[int, float], texts: Sequence[str | bytes]) -> None:
         latencies.setdefault(index, seconds)
 
 
-def chatzeo_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> list[float]:
+def _prefetch_on_push(db: Any, client: ChatClient) -> None:
+    feed = client.feed
+    storage = db.storage
+    plain = feed._invalidate
+
+    def invalidate(tid: bytes, oids: Iterable[bytes]) -> None:
+        # Runs on ZEO's IO thread; prefetch only queues the loads. The reader's next
+        # transaction reads as of the transaction after ``tid``, so load before that.
+        oids = list(oids)
+        if not feed._watched.isdisjoint(oids):
+            storage.prefetch(oids, p64(u64(tid) + 1))
+        plain(tid, oids)
+
+    feed._invalidate = invalidate  # type: ignore[method-assign]
+
+
+def chatzeo_reader(target: str, room: str, count: int, timeout: float, ready: Any,
+                   prefetch: bool = False) -> list[float]:
     db = open_db(target)
     client = ChatClient(db)
     client.join(room, history=0)
+    if prefetch:
+        _prefetch_on_push(db, client)
     ready.set()
     latencies: dict[int, float] = {}
     deadline = time.monotonic() + timeout
@@ -147,5 +173,12 @@ def redis_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]:
     return durations
 
 
-READERS = {"chatzeo": chatzeo_reader, "seed": seed_reader, "redis": redis_reader}
-WRITERS = {"chatzeo": chatzeo_writer, "seed": seed_writer, "redis": redis_writer}
+def chatzeo_prefetch_reader(target: str, room: str, count: int, timeout: float,
+                            ready: Any) -> list[float]:
+    return chatzeo_reader(target, room, count, timeout, ready, prefetch=True)
+
+
+READERS = {"chatzeo": chatzeo_reader, "chatzeo-prefetch": chatzeo_prefetch_reader,
+           "seed": seed_reader, "redis": redis_reader}
+WRITERS = {"chatzeo": chatzeo_writer, "chatzeo-prefetch": chatzeo_writer,
+           "seed": seed_writer, "redis": redis_writer}

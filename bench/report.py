@@ -20,6 +20,7 @@ from .delivery import DeliveryResult
 from .history import HistoryResult
 from .idle import IdleResult
 from .memory import MemoryResult
+from .peers import PREFETCH_LABEL
 from .stats import ms, percentile
 
 __all__ = ["Results", "Target", "targets", "render_markdown", "render_terminal", "write_plot"]
@@ -123,33 +124,48 @@ def analysis(results: Results, target: Target) -> str:
     chatzeo = results.delivered("chatzeo")
     redis = results.delivered("redis (fsync always)")
     if target.name == "delivery vs Redis Streams" and chatzeo and redis:
+        prefetched = results.delivered(PREFETCH_LABEL)
+        prefetch_note = (
+            f"in this run the reader doing so (`{PREFETCH_LABEL}` above, `bench/peers.py`) "
+            f"had p50 {ms(prefetched.p50):.2f} ms against {ms(chatzeo.p50):.2f} ms; "
+            if prefetched else ""
+        )
+        seed_write = results.delivered("seed")
+        one = min(results.append, key=lambda r: r.writers) if results.append else None
+        plain = (
+            f"The seed's `add_message`, a plain ZEO commit of one bucket, took "
+            f"{ms(seed_write.write_p50):.2f} ms under the same pacing, so `add_message`'s "
+            "own machinery (private connection, retry loop, clock and bucket stored) is not "
+            "what costs. " if seed_write else ""
+        )
+        paced = (
+            f"Back to back (append, one writer) `add_message` took {ms(one.p50):.2f} ms "
+            "(p50): at 10-30 ms pacing every hop also pays a wake-up. " if one else ""
+        )
         return (
             f"Of chatzeo's {ms(chatzeo.p50):.2f} ms (p50), the writer's `send()` alone takes "
             f"{ms(chatzeo.write_p50):.2f} ms, against {ms(redis.write_p50):.2f} ms for an "
-            "`XADD` with fsync. A ZEO commit is two synchronous round trips (`tpc_vote`, then "
-            "`tpc_finish`), each handed from the application thread to ZEO's IO thread and "
-            "back, and at 10-30 ms pacing every hop pays a wake-up: a plain one-object ZEO "
-            "commit measured here took 3.7 ms paced vs 1.5 ms back to back. A cProfile of the "
-            "writer (300 paced sends) put about two thirds of `send()` in those two waits, the "
-            "rest in pickling and `call_soon_threadsafe` hand-offs; `add_message` itself "
-            "(private connection, retry loop, three objects stored) adds about 1 ms over a "
-            "plain commit. In this run the reader had the message about "
+            "`XADD` with fsync. " + plain + "A ZEO commit is two synchronous round trips "
+            "(`tpc_vote`, then `tpc_finish`), each handed from the application thread to "
+            "ZEO's IO thread and back; a cProfile of the writer (300 paced sends, taken "
+            "while building this benchmark) put about two thirds of `send()` in those two "
+            "waits, the rest in pickling and `call_soon_threadsafe` hand-offs. " + paced +
+            "The reader had the message about "
             f"{ms(chatzeo.p50 - chatzeo.write_p50):.1f} ms (difference of the p50s) after "
-            "`send()` returned: the invalidation reaches the reader's ZEO IO thread (about "
-            "0.2 ms when it was measured on its own), which wakes the reader thread, and "
-            "`receive()` then loads the room clock and the changed bucket with two "
-            "sequential `loadBefore` round trips (about 1.1 ms on a quiet machine). Each of "
-            "these steps needs another thread or process to be scheduled, so they grow with "
-            "the machine's load. Redis answers `XADD` in one round trip and its `XREAD` "
+            "`send()` returned: the invalidation reaches the reader's ZEO IO thread, which "
+            "wakes the reader thread, and `receive()` then loads the room clock and the "
+            "changed bucket with two sequential `loadBefore` round trips (timed apart while "
+            "building this benchmark: about 0.2 ms for the push, 1.1 ms for the loads). "
+            "Each step needs another thread or process to be scheduled, so all of them grow "
+            "with the machine's load. Redis answers `XADD` in one round trip and its `XREAD` "
             "reply carries the data.\n\n"
             "What would close the gap: (1) prefetch the invalidated oids as the push arrives "
-            "(`storage.prefetch(oids, next_tid)` from `ChangeFeed._invalidate`): in a "
-            "prototype the reader then needed one round trip instead of two and "
-            "woken-to-message fell from 1.4 to 0.9 ms; (2) store fewer objects per post "
-            "(the clock and the bucket are both written); (3) what remains is ZEO's "
-            "two-round-trip commit through a thread hand-off, which is a floor above 2x "
-            "Redis on this machine: closing it needs a different commit path in ZEO "
-            "(one round trip, no IO-thread hop), not a change in chatzeo."
+            "(`storage.prefetch(oids, next_tid)` from `ChangeFeed._invalidate`), so the two "
+            "loads overlap the wake-up: " + prefetch_note +
+            "(2) what remains is ZEO's two-round-trip commit through thread hand-offs, "
+            f"which alone costs more than Redis's whole delivery ({ms(redis.p50):.2f} ms "
+            "p50): getting reliably under 2x Redis needs a shorter commit path in ZEO (one "
+            "round trip, no IO-thread hop), not a change in chatzeo's data structures."
         )
     seed = results.delivered("seed")
     if target.name == "delivery vs the seed" and chatzeo and seed:
@@ -343,7 +359,10 @@ METHOD = """## How it is measured
   `ChatClient.wait` + `receive` (push through ZEO invalidations). Seed: its design ported
   to ZODB 6 (`bench/seed.py`: OOBTree keyed by `time.time()`, full-scan `new_messages`,
   reader polling every 0.2 s). Redis: `XADD` / `XREAD BLOCK`. The same gaps (10-30 ms,
-  drawn once from a fixed seed) pace every system.
+  drawn once from a fixed seed) pace every system, in three interleaved rounds so a noisy
+  spell hits all systems alike. `chatzeo + prefetch (proposal)` is chatzeo with a change
+  tried only in `bench/peers.py`: the reader asks ZEO for every object a pushed commit
+  changed as the push arrives. It is not part of the targets.
 - **History cost.** Rooms are built with `post()` in 100k-message transactions into one
   FileStorage and timed without ZEO: a reader with its cursor at the end calls
   `new_messages()` right after another connection committed one message (median over the

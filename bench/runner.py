@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import append, delivery, history, idle, memory
+from .peers import PREFETCH_LABEL
 from .report import Results, render_markdown, render_terminal, write_plot
 from .services import RedisServer, ZeoServer
 
@@ -79,7 +80,11 @@ def _delivery(settings: Settings, work: Path, zeo: ZeoServer, progress: Progress
               results: Results) -> None:
     """Every system in turn, in ``DELIVERY_ROUNDS`` rounds with the same slice of the
     schedule, so a noisy spell of the machine (or its disk) hits them all alike."""
-    targets = [("chatzeo", "chatzeo", zeo.address), ("seed", "seed", zeo.address)]
+    targets = [
+        ("chatzeo", "chatzeo", zeo.address),
+        (PREFETCH_LABEL, "chatzeo-prefetch", zeo.address),
+        ("seed", "seed", zeo.address),
+    ]
     with ExitStack() as servers:
         if RedisServer.available():
             for fsync, label in ((True, "redis (fsync always)"), (False, "redis (no persistence)")):
