@@ -32,6 +32,8 @@ class DeliveryResult:
     sent: int
     latencies: list[float] = field(repr=False)
     writes: list[float] = field(repr=False)  # duration of each write call
+    # Per message, latency minus its own write call: the reader's side of the delay.
+    after_write: list[float] = field(repr=False)
 
     @property
     def received(self) -> int:
@@ -48,6 +50,10 @@ class DeliveryResult:
     @property
     def write_p50(self) -> float:
         return percentile(self.writes, 0.50)
+
+    @property
+    def after_write_p50(self) -> float:
+        return percentile(self.after_write, 0.50)
 
 
 def schedule(count: int, low: float = 0.010, high: float = 0.030) -> list[float]:
@@ -101,7 +107,7 @@ def measure(system: str, target: str, room: str, gaps: list[float],
             raise RuntimeError(f"{system} reader did not start")
         writer = context.Process(target=_write, args=(system, target, room, gaps, written))
         writer.start()
-        latencies: list[float] = out.get(timeout=timeout + 30)
+        latencies: dict[int, float] = out.get(timeout=timeout + 30)
         writes: list[float] = written.get(timeout=60)
         writer.join(60)
         if writer.exitcode != 0:
@@ -110,4 +116,5 @@ def measure(system: str, target: str, room: str, gaps: list[float],
         reader.join(30)
         if reader.is_alive():
             reader.kill()
-    return DeliveryResult(label or system, len(gaps), latencies, writes)
+    after = [latency - writes[index] for index, latency in latencies.items()]
+    return DeliveryResult(label or system, len(gaps), list(latencies.values()), writes, after)

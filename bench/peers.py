@@ -12,7 +12,8 @@ every reader takes ``time.time()`` when the message is handed to it, so a latenc
              object that commit changed (``ClientStorage.prefetch``), so ``receive``
              finds them in the client cache instead of loading them one by one.
 
-Writers return how long each write call took (``send``, the seed's ``add_message``,
+Readers return each message's latency by its index. Writers return how long each
+write call took (``send``, the seed's ``add_message``,
 ``XADD``): the part of the latency spent before the reader can possibly know.
 
 Threads: each ``*_reader``/``*_writer`` function is the main thread of a child process.
@@ -81,7 +82,7 @@ def _prefetch_on_push(db: Any, client: ChatClient) -> None:
 
 
 def chatzeo_reader(target: str, room: str, count: int, timeout: float, ready: Any,
-                   prefetch: bool = False) -> list[float]:
+                   prefetch: bool = False) -> dict[int, float]:
     db = open_db(target)
     client = ChatClient(db)
     client.join(room, history=0)
@@ -95,7 +96,7 @@ def chatzeo_reader(target: str, room: str, count: int, timeout: float, ready: An
             _collect(latencies, [message.text for message in client.receive()])
     client.close()
     db.close()
-    return list(latencies.values())
+    return latencies
 
 
 def _timed(write: Callable[[str], object], gaps: Sequence[float]) -> list[float]:
@@ -118,7 +119,7 @@ def chatzeo_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]
     return durations
 
 
-def seed_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> list[float]:
+def seed_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> dict[int, float]:
     db = seed_db(target)
     connection = db.open()
     session = seed_room(connection, room)
@@ -132,7 +133,7 @@ def seed_reader(target: str, room: str, count: int, timeout: float, ready: Any) 
         _collect(latencies, session.new_messages())
     connection.close()
     db.close()
-    return list(latencies.values())
+    return latencies
 
 
 def seed_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]:
@@ -145,7 +146,9 @@ def seed_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]:
     return durations
 
 
-def redis_reader(target: str, room: str, count: int, timeout: float, ready: Any) -> list[float]:
+def redis_reader(
+    target: str, room: str, count: int, timeout: float, ready: Any
+) -> dict[int, float]:
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=int(target))
@@ -161,7 +164,7 @@ def redis_reader(target: str, room: str, count: int, timeout: float, ready: Any)
                 last = entry_id
                 _collect(latencies, [fields[b"m"]])
     client.close()
-    return list(latencies.values())
+    return latencies
 
 
 def redis_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]:
@@ -174,7 +177,7 @@ def redis_writer(target: str, room: str, gaps: Sequence[float]) -> list[float]:
 
 
 def chatzeo_prefetch_reader(target: str, room: str, count: int, timeout: float,
-                            ready: Any) -> list[float]:
+                            ready: Any) -> dict[int, float]:
     return chatzeo_reader(target, room, count, timeout, ready, prefetch=True)
 
 

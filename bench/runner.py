@@ -97,7 +97,7 @@ def _delivery(settings: Settings, work: Path, zeo: ZeoServer, progress: Progress
             )
         gaps = delivery.schedule(settings.messages)
         size = -(-len(gaps) // DELIVERY_ROUNDS)
-        merged = {label: delivery.DeliveryResult(label, 0, [], []) for label, _, _ in targets}
+        merged = {label: delivery.DeliveryResult(label, 0, [], [], []) for label, _, _ in targets}
         for round_index in range(DELIVERY_ROUNDS):
             chunk = gaps[round_index * size:(round_index + 1) * size]
             for label, system, target in targets:
@@ -108,6 +108,7 @@ def _delivery(settings: Settings, work: Path, zeo: ZeoServer, progress: Progress
                 total.sent += result.sent
                 total.latencies += result.latencies
                 total.writes += result.writes
+                total.after_write += result.after_write
         results.delivery.extend(merged.values())
 
 
