@@ -184,9 +184,10 @@ def analysis(results: Results, target: Target) -> str:
         attempts = (many.committed + many.conflicts) / many.seconds
         wasted = many.conflicts / max(1, many.committed + many.conflicts)
         return (
-            f"{many.writers} writers made {attempts:.0f} commit attempts/s, close to one "
-            f"writer's {one.throughput:.0f}/s, but {wasted:.0%} of them were refused with a "
-            f"conflict and redone; the writers and the server kept the CPUs "
+            f"{many.writers} writers made {attempts:.0f} commit attempts/s "
+            f"({attempts / one.throughput:.0%} of one writer's {one.throughput:.0f}/s), and "
+            f"{wasted:.0%} of them were refused with a conflict and redone; the writers "
+            "and the server kept the CPUs "
             f"{many.cpu_share:.0%} busy. The limit is the serial commit: the ZEO server "
             "commits one transaction at a time (its commit "
             "lock is held from `tpc_vote` until the client's `tpc_finish` arrives, across a "
