@@ -1,3 +1,5 @@
+"""`python -m bench`: see `bench.runner`."""
+
 import sys
 
 from bench.runner import main
