@@ -126,7 +126,7 @@ class PostgresCluster:
                     str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust",
                     "-U", SUPERUSER, "-E", "UTF8", "--no-sync",
                 ),
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.base,
             )
         options = (
             f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1"
@@ -142,7 +142,7 @@ class PostgresCluster:
                     str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
                     "-o", options, "-w", "-t", str(int(timeout)), "start",
                 ),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.base,
             )
             if started.returncode == 0:
                 return self

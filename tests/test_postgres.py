@@ -322,3 +322,28 @@ def test_postgres_restart_under_load_loses_and_repeats_nothing(cluster, target):
         reader.db.close()
     assert len(seen) == len(set(seen))
     assert seen == sent
+
+
+def test_serve_over_relstorage_warns_about_other_front_ends(cluster, target, tmp_path):
+    from conftest import ServerProcess
+
+    config = tmp_path / "zeo-relstorage.conf"
+    config.write_text(
+        "%import relstorage\n%define DATA_DIR var\n"
+        "<zeo>\n  address 127.0.0.1:1\n</zeo>\n"
+        "<relstorage 1>\n  keep-history false\n"
+        f"  <postgresql>\n    dsn {cluster.dsn('chat')}\n  </postgresql>\n"
+        "</relstorage>\n"
+    )
+    server = ServerProcess(tmp_path / "front", config=config).start()
+    try:
+        client = ChatClient(open_db(server.address), "zed")
+        client.join("front", history=0)
+        client.send("through ZEO")
+        client.close()
+        client.db.close()
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "is a RelStorage database" in log
+    assert "Run exactly one chatzeo serve per database" in log
