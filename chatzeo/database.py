@@ -119,7 +119,8 @@ def _open_uri(uri: str, wait: float, db_options: dict[str, Any]) -> ZODB.DB:
         factory, uri_options = zodburi.resolve_uri(uri)
     except Exception as error:
         if postgres and not _has_relstorage():
-            raise InvalidTarget(uri, "PostgreSQL needs RelStorage: pip install 'chatzeo[pg]'") from None
+            reason = "PostgreSQL needs RelStorage: pip install 'chatzeo[pg]'"
+            raise InvalidTarget(uri, reason) from None
         raise InvalidTarget(uri, _one_line(error)) from None
     try:
         storage = _retry_unreachable(uri, factory, wait) if postgres else factory()
