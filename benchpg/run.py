@@ -9,7 +9,8 @@ delivery    one writer posting every 10-30 ms (uniform) and one reader process
             following the room by push: time from before the post to the reader
             having it, p50/p99, over ``--messages`` posts.
 rooms       16 writer processes over 64 rooms (each writer takes 4 rooms in turn),
-            back to back: the same figures as "append".
+            back to back: the same figures as "append"; and, as the control, 16
+            writer processes on one room.
 
 ZEO is ``chatzeo serve`` with the repo's zeo.conf (FileStorage, fsync per commit);
 PostgreSQL is a throwaway cluster (tests/pgcluster.py, fsync on, default
@@ -207,6 +208,7 @@ def measure(seconds: float, messages: int) -> dict[str, dict[str, Any]]:
                     row[f"append{writers}"] = append(target, work, writers, seconds)
                 row["delivery"] = delivery(target, work, messages)
                 row["rooms"] = rooms(target, work, 16, 64, seconds)
+                row["one_room16"] = append(target, work, 16, seconds)
                 figures[name] = row
     return figures
 
@@ -231,6 +233,11 @@ def table(figures: dict[str, dict[str, Any]]) -> str:
         lambda f: f"{f['rooms']['p50_ms']:.1f} / {f['rooms']['p99_ms']:.1f}, "
                   f"{f['rooms']['per_s']:.0f}/s"
                   + (f" ({f['rooms']['errors']} gave up)" if f["rooms"]["errors"] else ""))
+    row("16 writer processes, one room (the control): p50 / p99 ms, posts/s",
+        lambda f: f"{f['one_room16']['p50_ms']:.1f} / {f['one_room16']['p99_ms']:.1f}, "
+                  f"{f['one_room16']['per_s']:.0f}/s"
+                  + (f" ({f['one_room16']['errors']} gave up)"
+                     if f["one_room16"]["errors"] else ""))
     row("delivery, post to other process, paced 10-30 ms: p50 / p99 ms",
         lambda f: f"{f['delivery']['p50_ms']:.2f} / {f['delivery']['p99_ms']:.2f}"
                   f" ({f['delivery']['messages']} msgs, {f['delivery']['missed']} missed)")
