@@ -347,3 +347,26 @@ def test_serve_over_relstorage_warns_about_other_front_ends(cluster, target, tmp
     log = server.log.read_text()
     assert "is a RelStorage database" in log
     assert "Run exactly one chatzeo serve per database" in log
+
+
+def test_a_zconfig_file_with_relstorage_is_a_target(cluster, tmp_path):
+    cluster.create_database("chat")
+    config = tmp_path / "chat.conf"
+    config.write_text(
+        "%import relstorage\n<zodb>\n  <relstorage>\n    keep-history false\n"
+        f"    <postgresql>\n      dsn {cluster.dsn('chat')}\n    </postgresql>\n"
+        "  </relstorage>\n</zodb>\n"
+    )
+    assert any("NOTIFY trigger" in line for line in init_db(str(config)))
+    reader = ChatClient(open_db(str(config)))
+    writer = ChatClient(open_db(cluster.uri("chat")), "cy")
+    try:
+        reader.join("conf")
+        writer.join("conf", history=0)
+        sent = writer.send("through a config file")
+        wait_until("the reader to be woken", lambda: reader.wait(0.5))
+        assert [m.id for m in reader.receive()] == [sent.id]
+    finally:
+        for client in (reader, writer):
+            client.close()
+            client.db.close()
