@@ -33,9 +33,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from prompt_toolkit import PromptSession, print_formatted_text
-from prompt_toolkit.application import get_app_or_none
+from prompt_toolkit.application import get_app, get_app_or_none
+from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
 from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.renderer import print_formatted_text as render_text
 
 from .client import ChatClient
 from .commands import HELP, Help, History, Join, Quit, Rooms, Say, Who, parse
@@ -70,15 +72,29 @@ REFRESH_SECONDS = 0.5
 
 
 def print_lines(lines: Sequence[FormattedText]) -> None:
-    """Print lines above the prompt (or plainly when no prompt is running)."""
+    """Print lines above the running prompt (or plainly when none is running).
+
+    prompt_toolkit's own way (``run_in_terminal``, which ``print_formatted_text``
+    uses) puts the terminal in cooked mode while it prints: a key pressed in that
+    moment is echoed by the tty over the output, and Ctrl-D or Ctrl-C is taken by
+    the line discipline instead of the prompt (seen in the tmux tests: a Ctrl-D
+    lost). Here, in the loop's own thread, the prompt is erased, the lines written
+    and the prompt redrawn with the terminal left raw; keys wait in the kernel.
+    """
     if not lines:
         return
     merged: StyleAndTextTuples = []
-    for index, line in enumerate(lines):
-        if index:
-            merged.append(("", "\n"))
+    for line in lines:
         merged.extend(line)
-    print_formatted_text(FormattedText(merged), style=STYLE)
+        merged.append(("", "\n"))
+    app = get_app_or_none()
+    if app is None or not app.is_running or app.is_done:
+        print_formatted_text(FormattedText(merged), style=STYLE, end="")
+        return
+    app.renderer.erase()  # also resets the renderer: the next draw starts here
+    render_text(app.output, FormattedText(merged), STYLE, color_depth=app.color_depth)
+    app.renderer.request_absolute_cursor_position()
+    app.invalidate()
 
 
 def _redraw() -> None:
@@ -222,21 +238,25 @@ class ChatScreen:
 
 
 async def _prompt_loop(screen: ChatScreen) -> None:
-    # erase_when_done: the typed line is not left behind; the message itself is
-    # printed when it lands, with its time.
+    """One prompt application for the whole chat: Enter hands the line to the
+    screen and clears the input, without leaving the application, so the terminal
+    stays in raw mode from start to end (see `print_lines`)."""
+    # erase_when_done: on leaving, the prompt and status bar are not left behind.
     session: PromptSession[str] = PromptSession(style=STYLE, erase_when_done=True)
+
+    def accept(buffer: Buffer) -> bool:
+        if not screen.on_line(buffer.text):
+            get_app().exit()
+        return False  # clear the input (the line goes to the input history)
+
+    session.default_buffer.accept_handler = accept
     with patch_stdout():
-        while True:
-            try:
-                line = await session.prompt_async(
-                    screen.prompt,
-                    bottom_toolbar=screen.status,
-                    refresh_interval=REFRESH_SECONDS,
-                )
-            except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
-                return
-            if not screen.on_line(line):
-                return
+        try:
+            await session.prompt_async(
+                screen.prompt, bottom_toolbar=screen.status, refresh_interval=REFRESH_SECONDS
+            )
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
+            pass
 
 
 async def chat(

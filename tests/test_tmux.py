@@ -176,7 +176,7 @@ def test_two_users_talk_while_one_is_typing(
     bob.type("half way thr")
     bob.wait_for("bob> half way thr")
     alice.enter("interrupting you")
-    screen = bob.wait_for("<alice> interrupting you")
+    screen = bob.wait_for("<alice> interrupting you", "bob> half way thr")
     assert prompt_line(bob) == "[#lobby] bob> half way thr"
     assert screen.index("<alice> interrupting you") < screen.rindex("bob> half way thr")
     bob.enter("ough, done")
