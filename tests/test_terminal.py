@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 import ZODB
-from conftest import ServerProcess, wait_until
+from conftest import ServerProcess, chatzeo_command, wait_until
 from hostile import post_unchecked
 from hypothesis import given
 from hypothesis import strategies as st
@@ -484,3 +485,17 @@ def test_prompt_app_chats_through_a_pipe(server: ServerProcess, zeo_db: ZODB.DB)
         assert [m.text for m in bob.receive()][-2:] == ["hello bob", f"hi {ESCAPES}"]
     finally:
         bob.close()
+
+
+def test_chat_refuses_to_run_without_a_terminal(tmp_path: Path) -> None:
+    done = subprocess.run(
+        chatzeo_command("chat", "--server", "127.0.0.1:1", "--name", "alice"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "chatzeo: error: chatzeo chat needs a terminal; scripts can use chatzeo send and tail\n"
+    )

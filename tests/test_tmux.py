@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,3 +306,38 @@ def test_scripts_chat_starts_a_server_when_none_answers(tmux: Tmux, tmp_path: Pa
         pid_file = data / "server.pid"
         if pid_file.exists():
             subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+
+
+def test_keys_typed_while_messages_pour_in_stay_in_the_input_line(
+    tmux: Tmux, server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = start_chat(tmux, server, tmp_path, "alice")
+    db = open_db(server.address, wait=5)
+    bob = ChatClient(db, "bob")
+    bob.join("lobby", history=0)
+    typed = "keys-typed-during-a-burst"
+    burst = threading.Thread(target=lambda: [bob.send(f"burst {i}") for i in range(40)])
+    burst.start()
+    try:
+        for char in typed:  # one key at a time, interleaved with the arriving lines
+            alice.type(char)
+    finally:
+        burst.join(60)
+        bob.close()
+        db.close()
+    alice.wait_for("<bob> burst 39", f"alice> {typed}")
+    assert prompt_line(alice) == f"[#lobby] alice> {typed}"
+    messages = [line for line in alice.lines() if "<bob> burst" in line]
+    # Nothing the user typed was echoed into the output by the tty.
+    assert [line.split("<bob> ")[1] for line in messages] == [f"burst {i}" for i in range(40)]
+    alice.key("C-c")
+    alice.wait_for(f"{EXITED} 0")
+
+
+def test_chat_without_a_server_says_so_in_one_line(tmux: Tmux, tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "chatzeo", "chat", "--server", address, "--wait", "1"]
+    pane = tmux.open("lonely", [*argv, "--name", "alice"], client_env(tmp_path))
+    screen = pane.wait_for(f"{EXITED} 1")
+    assert f"chatzeo: error: no chatzeo server answered at {address} within 1s" in screen
+    assert "Traceback" not in screen
