@@ -1,7 +1,8 @@
 """`chatzeo chat`: talking in a room from a terminal.
 
-A prompt_toolkit `PromptSession` reads lines at the bottom of the terminal while
-messages from others are printed above it, without disturbing a half-typed line.
+One prompt_toolkit `PromptSession` application, running for the whole chat, reads
+lines at the bottom of the terminal while messages from others are printed above it
+(`print_lines`), without disturbing a half-typed line.
 Below the input a status bar shows the room and whether the server is connected
 ("reconnecting..." while it is away); messages typed but not yet stored are shown
 above the input as pending until they land, or printed as "not sent".
