@@ -279,15 +279,20 @@ class Events:
     def deliver(self, event: Event) -> None:
         self._queue.put(event)
 
-    def next(self, kind: type, timeout: float = 20.0) -> Any:
+    def next(self, kind: type, timeout: float = 30.0) -> Any:
+        """The next event of ``kind``, skipping others (named if none comes)."""
         deadline = time.monotonic() + timeout
+        skipped: list[Event] = []
         while True:
             try:
                 event = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no {kind.__name__} event within {timeout}s") from None
+                raise AssertionError(
+                    f"no {kind.__name__} event within {timeout}s; skipped {skipped}"
+                ) from None
             if isinstance(event, kind):
                 return event
+            skipped.append(event)
 
 
 @pytest.fixture
