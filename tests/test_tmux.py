@@ -111,9 +111,16 @@ class Tmux:
         return Pane(self, name)
 
     def kill(self) -> None:
+        """Kill the server and remove its socket file (tmux leaves it behind)."""
+        where = subprocess.run(
+            ["tmux", "-L", self.socket, "display-message", "-p", "#{socket_path}"],
+            capture_output=True, text=True, timeout=15, env=self.env,
+        ).stdout.strip()
         subprocess.run(
             ["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=15
         )
+        if where:
+            Path(where).unlink(missing_ok=True)
 
 
 @pytest.fixture
