@@ -161,7 +161,8 @@ class ChatClient:
         server is gone: the lease then simply expires."""
         user = self.user
         try:
-            if self._connected and user is not None:
+            if self._connected and user is not None and self.is_connected():
+                # Without a server, waiting to count out only delays leaving.
                 self._connected = False
                 self._write(
                     lambda root: root.disconnect(user, self.lease_id),

@@ -11,6 +11,7 @@ from transaction.interfaces import TransientError
 
 __all__ = [
     "ChatError",
+    "DatabaseNotPrepared",
     "InvalidInput",
     "InvalidName",
     "InvalidMessage",
@@ -76,6 +77,11 @@ class ServerUnavailable(ChatError, TransientError):
         self.address = address
         self.seconds = seconds
         super().__init__(f"no chatzeo server answered at {address} within {seconds:g}s")
+
+
+class DatabaseNotPrepared(ChatError):
+    """A PostgreSQL database lacks what ``chatzeo init-db`` sets up (RelStorage's
+    history-free schema, the NOTIFY trigger), so clients could not be told of commits."""
 
 
 class TooManyConnections(ChatError):

@@ -116,6 +116,7 @@ def serve(
     _check_port(bound)
     guard_conflict_resolution()
     storages = {opener.name or "1": _open_storage(opener) for opener in config.storages}
+    _warn_about_shared_databases(storages)
     server = None
     try:
         for storage in storages.values():
@@ -145,6 +146,21 @@ def _open_storage(opener: Any) -> Any:
         ) from None
 
 
+def _warn_about_shared_databases(storages: dict[str, Any]) -> None:
+    """A ZEO server tells its clients only of commits made through itself; over a
+    database others can write to (RelStorage), their clients are never told."""
+    for name, storage in storages.items():
+        if hasattr(storage, "_adapter"):
+            log.warning(
+                "storage %s is a RelStorage database: clients of this server hear only of "
+                "commits made through this server, never of those made through another "
+                "ZEO server or by clients connected to the database directly (and theirs "
+                "never hear of ours). Run exactly one chatzeo serve per database, or "
+                "connect every client to the database (docs/scaling.md).",
+                name,
+            )
+
+
 def _prepare(storage: Any) -> None:
     """Create ZODB's root and chatzeo's root in ``storage`` if they are missing.
 
@@ -166,6 +182,9 @@ def _check_port(address: Any) -> None:
         return
     host, port = address
     probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    # As asyncio's listener does: connections a crashed server left in TIME_WAIT must
+    # not block its restart, while a live listener still makes bind fail.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((host, port))
     except OSError as error:

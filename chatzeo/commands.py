@@ -1,0 +1,144 @@
+"""What a line typed into `chatzeo chat` means: a message, an action or a slash command.
+
+`parse` turns one line into a command object, validating it completely first, so a
+line that would be refused (unknown command, bad room name, message too long or
+holding control characters) is reported before anything is queued or sent.
+
+Pure functions and frozen dataclasses, no I/O: the terminal's UI thread calls
+`parse`, and the command objects may then cross to the worker thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidInput
+from .message import MessageKind
+from .validation import check_room_name, check_text
+
+__all__ = [
+    "Command",
+    "Say",
+    "Join",
+    "Rooms",
+    "Who",
+    "History",
+    "Help",
+    "Quit",
+    "InvalidCommand",
+    "parse",
+    "HELP",
+    "MAX_HISTORY",
+]
+
+# A page bigger than this is more than a terminal's scrollback shows anyway.
+MAX_HISTORY = 1000
+
+
+class InvalidCommand(InvalidInput):
+    """A slash command that does not exist or whose argument is wrong."""
+
+
+@dataclass(frozen=True)
+class Say:
+    """Post ``text`` to the current room (``kind="action"`` for ``/me``)."""
+
+    text: str
+    kind: MessageKind = "say"
+
+
+@dataclass(frozen=True)
+class Join:
+    """Leave the current room for ``room`` (created if missing)."""
+
+    room: str
+
+
+@dataclass(frozen=True)
+class Rooms:
+    """List the rooms and their message counts."""
+
+
+@dataclass(frozen=True)
+class Who:
+    """List the users present in the current room."""
+
+
+@dataclass(frozen=True)
+class History:
+    """Show the ``count`` messages before the oldest one shown."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Help:
+    """Show the commands."""
+
+
+@dataclass(frozen=True)
+class Quit:
+    """Leave the chat."""
+
+
+Command = Say | Join | Rooms | Who | History | Help | Quit
+
+HELP = """\
+Type a message and press Enter to send it. Commands:
+  /join ROOM    leave this room for ROOM (created if it does not exist)
+  /rooms        list the rooms and how many messages each holds
+  /who          who is in this room now
+  /me ACTION    say what you do, e.g. /me waves
+  /history N    show the N messages before the oldest one shown
+  /help         this text
+  /quit         leave (Ctrl-D and Ctrl-C too)
+Start a message with // to send it with a single leading /."""
+
+
+def parse(line: str) -> Command | None:
+    """The command ``line`` asks for, or None for a blank line.
+
+    Raises `InvalidCommand` for an unknown command or a bad argument and
+    `InvalidMessage` for text that may not be posted; both are `InvalidInput`s
+    with a one-line message meant for the user.
+    """
+    if not line.strip():
+        return None
+    if line.startswith("//"):
+        return Say(check_text(line[1:]))
+    if not line.startswith("/"):
+        return Say(check_text(line))
+    name, _, rest = line[1:].partition(" ")
+    argument = rest.strip()
+    name = name.lower()
+    if name == "me":
+        if not argument:
+            raise InvalidCommand("/me needs an action, e.g. /me waves")
+        return Say(check_text(argument), "action")
+    if name == "join":
+        if not argument or " " in argument:
+            raise InvalidCommand("/join needs one room name, e.g. /join lobby")
+        return Join(check_room_name(argument))
+    if name == "history":
+        return History(_count(argument))
+    simple: dict[str, Command] = {"rooms": Rooms(), "who": Who(), "help": Help(), "quit": Quit()}
+    if name in simple:
+        if argument:
+            raise InvalidCommand(f"/{name} takes no argument")
+        return simple[name]
+    shown = name if len(name) <= 20 else name[:20] + "..."
+    raise InvalidCommand(f"unknown command /{shown}; /help lists the commands")
+
+
+def _count(argument: str) -> int:
+    if not argument:
+        raise InvalidCommand("/history needs a number, e.g. /history 20")
+    try:
+        count = int(argument)
+    except ValueError:
+        raise InvalidCommand(
+            f"/history needs a whole number, not {argument[:20]!r}"
+        ) from None
+    if not 1 <= count <= MAX_HISTORY:
+        raise InvalidCommand(f"/history takes a number from 1 to {MAX_HISTORY}")
+    return count

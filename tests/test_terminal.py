@@ -1,0 +1,506 @@
+"""The terminal client without a terminal: command parsing, drawing, the screen's
+pending messages, the client worker on a real database (in memory and over a real
+ZEO server that goes away), and the prompt app driven through a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ZODB
+from conftest import ServerProcess, chatzeo_command, wait_until
+from hostile import post_unchecked
+from hypothesis import given
+from hypothesis import strategies as st
+from prompt_toolkit.application import create_app_session
+from prompt_toolkit.formatted_text import FormattedText, fragment_list_to_text
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from ZEO.Exceptions import ClientDisconnected
+
+from chatzeo.client import ChatClient
+from chatzeo.commands import (
+    MAX_HISTORY,
+    Help,
+    History,
+    InvalidCommand,
+    Join,
+    Quit,
+    Rooms,
+    Say,
+    Who,
+    parse,
+)
+from chatzeo.database import open_db
+from chatzeo.display import OWN_MARK, message_line, prompt_text, stamp, status_text
+from chatzeo.errors import InvalidInput, InvalidMessage, InvalidName, RetryLimitExceeded
+from chatzeo.message import Message
+from chatzeo.sanitize import is_clean
+from chatzeo.terminal import ChatScreen, chat
+from chatzeo.validation import MAX_MESSAGE_BYTES, check_text
+from chatzeo.worker import (
+    Arrived,
+    ClientWorker,
+    Earlier,
+    EarlierPage,
+    Event,
+    Joined,
+    Landed,
+    Notice,
+    NotSent,
+    Outgoing,
+    Problem,
+)
+
+ESCAPES = "\x1b]2;PWNED\x07\x1b[2J\x9b31m\u202e"
+
+
+def text_of(line: FormattedText) -> str:
+    return fragment_list_to_text(line)
+
+
+def message(text: str, author: str | None = "bob", key: int = 1_700_000_000_000_000) -> Message:
+    return Message("0" * 32, "lobby", key, author, text)
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        ("hello", Say("hello")),
+        ("  spaced  ", Say("  spaced  ")),
+        ("//not a command", Say("/not a command")),
+        ("/me waves", Say("waves", "action")),
+        ("/ME  waves twice ", Say("waves twice", "action")),
+        ("/join dev", Join("dev")),
+        ("/join #dev", Join("dev")),
+        ("/history 20", History(20)),
+        (f"/history {MAX_HISTORY}", History(MAX_HISTORY)),
+        ("/rooms", Rooms()),
+        ("/who", Who()),
+        ("/help", Help()),
+        ("/quit", Quit()),
+        ("", None),
+        ("   ", None),
+    ],
+)
+def test_parse(line: str, command: object) -> None:
+    assert parse(line) == command
+
+
+@pytest.mark.parametrize(
+    ("line", "error", "says"),
+    [
+        ("/nope", InvalidCommand, "unknown command /nope"),
+        ("/me", InvalidCommand, "/me needs an action"),
+        ("/join", InvalidCommand, "/join needs one room name"),
+        ("/join a b", InvalidCommand, "/join needs one room name"),
+        ("/join ../etc", InvalidName, "invalid room name"),
+        ("/history", InvalidCommand, "needs a number"),
+        ("/history ten", InvalidCommand, "whole number"),
+        ("/history 0", InvalidCommand, "from 1 to"),
+        (f"/history {MAX_HISTORY + 1}", InvalidCommand, "from 1 to"),
+        ("/who is there", InvalidCommand, "/who takes no argument"),
+        ("evil \x1b[2J", InvalidMessage, "control character U+001B"),
+        ("x" * (MAX_MESSAGE_BYTES + 1), InvalidMessage, "the limit is"),
+        ("/me \x07", InvalidMessage, "control character U+0007"),
+    ],
+)
+def test_parse_refuses_with_one_line(line: str, error: type[Exception], says: str) -> None:
+    with pytest.raises(error) as raised:
+        parse(line)
+    assert says in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+@given(st.text(max_size=300))
+def test_parse_accepts_or_refuses_any_line_cleanly(line: str) -> None:
+    try:
+        command = parse(line)
+    except InvalidInput:
+        return
+    if isinstance(command, Say):
+        assert check_text(command.text) == command.text
+
+
+# -- drawing -----------------------------------------------------------------------
+
+
+def test_message_line_shows_time_author_text_and_marks_own() -> None:
+    now = time.time()
+    theirs = message("hi", "bob", int(now * 1_000_000))
+    mine = message("hello", "alice", int(now * 1_000_000))
+    when = stamp(now, now)
+    assert text_of(message_line(theirs, "alice", now)) == f"{when}   <bob> hi"
+    assert text_of(message_line(mine, "alice", now)) == f"{when} {OWN_MARK} <alice> hello"
+    action = Message("0" * 32, "lobby", int(now * 1_000_000), "bob", "waves", "action")
+    assert text_of(message_line(action, "alice", now)).endswith("* bob waves")
+    assert text_of(message_line(message("x", None), "alice", now)).endswith("<anonymous> x")
+
+
+def test_stamp_adds_the_date_for_an_older_day() -> None:
+    now = time.mktime((2026, 11, 23, 12, 0, 0, 0, 0, -1))
+    assert stamp(now - 60, now) == "11:59:00"
+    assert stamp(now - 2 * 86400, now) == "2026-11-21 12:00:00"
+
+
+def test_everything_drawn_is_sanitized() -> None:
+    hostile = message(f"text {ESCAPES}", author=f"mal{ESCAPES}")
+    drawn = [
+        message_line(hostile, "alice", time.time()),
+        prompt_text("alice", f"room{ESCAPES}", [("say", ESCAPES)], False),
+        status_text("alice", f"room{ESCAPES}", f"srv{ESCAPES}", True, 1),
+    ]
+    for line in drawn:
+        shown = text_of(line)
+        assert is_clean(shown), repr(shown)
+        assert "\\x1b]2;PWNED\\x07\\x1b[2J\\x9b31m\\u202e" in shown
+
+
+def test_prompt_lists_pending_messages_and_status_shows_connection() -> None:
+    prompt = text_of(prompt_text("alice", "lobby", [("say", "one"), ("action", "waves")], False))
+    assert prompt.splitlines() == [
+        "   (pending, waiting for the server) one",
+        "   (pending, waiting for the server) * alice waves",
+        "[#lobby] alice> ",
+    ]
+    assert "(pending, sending) one" in text_of(prompt_text("a", "b", [("say", "one")], True))
+    assert "reconnecting..." in text_of(status_text("alice", "lobby", "srv", False, 2))
+    assert "2 pending" in text_of(status_text("alice", "lobby", "srv", False, 2))
+    assert "connected" in text_of(status_text("alice", "lobby", "srv", True, 0))
+
+
+# -- the screen: typed lines and worker events ---------------------------------------
+
+
+class Recorder:
+    """The screen's collaborators, recording what it asked for."""
+
+    def __init__(self) -> None:
+        self.requests: list[object] = []
+        self.shown: list[str] = []
+        self.connected = True
+
+    def screen(self) -> ChatScreen:
+        screen = ChatScreen(
+            "alice",
+            "srv",
+            self.requests.append,
+            lambda: self.connected,
+            show=lambda lines: self.shown.extend(text_of(line) for line in lines),
+            redraw=lambda: None,
+        )
+        screen.on_event(Joined("lobby", ()))
+        self.shown.clear()
+        return screen
+
+
+def test_screen_keeps_a_message_pending_until_it_lands() -> None:
+    recorder = Recorder()
+    screen = recorder.screen()
+    recorder.connected = False
+    assert screen.on_line("first") and screen.on_line("/me waves")
+    first, second = recorder.requests
+    assert first == Outgoing(1, "first", "say") and second == Outgoing(2, "waves", "action")
+    assert "(pending, waiting for the server) first" in text_of(screen.prompt())
+    assert "2 pending" in text_of(screen.status())
+    recorder.connected = True
+    landed = message("first", "alice")
+    screen.on_event(Landed(1, (landed,)))
+    assert "first" not in text_of(screen.prompt()) and "waves" in text_of(screen.prompt())
+    assert recorder.shown[-1].endswith(f"{OWN_MARK} <alice> first")
+    screen.on_event(NotSent(2, "gave up after 15s"))
+    assert recorder.shown[-1] == "!! not sent: waves (gave up after 15s)"
+    assert screen.pending == {}
+
+
+def test_screen_reports_bad_input_in_one_line_and_sends_nothing() -> None:
+    recorder = Recorder()
+    screen = recorder.screen()
+    for line in ("/bogus", "bad \x1b[2J", "y" * (MAX_MESSAGE_BYTES + 10), "/history x"):
+        assert screen.on_line(line)
+    assert recorder.requests == []
+    assert len(recorder.shown) == 4 and all(line.startswith("!! ") for line in recorder.shown)
+    assert "unknown command /bogus" in recorder.shown[0]
+    assert "U+001B" in recorder.shown[1]
+    assert not screen.on_line("/quit")
+
+
+def test_screen_pages_back_from_the_oldest_message_shown() -> None:
+    recorder = Recorder()
+    screen = recorder.screen()
+    screen.on_line("/history 5")
+    assert recorder.requests == [] and recorder.shown == ["-- no earlier messages"]
+    first, second = message("one", key=10), message("two", key=20)
+    screen.on_event(Arrived((first, second)))
+    screen.on_line("/history 5")
+    assert recorder.requests == [Earlier(5, first)]
+    older = message("zero", key=5)
+    screen.on_event(EarlierPage(first, (older,)))
+    assert screen.oldest == older
+    assert recorder.shown[-2].endswith("<bob> zero")
+    screen.on_event(EarlierPage(older, ()))
+    assert recorder.shown[-1].startswith("-- no messages before")
+
+
+def test_screen_shows_notices_problems_and_room_changes() -> None:
+    recorder = Recorder()
+    screen = recorder.screen()
+    screen.on_line("/who")
+    screen.on_line("/join dev")
+    assert recorder.requests == [Who(), Join("dev")]
+    screen.on_event(Notice((f"in #lobby: mal{ESCAPES}",)))
+    screen.on_event(Problem("the server is away"))
+    page = (Message("1" * 32, "dev", 7, "carol", "earlier"),)
+    screen.on_event(Joined("dev", page))
+    assert screen.room == "dev" and screen.oldest == page[0]
+    assert all(is_clean(line) for line in recorder.shown)
+    assert recorder.shown[1] == "!! the server is away"
+    assert recorder.shown[-1].startswith("-- you are in #dev (the last 1 messages above")
+
+
+# -- the worker on a real database ---------------------------------------------------
+
+
+class Events:
+    """A thread-safe inbox for the worker's events."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+    def deliver(self, event: Event) -> None:
+        self._queue.put(event)
+
+    def next(self, kind: type, timeout: float = 30.0) -> Any:
+        """The next event of ``kind``, skipping others (named if none comes)."""
+        deadline = time.monotonic() + timeout
+        skipped: list[Event] = []
+        while True:
+            try:
+                event = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no {kind.__name__} event within {timeout}s; skipped {skipped}"
+                ) from None
+            if isinstance(event, kind):
+                return event
+            skipped.append(event)
+
+
+@pytest.fixture
+def memory_db() -> Iterator[ZODB.DB]:
+    db = ZODB.DB(None)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def start_worker(
+    open_client: Callable[[], ChatClient], **options: Any
+) -> tuple[ClientWorker, Events, Joined]:
+    events = Events()
+    worker = ClientWorker(open_client, "lobby", events.deliver, **options)
+    joined = worker.start().result(timeout=30)
+    return worker, events, joined
+
+
+def test_worker_joins_sends_receives_and_answers(memory_db: ZODB.DB) -> None:
+    other = ChatClient(memory_db, "bob")
+    other.join("lobby")
+    for index in range(60):
+        other.send(f"old {index}")
+    worker, events, joined = start_worker(lambda: ChatClient(memory_db, "alice"))
+    try:
+        assert [m.text for m in joined.page] == [f"old {i}" for i in range(10, 60)]
+        worker.submit(Outgoing(1, "mine"))
+        landed = events.next(Landed)
+        assert landed.id == 1 and [m.text for m in landed.messages] == ["mine"]
+        other.send("pushed")
+        assert [m.text for m in events.next(Arrived).messages] == ["pushed"]
+        worker.submit(Earlier(5, joined.page[0]))
+        assert [m.text for m in events.next(EarlierPage).messages] == [
+            f"old {i}" for i in range(5, 10)
+        ]
+        worker.submit(Who())
+        assert events.next(Notice).lines == ("in #lobby: alice, bob",)
+        worker.submit(Join("dev"))
+        assert events.next(Joined) == Joined("dev", ())
+        worker.submit(Rooms())
+        assert events.next(Notice).lines == ("#dev: 0 messages", "#lobby: 62 messages")
+        worker.submit(Outgoing(2, "bad \x1b"))  # the UI validates; the worker still copes
+        assert "U+001B" in events.next(NotSent).reason
+    finally:
+        assert worker.stop()
+    assert other.who("lobby") == ["bob"] and other.who("dev") == []
+    other.close()
+
+
+class GivesUp(ChatClient):
+    """A client whose every post runs out of retries, as against a dying server."""
+
+    def send(self, text: str, kind: Any = "say") -> Message:
+        raise RetryLimitExceeded("posting", 7, 15.2, ClientDisconnected("gone"))
+
+
+def test_worker_marks_a_message_not_sent_when_retries_run_out(memory_db: ZODB.DB) -> None:
+    worker, events, _ = start_worker(lambda: GivesUp(memory_db, "alice"))
+    try:
+        worker.submit(Outgoing(1, "doomed"))
+        assert events.next(NotSent) == NotSent(1, "gave up after 15s")
+    finally:
+        assert worker.stop()
+
+
+def test_worker_heartbeat_renews_the_lease(memory_db: ZODB.DB) -> None:
+    now = [1000.0]
+    worker, _, _ = start_worker(
+        lambda: ChatClient(memory_db, "alice", clock=lambda: now[0]), heartbeat_every=0.05
+    )
+    observer = ChatClient(memory_db, clock=lambda: now[0])
+    try:
+        now[0] += 45  # a lease is 60s; only renewals keep alice present past 1060
+        wait_until("a renewal at t=1045", lambda: _lease_expiry(memory_db, "alice") > 1100)
+        now[0] += 45
+        assert observer.who("lobby") == ["alice"]
+    finally:
+        assert worker.stop()
+        observer.close()
+
+
+def _lease_expiry(db: ZODB.DB, user: str) -> float:
+    connection = db.open()
+    try:
+        leases = connection.root()["chatzeo"].users[user].leases
+        return max(expiry for _, expiry in leases.values())
+    finally:
+        connection.close()
+
+
+# -- the worker when the server goes away --------------------------------------------
+
+
+@pytest.fixture
+def zeo_db(server: ServerProcess) -> Iterator[ZODB.DB]:
+    db = open_db(server.address, wait=5)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def test_worker_holds_messages_while_the_server_is_away(
+    server: ServerProcess, zeo_db: ZODB.DB, tmp_path: Path
+) -> None:
+    worker, events, _ = start_worker(lambda: ChatClient(zeo_db, "alice"))
+    restarted: ServerProcess | None = None
+    try:
+        worker.submit(Outgoing(1, "before"))
+        assert events.next(Landed).id == 1
+        server.stop()
+        wait_until("the client to notice", lambda: not worker.is_connected())
+        worker.submit(Who())
+        assert "away" in events.next(Problem).text
+        worker.submit(Outgoing(2, "during"))
+        worker.submit(Outgoing(3, "during, too"))
+        restarted = ServerProcess(server.data_dir, port=server.port).start()
+        landed = [events.next(Landed), events.next(Landed)]
+        assert [event.id for event in landed] == [2, 3]
+        texts = [m.text for event in landed for m in event.messages]
+        assert texts == ["during", "during, too"]
+        check = ChatClient(zeo_db)
+        assert [m.text for m in check.join("lobby")] == ["before", "during", "during, too"]
+        check.close()
+    finally:
+        assert worker.stop()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_worker_gives_up_when_the_server_stays_away(
+    server: ServerProcess, zeo_db: ZODB.DB
+) -> None:
+    worker, events, _ = start_worker(lambda: ChatClient(zeo_db, "alice"), give_up_after=0.5)
+    try:
+        server.stop()
+        wait_until("the client to notice", lambda: not worker.is_connected())
+        worker.submit(Outgoing(1, "into the void"))
+        event = events.next(NotSent)
+        assert event.id == 1 and "did not come back within 0.5s" in event.reason
+    finally:
+        assert worker.stop(timeout=10)
+
+
+# -- the prompt app, driven through a pipe -------------------------------------------
+
+
+async def until(label: str, condition: Callable[[], Any], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {label}")
+        await asyncio.sleep(0.02)
+
+
+def test_prompt_app_chats_through_a_pipe(server: ServerProcess, zeo_db: ZODB.DB) -> None:
+    shown: list[str] = []
+    bob = ChatClient(zeo_db, "bob")
+    bob.join("lobby")
+    bob.send("welcome")
+
+    def saw(text: str) -> bool:
+        return any(text in line for line in shown)
+
+    async def scenario() -> bool:
+        with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+            session = asyncio.ensure_future(
+                chat(
+                    lambda: ChatClient(zeo_db, "alice"),
+                    "alice",
+                    "lobby",
+                    server.address,
+                    show=lambda lines: shown.extend(text_of(line) for line in lines),
+                )
+            )
+            await until("the history page", lambda: saw("<bob> welcome"))
+            pipe.send_text("hello bob\r")
+            await until("own message", lambda: saw(f"{OWN_MARK} <alice> hello bob"))
+            post_unchecked(zeo_db, "lobby", "bob", f"hi {ESCAPES}")
+            await until("bob's reply", lambda: saw("<bob> hi \\x1b]2;PWNED"))
+            pipe.send_text("/who\r")
+            await until("who", lambda: saw("-- in #lobby: alice, bob"))
+            pipe.send_text("/frobnicate\r")
+            await until("an error", lambda: saw("!! unknown command /frobnicate"))
+            pipe.send_text("half typ")  # Ctrl-C leaves even with a half-typed line
+            pipe.send_text("\x03")
+            return await asyncio.wait_for(session, 20)
+
+    try:
+        assert asyncio.run(scenario()) is True
+        assert all(is_clean(line) for line in shown)
+        assert bob.who("lobby") == ["bob"]  # alice was counted out
+        assert [m.text for m in bob.receive()][-2:] == ["hello bob", f"hi {ESCAPES}"]
+    finally:
+        bob.close()
+
+
+def test_chat_refuses_to_run_without_a_terminal(tmp_path: Path) -> None:
+    done = subprocess.run(
+        chatzeo_command("chat", "--server", "127.0.0.1:1", "--name", "alice"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "chatzeo: error: chatzeo chat needs a terminal; scripts can use chatzeo send and tail\n"
+    )

@@ -1,0 +1,350 @@
+"""`chatzeo chat` end to end in a real terminal: tmux panes running real client
+processes against a real server, read back with ``capture-pane``.
+
+Without tmux these tests skip, or fail when ``CHATZEO_REQUIRE_TMUX=1`` (CI sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, ServerProcess, free_port, wait_until
+from hostile import post_unchecked
+
+from chatzeo.client import ChatClient
+from chatzeo.database import open_db
+
+pytestmark = pytest.mark.tmux
+
+WIDTH, HEIGHT = 120, 40
+EXITED = "chat exited with status"
+
+
+class Pane:
+    """One tmux session running one command in a 120x40 terminal."""
+
+    def __init__(self, tmux: Tmux, name: str) -> None:
+        self.tmux = tmux
+        self.name = name
+
+    def type(self, text: str) -> None:
+        """Type ``text`` literally, without Enter."""
+        self.tmux.run("send-keys", "-t", self.name, "-l", text)
+
+    def enter(self, text: str = "") -> None:
+        if text:
+            self.type(text)
+        self.tmux.run("send-keys", "-t", self.name, "Enter")
+
+    def key(self, key: str) -> None:
+        self.tmux.run("send-keys", "-t", self.name, key)
+
+    def screen(self, escapes: bool = False) -> str:
+        """The visible screen and up to 200 lines of scrollback, wrapped lines joined."""
+        flags = ["-e"] if escapes else []
+        return self.tmux.run("capture-pane", "-p", "-J", "-S", "-200", *flags, "-t", self.name)
+
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.screen().splitlines() if line.strip()]
+
+    def wait_for(self, *texts: str, timeout: float = 20.0) -> str:
+        """Wait until the screen shows every one of ``texts``; return the screen."""
+        def shows_all() -> str | None:
+            screen = self.screen()
+            return screen if all(text in screen for text in texts) else None
+
+        try:
+            return wait_until(f"{texts} in pane {self.name}", shows_all, timeout)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n--- pane {self.name} ---\n{self.screen()}") from None
+
+    def wait_gone(self, text: str, timeout: float = 20.0) -> None:
+        label = f"{text!r} gone from {self.name}"
+        try:
+            wait_until(label, lambda: text not in self.screen(), timeout)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n--- pane {self.name} ---\n{self.screen()}") from None
+
+    def title(self) -> str:
+        return self.tmux.run("display-message", "-p", "-t", self.name, "#{pane_title}")
+
+
+class Tmux:
+    """A private tmux server (its own socket), killed by the fixture."""
+
+    def __init__(self, socket: str, env: dict[str, str]) -> None:
+        self.socket = socket
+        self.env = env
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run(
+            ["tmux", "-L", self.socket, "-f", "/dev/null", *args],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            env=self.env,
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"tmux {args[0]} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def open(self, name: str, argv: list[str], env: dict[str, str]) -> Pane:
+        """Start ``argv`` in a new session; when it exits the pane says how, and stays."""
+        assignments = [f"{key}={value}" for key, value in env.items()]
+        command = (
+            f"{shlex.join(['env', *assignments, *argv])}; "
+            f'echo "{EXITED} $?"; exec sleep 600'
+        )
+        self.run(
+            "new-session", "-d", "-s", name, "-x", str(WIDTH), "-y", str(HEIGHT), command
+        )
+        return Pane(self, name)
+
+    def kill(self) -> None:
+        """Kill the server and remove its socket file (tmux leaves it behind)."""
+        where = subprocess.run(
+            ["tmux", "-L", self.socket, "display-message", "-p", "#{socket_path}"],
+            capture_output=True, text=True, timeout=15, env=self.env,
+        ).stdout.strip()
+        subprocess.run(
+            ["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=15
+        )
+        if where:
+            Path(where).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        if os.environ.get("CHATZEO_REQUIRE_TMUX") == "1":
+            pytest.fail("tmux is not installed, and CHATZEO_REQUIRE_TMUX=1 requires these tests")
+        pytest.skip("tmux is not installed (the terminal tests need it)")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TMUX")}
+    server = Tmux(f"chatzeo-test-{uuid.uuid4().hex[:12]}", env)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def client_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "TERM": "xterm-256color",
+        "PYTHONPATH": str(REPO),
+        "CHATZEO_DATA": str(tmp_path / "client-data"),
+    }
+
+
+def start_chat(tmux: Tmux, server: ServerProcess, tmp_path: Path, name: str, *extra: str) -> Pane:
+    argv = [sys.executable, "-m", "chatzeo", "chat", "--server", server.address, "--name", name]
+    pane = tmux.open(name, [*argv, *extra], client_env(tmp_path))
+    pane.wait_for("[#", f"{name}>", "connected")
+    return pane
+
+
+def prompt_line(pane: Pane) -> str:
+    """The line being typed: the last ``[#room] name>`` line on screen."""
+    return [line for line in pane.lines() if re.match(r"\[#\S+\] \S+>", line)][-1]
+
+
+def test_two_users_talk_while_one_is_typing(
+    tmux: Tmux, server: ServerProcess, tmp_path: Path
+) -> None:
+    db = open_db(server.address, wait=5)
+    writer = ChatClient(db, "carol")
+    writer.join("lobby", history=0)
+    for index in range(60):
+        writer.send(f"old message {index}")
+    writer.close()
+
+    alice = start_chat(tmux, server, tmp_path, "alice")
+    bob = start_chat(tmux, server, tmp_path, "bob")
+    # On entry: the latest page of 50, not the 10 before it.
+    screen = alice.wait_for("<carol> old message 59", "<carol> old message 10")
+    assert "old message 9\n" not in screen
+    alice.enter("/history 5")
+    alice.wait_for("5 earlier messages", "<carol> old message 5", "end of earlier messages")
+    assert "old message 4\n" not in alice.screen()
+
+    alice.enter("hello bob")
+    bob.wait_for("   <alice> hello bob")
+    alice.wait_for("\u00bb <alice> hello bob")  # own messages carry a mark
+
+    # A message arrives while bob is half-way through a line: both stay visible.
+    bob.type("half way thr")
+    bob.wait_for("bob> half way thr")
+    alice.enter("interrupting you")
+    screen = bob.wait_for("<alice> interrupting you", "bob> half way thr")
+    assert prompt_line(bob) == "[#lobby] bob> half way thr"
+    assert screen.index("<alice> interrupting you") < screen.rindex("bob> half way thr")
+    bob.enter("ough, done")
+    alice.wait_for("<bob> half way through, done")
+
+    alice.enter("/me waves")
+    bob.wait_for("* alice waves")
+    bob.enter("/who")
+    bob.wait_for("-- in #lobby: alice, bob")
+    bob.enter("/join dev")
+    bob.wait_for("you are in #dev")
+    alice.enter("/who")
+    alice.wait_for("-- in #lobby: alice\n")
+    bob.enter("/rooms")
+    bob.wait_for("-- #dev: 0 messages", "-- #lobby: 64 messages")
+
+    # Bad input: one line of error, nothing sent, the client carries on.
+    bob.enter("/frobnicate")
+    bob.wait_for("!! unknown command /frobnicate")
+    bob.enter("z" * 4100)
+    bob.wait_for("!! message is 4100 bytes; the limit is 4096")
+    bob.enter("/join ../../etc")
+    bob.wait_for("!! invalid room name")
+    bob.enter("still here")
+    bob.wait_for("\u00bb <bob> still here")
+    assert "Traceback" not in bob.screen() + alice.screen()
+
+    # Ctrl-D and Ctrl-C leave cleanly, and each connection is counted out.
+    bob.key("C-d")
+    bob.wait_for(f"{EXITED} 0")
+    alice.type("unsent draft")
+    alice.key("C-c")
+    alice.wait_for(f"{EXITED} 0")
+    observer = ChatClient(db)
+    try:
+        assert observer.who("lobby") == [] and observer.who("dev") == []
+    finally:
+        observer.close()
+        db.close()
+
+
+def test_server_outage_during_a_conversation(
+    tmux: Tmux, server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = start_chat(tmux, server, tmp_path, "alice")
+    bob = start_chat(tmux, server, tmp_path, "bob")
+    alice.enter("before the outage")
+    bob.wait_for("<alice> before the outage")
+
+    server.stop()
+    alice.wait_for("reconnecting...")
+    bob.wait_for("reconnecting...")
+    alice.enter("typed during the outage")
+    alice.wait_for("(pending, waiting for the server) typed during the outage", "1 pending")
+
+    restarted = ServerProcess(server.data_dir, port=server.port).start()
+    try:
+        bob.wait_for("<alice> typed during the outage", timeout=30)
+        alice.wait_for("\u00bb <alice> typed during the outage")
+        alice.wait_gone("(pending")
+        alice.wait_for("| connected |")
+        bob.wait_for("| connected |")
+        bob.enter("after the outage")
+        alice.wait_for("<bob> after the outage")
+        alice.enter("and again")
+        bob.wait_for("<alice> and again")
+        assert "not sent" not in alice.screen()
+        for pane in (alice, bob):
+            pane.key("C-d")
+            pane.wait_for(f"{EXITED} 0")
+    finally:
+        restarted.stop()
+
+
+def test_escape_sequences_from_others_are_shown_not_obeyed(
+    tmux: Tmux, server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = start_chat(tmux, server, tmp_path, "alice")
+    alice.enter("a line that must survive")
+    alice.wait_for("<alice> a line that must survive")
+    title = alice.title()
+    db = open_db(server.address, wait=5)
+    try:
+        # Set the title, clear the screen, home the cursor, turn red, reverse the text.
+        post_unchecked(
+            db, "lobby", "mal\x1b[31mlory", "\x1b]2;PWNED\x07\x1b[2J\x1b[Hgotcha \u202eright"
+        )
+    finally:
+        db.close()
+    screen = alice.wait_for("gotcha")
+    assert "<mal\\x1b[31mlory> \\x1b]2;PWNED\\x07\\x1b[2J\\x1b[Hgotcha \\u202eright" in screen
+    assert "a line that must survive" in screen  # the screen was not cleared
+    assert alice.title() == title and "PWNED" not in alice.title()
+    line = [line for line in alice.screen(escapes=True).splitlines() if "gotcha" in line][0]
+    # tmux re-encodes the attributes it drew: no red, so the SGR was shown, not obeyed.
+    assert "\x1b[31m" not in line and "\\x1b[31m" in line
+    alice.enter("/quit")
+    alice.wait_for(f"{EXITED} 0")
+
+
+def test_scripts_chat_starts_a_server_when_none_answers(tmux: Tmux, tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    data = tmp_path / "server-data"
+    env = {
+        **client_env(tmp_path),
+        "CHATZEO_SERVER": address,
+        "CHATZEO_SERVER_DATA": str(data),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    pane = tmux.open("script", [str(REPO / "scripts" / "chat"), "--name", "dora"], env)
+    try:
+        pane.wait_for(f"no server at {address}; starting one", "dora>", "connected", timeout=30)
+        pane.enter("first words")
+        pane.wait_for("\u00bb <dora> first words")
+        pane.key("C-d")
+        pane.wait_for(f"{EXITED} 0")
+        # The server outlives the chat, and keeps what was said.
+        db = open_db(address, wait=5)
+        try:
+            reader = ChatClient(db)
+            assert [m.text for m in reader.join("lobby")] == ["first words"]
+            reader.close()
+        finally:
+            db.close()
+    finally:
+        pid_file = data / "server.pid"
+        if pid_file.exists():
+            subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+
+
+def test_keys_typed_while_messages_pour_in_stay_in_the_input_line(
+    tmux: Tmux, server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = start_chat(tmux, server, tmp_path, "alice")
+    db = open_db(server.address, wait=5)
+    bob = ChatClient(db, "bob")
+    bob.join("lobby", history=0)
+    typed = "keys-typed-during-a-burst"
+    burst = threading.Thread(target=lambda: [bob.send(f"burst {i}") for i in range(40)])
+    burst.start()
+    try:
+        for char in typed:  # one key at a time, interleaved with the arriving lines
+            alice.type(char)
+    finally:
+        burst.join(60)
+        bob.close()
+        db.close()
+    alice.wait_for("<bob> burst 39", f"alice> {typed}")
+    assert prompt_line(alice) == f"[#lobby] alice> {typed}"
+    messages = [line for line in alice.lines() if "<bob> burst" in line]
+    # Nothing the user typed was echoed into the output by the tty.
+    assert [line.split("<bob> ")[1] for line in messages] == [f"burst {i}" for i in range(40)]
+    alice.key("C-c")
+    alice.wait_for(f"{EXITED} 0")
+
+
+def test_chat_without_a_server_says_so_in_one_line(tmux: Tmux, tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "chatzeo", "chat", "--server", address, "--wait", "1"]
+    pane = tmux.open("lonely", [*argv, "--name", "alice"], client_env(tmp_path))
+    screen = pane.wait_for(f"{EXITED} 1")
+    assert f"chatzeo: error: no chatzeo server answered at {address} within 1s" in screen
+    assert "Traceback" not in screen
