@@ -70,11 +70,11 @@ def _prefetch_on_push(db: Any, client: ChatClient) -> None:
     storage = db.storage
     plain = feed._invalidate
 
-    def invalidate(tid: bytes, oids: Iterable[bytes]) -> None:
+    def invalidate(tid: bytes | None, oids: Iterable[bytes]) -> None:
         # Runs on ZEO's IO thread; prefetch only queues the loads. The reader's next
         # transaction reads as of the transaction after ``tid``, so load before that.
         oids = list(oids)
-        if not feed._watched.isdisjoint(oids):
+        if tid is not None and not feed._watched.isdisjoint(oids):
             storage.prefetch(oids, p64(u64(tid) + 1))
         plain(tid, oids)
 
