@@ -1,0 +1,121 @@
+"""The guard of a `chatzeo serve` with TLS client certificates: who commits, and what.
+
+Identity
+    ZEO's `StorageServer` makes one `ZEOStorage` per client connection through
+    ``create_client_handler``; `install_guard` makes it a `GuardedZEOStorage`, which
+    reads the connection's verified peer certificate when the ZEO handshake is done
+    (``notify_connected``). The identity is the certificate subject's commonName,
+    verbatim; a certificate with no commonName, or more than one, has no identity,
+    and every commit touching chatzeo's graph is refused for it.
+
+Checking
+    ZEO logs each store of a transaction and replays them in ``_vote`` once it holds
+    the commit lock. `GuardedZEOStorage._vote` first hands those records to
+    `chatzeo.trust.check_commit`; a refusal ends the transaction before the storage
+    sees any of it, is logged here, and reaches the writer's ``commit()`` as
+    `TrustViolation`. Deletions, undo, restore and blobs are refused outright: chatzeo
+    writes none of them, and each can rewrite history. The roles of the objects a
+    commit adds are recorded once ZEO has finished it.
+
+Threads: all of this runs in ZEO's asyncio loop thread (see `chatzeo.trust`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from ZEO.asyncio.server import Delay, ServerProtocol
+from ZEO.StorageServer import ZEOStorage
+
+from .errors import TrustViolation
+from .trust import IndexUpdate, TrustIndex, check_commit
+
+__all__ = ["GuardedZEOStorage", "install_guard", "identity_of"]
+
+log = logging.getLogger(__name__)
+
+
+def identity_of(peercert: dict[str, Any] | None) -> str | None:
+    """The commonName of a certificate as `ssl.SSLSocket.getpeercert` returns it."""
+    if not peercert:
+        return None
+    names = [
+        value
+        for rdn in peercert.get("subject", ())
+        for key, value in rdn
+        if key == "commonName"
+    ]
+    return names[0] if len(names) == 1 else None
+
+
+class GuardedZEOStorage(ZEOStorage):
+    """A ZEO client handler that checks every commit against `chatzeo.trust`."""
+
+    identity: str | None = None
+    _pending: IndexUpdate | None = None
+
+    def __init__(self, server: Any, read_only: Any, index: TrustIndex) -> None:
+        super().__init__(server, read_only)
+        self._index = index
+
+    def notify_connected(self, conn: Any) -> None:
+        super().notify_connected(conn)
+        transport = conn.sm_protocol.transport if conn.sm_protocol is not None else None
+        peercert = transport.get_extra_info("peercert") if transport is not None else None
+        self.identity = identity_of(peercert)
+        self.log(f"client certificate identity: {self.identity!r}")
+
+    def _vote(self, delay: Any = None) -> Any:
+        if self.connected and self.transaction is not None:
+            try:
+                self._pending = check_commit(
+                    self.identity, self._stores(), self.storage, self._index
+                )
+            except TrustViolation as refusal:
+                log.warning(
+                    "refused a commit from %s (certificate %r): %s",
+                    self.log_label, self.identity, refusal,
+                )
+                self._clear_transaction()
+                raise
+        return super()._vote(delay)
+
+    def tpc_finish(self, id: Any) -> Any:
+        pending = self._pending
+        result = super().tpc_finish(id)
+        if pending is not None and result is not None:
+            self._index.apply(pending)
+        return result
+
+    def _clear_transaction(self) -> None:
+        self._pending = None
+        super()._clear_transaction()
+
+    def _stores(self) -> Iterator[tuple[bytes, bytes, bytes]]:
+        if self.blob_log:
+            raise TrustViolation("structure: blobs are not accepted")
+        for operation, args in self.txnlog:
+            if operation == "_store":
+                yield args
+            elif operation == "_delete" and args[0] not in self._index.roles:
+                continue
+            elif operation != "_checkread":
+                raise TrustViolation(f"history: {operation.lstrip('_')} is not accepted")
+
+
+def install_guard(server: Any, storage: Any) -> TrustIndex:
+    """Make every new connection of ``server`` (ZEO's `StorageServer`) a
+    `GuardedZEOStorage` over ``storage``'s graph. Call before the server loops."""
+    index = TrustIndex.build(storage)
+    # The warning in `GuardedZEOStorage._vote` says it all; ZEO would add a traceback.
+    for quiet in (ServerProtocol, Delay):
+        if TrustViolation not in quiet.unlogged_exception_types:
+            quiet.unlogged_exception_types += (TrustViolation,)
+    server.create_client_handler = lambda: GuardedZEOStorage(server, server.read_only, index)
+    log.info(
+        "commits are checked against client certificates (%d objects of %d rooms known)",
+        len(index.roles), len(index.rooms),
+    )
+    return index
