@@ -191,6 +191,9 @@ def _check_port(address: Any) -> None:
         return
     host, port = address
     probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    # As ZEO's listener does: connections of a previous server on this port that
+    # linger in TIME_WAIT must not look like a running server; a listener still does.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((host, port))
     except OSError as error:

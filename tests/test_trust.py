@@ -1,0 +1,336 @@
+"""The commit guard of `chatzeo serve` with TLS client certificates (chatzeo.guard).
+
+One real server process with client authentication, two certificates (alice, bob)
+made by the test's own CA; each test works in rooms of its own. Every refusal is
+checked three ways: the writer gets `TrustViolation` naming the rule, the server
+logs it, and the storage's last transaction did not move.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transaction
+from conftest import ServerProcess, chatzeo_command, wait_until
+
+from benchtrust.certs import Pki, client_context, make_pki, server_conf
+from chatzeo import open_db
+from chatzeo.client import ChatClient
+from chatzeo.errors import TrustViolation
+from chatzeo.realm import ChatRoot, get_root
+from chatzeo.session import ChatSession
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class TlsServer(ServerProcess):
+    """`chatzeo serve` with a TLS config and extra command-line arguments."""
+
+    def __init__(self, data_dir: Path, config: Path, *args: str):
+        super().__init__(data_dir, config=config)
+        self.args = args
+
+    def start(self, timeout: float = 20.0) -> TlsServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                chatzeo_command(
+                    "serve", "--config", str(self.config), "--address", self.address,
+                    "--data-dir", str(self.data_dir), *self.args,
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(f"server on {self.address}", self._answers, timeout)
+        return self
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def guarded(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    directory = tmp_path_factory.mktemp("guarded")
+    server = TlsServer(directory / "data", server_conf(pki, directory / "zeo.conf")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def connect(server: ServerProcess, pki: Pki, name: str) -> Any:
+    return open_db(server.address, ssl=client_context(pki, name))
+
+
+@pytest.fixture(scope="module")
+def alice_db(guarded: TlsServer, pki: Pki) -> Iterator[Any]:
+    db = connect(guarded, pki, "alice")
+    yield db
+    db.close()
+
+
+@pytest.fixture(scope="module")
+def bob_db(guarded: TlsServer, pki: Pki) -> Iterator[Any]:
+    db = connect(guarded, pki, "bob")
+    yield db
+    db.close()
+
+
+def edit(db: Any, change: Callable[[ChatRoot], Any]) -> None:
+    """Apply ``change`` to chatzeo's root in a fresh connection and commit."""
+    manager = transaction.TransactionManager()
+    connection = db.open(transaction_manager=manager)
+    try:
+        change(get_root(connection))
+        manager.commit()
+    finally:
+        manager.abort()
+        connection.close()
+
+
+def read(db: Any, look: Callable[[ChatRoot], Any]) -> Any:
+    manager = transaction.TransactionManager()
+    connection = db.open(transaction_manager=manager)
+    try:
+        return look(get_root(connection))
+    finally:
+        manager.abort()
+        connection.close()
+
+
+def server_last_transaction(db: Any) -> bytes:
+    # Asked of the server: the client's own view lags by the invalidations in flight.
+    return db.storage._call("lastTransaction")
+
+
+def refused(server: ServerProcess, db: Any, rule: str, change: Callable[[ChatRoot], Any]) -> None:
+    """``change`` committed by ``db``'s certificate is refused under ``rule``."""
+    last = server_last_transaction(db)
+    with pytest.raises(TrustViolation, match=f"^{rule}:"):
+        edit(db, change)
+    assert server_last_transaction(db) == last, "the refused commit was written"
+    wait_until("the refusal in the server log", lambda: "refused a commit from " in (
+        text := server.log.read_text()) and f"): {rule}:" in text)
+
+
+def messages(db: Any, room: str) -> list[tuple[int, Any]]:
+    return read(db, lambda root: list(root.rooms[room]._messages.items()))
+
+
+def test_each_user_posts_as_itself(guarded, alice_db, bob_db):
+    alice, bob = ChatClient(alice_db, "alice"), ChatClient(bob_db, "bob")
+    try:
+        alice.join("lobby")
+        bob.join("lobby")
+        alice.send("hi from alice")
+        bob.send("hi from bob")
+        seen: list[Any] = []
+        wait_until("both messages at alice", lambda: seen.extend(alice.receive()) or len(seen) > 1)
+        assert [(m.author, m.text) for m in seen] == [
+            ("alice", "hi from alice"), ("bob", "hi from bob")
+        ]
+        assert alice.who() == ["alice", "bob"]
+        alice.heartbeat()
+        bob.heartbeat()
+        assert bob.who("lobby") == ["alice", "bob"]
+    finally:
+        alice.close()
+        bob.close()
+    assert read(bob_db, lambda root: root.who("lobby", time.time())) == []
+
+
+def test_a_forged_author_is_refused(guarded, alice_db):
+    edit(alice_db, lambda root: root.room("forgery"))
+    before = messages(alice_db, "forgery")
+    connection = alice_db.open()
+    try:
+        session = get_root(connection).rooms["forgery"]
+        with pytest.raises(TrustViolation, match="^author: 'alice' cannot post as 'bob'"):
+            session.add_message("x", author="bob")
+        with pytest.raises(TrustViolation, match="^author:"):
+            session.add_message("anonymous")
+    finally:
+        connection.close()
+    assert messages(alice_db, "forgery") == before == []
+    refused(guarded, alice_db, "author", lambda root: root.rooms["forgery"].post("y", "bob"))
+
+
+def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
+    edit(alice_db, lambda root: root.room("ledger").post("original", "alice"))
+    edit(alice_db, lambda root: root.rooms["ledger"].post("second", "alice"))
+    (key, record), (last_key, last_record) = messages(alice_db, "ledger")
+
+    def rewrite(root: ChatRoot) -> None:
+        root.rooms["ledger"]._messages[key] = (record[0], "alice", "edited", 0)
+
+    def delete(root: ChatRoot) -> None:
+        room = root.rooms["ledger"]
+        del room._messages[key]
+        room._clock.count -= 1  # keeps the count right: the deletion itself is refused
+
+    def backdate(root: ChatRoot) -> None:
+        room = root.rooms["ledger"]
+        room._messages[key + 1] = ("id", "alice", "inserted in the past", 0)
+        room._clock.count += 1
+
+    def rewind(root: ChatRoot) -> None:
+        root.rooms["ledger"]._clock.head = key
+
+    for writer in (alice_db, bob_db):
+        refused(guarded, writer, "history", rewrite)
+        refused(guarded, writer, "history", delete)
+    refused(guarded, alice_db, "history", backdate)
+    refused(guarded, alice_db, "history", rewind)
+    assert messages(bob_db, "ledger") == [(key, record), (last_key, last_record)]
+    assert record[2] == "original"
+
+
+def test_rooms_cannot_be_renamed_moved_or_removed(guarded, alice_db):
+    edit(alice_db, lambda root: root.room("stable"))
+
+    def rename(root: ChatRoot) -> None:
+        root.rooms["stable"].name = "renamed"
+
+    def move(root: ChatRoot) -> None:
+        root.rooms["moved"] = root.rooms.pop("stable")
+
+    def recap(root: ChatRoot) -> None:
+        root.rooms["stable"].max_messages = 1
+
+    def alias(root: ChatRoot) -> None:
+        root.rooms["alias"] = root.rooms["stable"]
+
+    for change in (rename, recap):
+        refused(guarded, alice_db, "room", change)
+    for change in (move, alias):
+        refused(guarded, alice_db, "room", change)
+    assert read(alice_db, lambda root: root.rooms["stable"].name) == "stable"
+
+
+def test_another_users_objects_cannot_be_changed(guarded, alice_db, bob_db):
+    bob = ChatClient(bob_db, "bob")
+    try:
+        bob.join("bobs-room")
+
+        def touch(root: ChatRoot) -> None:
+            root.users["bob"].last_connected = 0.0
+
+        def steal_lease(root: ChatRoot) -> None:
+            root.users["bob"].leases[bob.lease_id] = (None, 0.0)
+
+        def evict(root: ChatRoot) -> None:
+            del root.rooms["bobs-room"].presence[bob.lease_id]
+
+        def impersonate(root: ChatRoot) -> None:
+            root.user("mallory")
+
+        refused(guarded, alice_db, "user", touch)
+        refused(guarded, alice_db, "user", steal_lease)
+        refused(guarded, alice_db, "presence", evict)
+        refused(guarded, alice_db, "user", impersonate)
+        refused(guarded, alice_db, "root", lambda root: setattr(root, "max_connections", 1))
+        assert bob.who() == ["bob"]
+    finally:
+        bob.close()
+
+
+def test_splits_concurrent_posts_retention_pack_and_restart(guarded, alice_db, bob_db):
+    def create(root: ChatRoot) -> None:
+        root.rooms["capped"] = ChatSession("capped", max_messages=40)
+        root.rooms["aged"] = ChatSession("aged", max_age=60.0)
+        root.room("busy")
+
+    edit(alice_db, create)
+    writers = {"alice": alice_db, "bob": bob_db}
+    errors: list[BaseException] = []
+
+    def post_many(name: str) -> None:
+        try:
+            connection = writers[name].open()
+            try:
+                for room in ("busy", "capped"):
+                    session = get_root(connection).rooms[room]
+                    for number in range(100):
+                        session.add_message(f"{name} {number}", name)
+            finally:
+                connection.close()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=post_many, args=(name,)) for name in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not errors, errors
+    busy = messages(alice_db, "busy")
+    assert len(busy) == 200 and sorted(m[1][1] for m in busy).count("bob") == 100
+    # (child, key, child, ...): more than one bucket, so buckets were split.
+    tree_state = read(alice_db, lambda root: root.rooms["busy"]._messages.__getstate__())
+    assert len(tree_state[0]) >= 3, "no bucket split"
+    capped = messages(alice_db, "capped")
+    assert len(capped) == 40 == read(alice_db, lambda root: len(root.rooms["capped"]))
+
+    # Retention by age: a message posted an hour ago goes when the next one comes.
+    connection = alice_db.open()
+    try:
+        aged = get_root(connection).rooms["aged"]
+        aged.add_message("old", "alice", clock=lambda: time.time() - 3600)
+        aged.add_message("new", "alice")
+    finally:
+        connection.close()
+    assert [record[2] for _, record in messages(alice_db, "aged")] == ["new"]
+
+    # A capped room still refuses a deletion that is not of its oldest messages.
+    middle = capped[20][0]
+
+    def delete_middle(root: ChatRoot) -> None:
+        session = root.rooms["capped"]
+        del session._messages[middle]
+        session._clock.count -= 1
+
+    refused(guarded, bob_db, "history", delete_middle)
+
+    alice_db.pack()
+    edit(bob_db, lambda root: root.rooms["busy"].post("after pack", "bob"))
+    assert len(messages(alice_db, "busy")) == 201
+
+    # A restarted server rebuilds its index from the storage and still guards it.
+    guarded.stop()
+    guarded.start()
+    wait_until("alice reconnected", alice_db.storage.is_connected)
+    wait_until("bob reconnected", bob_db.storage.is_connected)
+    edit(alice_db, lambda root: root.rooms["busy"].post("after restart", "alice"))
+    first_key = busy[0][0]
+
+    def rewrite_first(root: ChatRoot) -> None:
+        root.rooms["busy"]._messages[first_key] = ("x", "alice", "rewritten", 0)
+
+    refused(guarded, bob_db, "history", rewrite_first)
+    refused(guarded, alice_db, "author", lambda root: root.rooms["capped"].post("z", "bob"))
+
+
+def test_an_unguarded_server_accepts_all_of_it(pki, tmp_path):
+    server = TlsServer(
+        tmp_path / "data", server_conf(pki, tmp_path / "zeo.conf"), "--guard", "off"
+    ).start()
+    try:
+        db = connect(server, pki, "alice")
+        try:
+            edit(db, lambda root: root.room("open").post("forged", "bob"))
+            key = messages(db, "open")[0][0]
+            edit(db, lambda root: root.rooms["open"]._messages.pop(key))
+            edit(db, lambda root: setattr(root.rooms["open"], "name", "renamed"))
+            assert read(db, lambda root: root.rooms["open"].name) == "renamed"
+        finally:
+            db.close()
+    finally:
+        server.stop()
