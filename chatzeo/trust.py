@@ -372,6 +372,8 @@ class _Commit:
     def run(self) -> IndexUpdate:
         try:
             self._assign_roles()
+            if self.identity is None and any(r.role for r in self.records.values()):
+                self.refuse("identity", "the client certificate names no single commonName")
             groups: dict[Role, _Group] = {}
             clocks: dict[bytes, _Record] = {}
             for record in self.records.values():
@@ -389,8 +391,8 @@ class _Commit:
             for role, group in groups.items():
                 self._check_group(role, group, clocks)
             for owner, clock in clocks.items():
-                if ("messages", owner) not in groups:
-                    self._check_clock(clock, owner, added=(), removed=0)
+                group = groups.get(("messages", owner), _Group())
+                self._check_clock(clock, tuple(group.added), len(group.removed))
         except _Undecodable as error:
             raise TrustViolation(f"structure: a record {error}") from None
         return self.update
@@ -559,8 +561,10 @@ class _Commit:
             if target is None or target.role != role or not self._shapes(target)[1].empty:
                 self.refuse("structure", "a tree unlinked a child that still holds items")
             emptied.add(child)
+        chained: set[bytes] = set()
         for record in group.records:
-            if record.is_new or record.oid in emptied:
+            is_bucket = record.class_name.endswith("Bucket")
+            if record.oid in emptied or (record.is_new and is_bucket):
                 continue
             old, new = self._shapes(record)
             if old.link == new.link:
@@ -570,12 +574,18 @@ class _Commit:
                 target = self.records.get(reached) if reached else None
                 if target is None or not target.is_new or target.role != role:
                     break
+                chained.add(target.oid)
                 reached = self._shapes(target)[1].link
             expected = old.link
             while expected in emptied:
                 expected = self._shapes(self.records[expected])[0].link
-            if reached != expected:
+            if reached != expected and not record.is_new:
                 self.refuse("structure", "a bucket chain skips a bucket that still holds items")
+        for record in group.records:
+            if record.is_new and record.class_name.endswith("Bucket") and (
+                record.oid not in chained
+            ):
+                self.refuse("structure", "a new bucket is not in its tree's bucket chain")
 
     def _check_directory(self, kind: str, group: _Group) -> None:
         noun = "room" if kind == "rooms" else "user"
@@ -615,7 +625,6 @@ class _Commit:
                 self.refuse("author", f"{self.identity!r} cannot post as {record[1]!r}")
         if group.removed:
             self._check_retention(owner, room, group, clock)
-        self._check_clock(clock, owner, tuple(group.added), len(group.removed))
 
     def _check_retention(
         self, owner: bytes, room: RoomInfo, group: _Group, clock: _Record
@@ -654,9 +663,7 @@ class _Commit:
             oid = shape.link
         return None
 
-    def _check_clock(
-        self, clock: _Record, owner: bytes, added: tuple[int, ...], removed: int
-    ) -> None:
+    def _check_clock(self, clock: _Record, added: tuple[int, ...], removed: int) -> None:
         self._decode(clock)
         new = clock.new_state
         old = clock.old_state if not clock.is_new else {"head": 0, "count": 0}
@@ -667,10 +674,10 @@ class _Commit:
             for state in (old, new)
         ):
             self.refuse("history", "a room clock is malformed")
-        if new["head"] < old["head"]:
-            self.refuse("history", "a room clock cannot go back")
-        if added and not (min(added) > old["head"] and max(added) <= new["head"]):
+        if added and min(added) <= old["head"]:
             self.refuse("history", "a message was inserted before the room's head")
+        if new["head"] != (max(added) if added else old["head"]):
+            self.refuse("history", "a room clock's head must be its newest message's key")
         if new["count"] - old["count"] != len(added) - removed:
             self.refuse("history", "a room clock's count does not match its messages")
 

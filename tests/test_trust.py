@@ -184,6 +184,8 @@ def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
     def rewind(root: ChatRoot) -> None:
         root.rooms["ledger"]._clock.head = key
 
+    wait_until("bob sees the ledger", lambda: len(read(bob_db, lambda r: list(
+        r.rooms["ledger"]._messages) if "ledger" in r.rooms else [])) == 2)
     for writer in (alice_db, bob_db):
         refused(guarded, writer, "history", rewrite)
         refused(guarded, writer, "history", delete)
@@ -232,6 +234,8 @@ def test_another_users_objects_cannot_be_changed(guarded, alice_db, bob_db):
         def impersonate(root: ChatRoot) -> None:
             root.user("mallory")
 
+        wait_until("alice sees bob's lease", lambda: read(alice_db, lambda root: (
+            "bob" in root.users and bob.lease_id in root.users["bob"].leases)))
         refused(guarded, alice_db, "user", touch)
         refused(guarded, alice_db, "user", steal_lease)
         refused(guarded, alice_db, "presence", evict)
@@ -297,11 +301,12 @@ def test_splits_concurrent_posts_retention_pack_and_restart(guarded, alice_db, b
         del session._messages[middle]
         session._clock.count -= 1
 
+    wait_until("bob sees the capped room", lambda: messages(bob_db, "capped") == capped)
     refused(guarded, bob_db, "history", delete_middle)
 
     alice_db.pack()
     edit(bob_db, lambda root: root.rooms["busy"].post("after pack", "bob"))
-    assert len(messages(alice_db, "busy")) == 201
+    wait_until("bob's post at alice", lambda: len(messages(alice_db, "busy")) == 201)
 
     # A restarted server rebuilds its index from the storage and still guards it.
     guarded.stop()
