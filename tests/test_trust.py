@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -111,14 +112,18 @@ def server_last_transaction(db: Any) -> bytes:
     return db.storage._call("lastTransaction")
 
 
-def refused(server: ServerProcess, db: Any, rule: str, change: Callable[[ChatRoot], Any]) -> None:
-    """``change`` committed by ``db``'s certificate is refused under ``rule``."""
+def refused(server: ServerProcess, db: Any, rule: str, change: Callable[[ChatRoot], Any]) -> str:
+    """``change`` committed by ``db``'s certificate is refused under ``rule``, logged by the
+    server and not written; returns the refusal's message."""
     last = server_last_transaction(db)
-    with pytest.raises(TrustViolation, match=f"^{rule}:"):
+    logged = len(server.log.read_bytes())
+    with pytest.raises(TrustViolation, match=f"^{rule}:") as refusal:
         edit(db, change)
     assert server_last_transaction(db) == last, "the refused commit was written"
-    wait_until("the refusal in the server log", lambda: "refused a commit from " in (
-        text := server.log.read_text()) and f"): {rule}:" in text)
+    line = f"refused a commit from {server.address} "
+    wait_until("the refusal in the server log", lambda: line in (
+        text := server.log.read_bytes()[logged:].decode()) and str(refusal.value) in text)
+    return str(refusal.value)
 
 
 def messages(db: Any, room: str) -> list[tuple[int, Any]]:
@@ -321,6 +326,44 @@ def test_splits_concurrent_posts_retention_pack_and_restart(guarded, alice_db, b
 
     refused(guarded, bob_db, "history", rewrite_first)
     refused(guarded, alice_db, "author", lambda root: root.rooms["capped"].post("z", "bob"))
+
+
+def test_tree_surgery_is_refused(guarded, alice_db):
+    edit(alice_db, lambda root: root.room("surgery"))
+    connection = alice_db.open()
+    try:
+        session = get_root(connection).rooms["surgery"]
+        for number in range(150):
+            session.add_message(f"m{number}", "alice")
+    finally:
+        connection.close()
+
+    def unlink_first_bucket(root: ChatRoot) -> None:
+        tree = root.rooms["surgery"]._messages
+        children = tree.__getstate__()[0]
+        tree.__setstate__((children[2:], children[2]))
+        tree._p_changed = True
+
+    def skip_a_bucket(root: ChatRoot) -> None:
+        first, _, second, _, third = root.rooms["surgery"]._messages.__getstate__()[0][:5]
+        first.__setstate__((first.__getstate__()[0], third))
+        first._p_changed = True
+
+    def store_a_foreign_class(root: ChatRoot) -> None:
+        session = root.rooms["surgery"]
+        key = session._clock.head + 1
+        session._messages[key] = Fraction(1, 3)
+        session._clock.head = key
+        session._clock.count += 1
+
+    assert "unlinked a child" in refused(guarded, alice_db, "structure", unlink_first_bucket)
+    assert "chain skips" in refused(guarded, alice_db, "structure", skip_a_bucket)
+    assert "fractions.Fraction" in refused(
+        guarded, alice_db, "structure", store_a_foreign_class
+    )
+    assert [record[2] for _, record in messages(alice_db, "surgery")] == [
+        f"m{number}" for number in range(150)
+    ]
 
 
 def test_an_unguarded_server_accepts_all_of_it(pki, tmp_path):
