@@ -86,7 +86,9 @@ class GuardedZEOStorage(ZEOStorage):
         pending = self._pending
         result = super().tpc_finish(id)
         if pending is not None and result is not None:
-            self._index.apply(pending)
+            # ZEO still holds the commit lock: the last transaction is this one. The
+            # oids tpc_vote reported were merged by conflict resolution.
+            self._index.apply(pending, self.storage.lastTransaction(), self.serials)
         return result
 
     def _clear_transaction(self) -> None:

@@ -227,14 +227,21 @@ class IndexUpdate:
 
     roles: dict[bytes, Role] = field(default_factory=dict)
     rooms: dict[bytes, RoomInfo] = field(default_factory=dict)
+    # oid -> (class name, state) of the checked records, as the writer sent them
+    states: dict[bytes, tuple[str, Any]] = field(default_factory=dict)
 
 
 class TrustIndex:
     """The role of every object of chatzeo's graph, and every room's retention."""
 
+    # Decoded states kept so that the next commit of an object need not load and
+    # decode the revision it starts from: posting rewrites the same last bucket.
+    cache_size = 4096
+
     def __init__(self) -> None:
         self.roles: dict[bytes, Role] = {}
         self.rooms: dict[bytes, RoomInfo] = {}
+        self.states: dict[bytes, tuple[bytes, str, Any]] = {}  # oid -> (tid, class, state)
 
     @classmethod
     def build(cls, storage: Any) -> TrustIndex:
@@ -255,9 +262,23 @@ class TrustIndex:
             list(index._walk(storage, user["leases"].oid, ("leases", name)))
         return index
 
-    def apply(self, update: IndexUpdate) -> None:
+    def apply(self, update: IndexUpdate, tid: bytes, resolved: Iterable[bytes] = ()) -> None:
+        """Record what a commit finished as ``tid`` added. The states of the records
+        in ``resolved`` were merged by conflict resolution, so they are not kept."""
         self.roles.update(update.roles)
         self.rooms.update(update.rooms)
+        merged = set(resolved)
+        states = self.states
+        for oid, (class_name, state) in update.states.items():
+            states.pop(oid, None)
+            if oid not in merged:
+                states[oid] = (tid, class_name, state)
+        while len(states) > self.cache_size:
+            del states[next(iter(states))]
+
+    def cached(self, oid: bytes, tid: bytes) -> tuple[str, Any] | None:
+        entry = self.states.get(oid)
+        return (entry[1], entry[2]) if entry is not None and entry[0] == tid else None
 
     def _add_room(self, storage: Any, oid: bytes, name: str) -> None:
         _, state = _load(storage, oid)
@@ -457,12 +478,16 @@ class _Commit:
         kind = record.role[0] if record.role else ""
         if kind in _CLASSES and record.class_name not in _CLASSES[kind]:
             self.refuse("structure", f"a {kind} object was replaced by a {record.class_name}")
+        self.update.states[record.oid] = (record.class_name, record.new_state)
         if not record.is_new:
-            try:
-                old = self.storage.loadSerial(record.oid, record.serial)
-            except POSKeyError:
-                raise ConflictError(oid=record.oid, serials=(record.serial,)) from None
-            old_class, record.old_state = decode(old)
+            cached = self.index.cached(record.oid, record.serial)
+            if cached is None:
+                try:
+                    old = self.storage.loadSerial(record.oid, record.serial)
+                except POSKeyError:
+                    raise ConflictError(oid=record.oid, serials=(record.serial,)) from None
+                cached = decode(old)
+            old_class, record.old_state = cached
             if old_class != record.class_name:
                 self.refuse("structure", f"a {old_class} was replaced by a {record.class_name}")
         record.decoded = True
