@@ -5,12 +5,12 @@ Two servers start from one throwaway CA (`benchtrust.certs`): ``--guard on`` and
 ``--guard off``. Against each, a reader process (`benchtrust.reader`, certificate
 bob) waits for pushes while this process (certificate alice) posts with
 `ChatSession.add_message`, the path `chatzeo send` takes: one commit per message.
-Rounds alternate between the servers so drift of the machine hits both alike. Each
-round posts ``--burst`` messages back to back (commit latency, throughput) and then
-``--paced`` messages ``--pace`` seconds apart (delivery latency of a quiet room),
-first to a plain room, then to a room that keeps ``--cap`` messages (every post
-then also trims the oldest, which the guard checks as retention). The servers' CPU
-seconds come from /proc.
+Each round posts ``--burst`` messages back to back (commit latency, throughput) in
+blocks of ``--block`` that alternate between the two servers, so drift of a busy
+machine meets both alike, and then ``--paced`` messages ``--pace`` seconds apart,
+alternating too (delivery latency of a quiet room); first to a plain room, then
+to a room that keeps ``--cap`` messages (every post then also trims the oldest,
+which the guard checks as retention). The servers' CPU seconds come from /proc.
 
 Runs in the main thread; the servers and readers are child processes, all stopped
 at the end.
@@ -143,34 +143,44 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         commits: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}
         burst_seconds: dict[tuple[str, str], float] = dict.fromkeys(sessions, 0.0)
         cpu = dict.fromkeys(MODES, 0.0)
-        for round_number in range(args.rounds):
-            order = MODES if round_number % 2 == 0 else MODES[::-1]
-            for mode in order:
-                pid = servers[mode][1]
-                before_cpu = _cpu_seconds(pid)
-                for room in rooms:
-                    session = sessions[mode, room]
-                    started = time.perf_counter()
-                    for _ in range(args.burst):
-                        t0 = time.perf_counter()
-                        session.add_message(f"burst {time.monotonic()!r}", "alice")
-                        commits[mode, room].append(time.perf_counter() - t0)
-                    burst_seconds[mode, room] += time.perf_counter() - started
-                    for _ in range(args.paced):
-                        session.add_message(f"paced {time.monotonic()!r}", "alice")
+        # Blocks of a few posts alternate between the servers, so whatever else the
+        # machine does meets both alike.
+        turn = 0
+        for _ in range(args.rounds):
+            for room in rooms:
+                for _ in range(args.burst // args.block):
+                    turn += 1
+                    for mode in MODES if turn % 2 else MODES[::-1]:
+                        session, pid = sessions[mode, room], servers[mode][1]
+                        before_cpu = _cpu_seconds(pid)
+                        started = time.perf_counter()
+                        for _ in range(args.block):
+                            t0 = time.perf_counter()
+                            session.add_message(f"burst {time.monotonic()!r}", "alice")
+                            commits[mode, room].append(time.perf_counter() - t0)
+                        burst_seconds[mode, room] += time.perf_counter() - started
+                        cpu[mode] += _cpu_seconds(pid) - before_cpu
+                for _ in range(args.paced):
+                    turn += 1
+                    for mode in MODES if turn % 2 else MODES[::-1]:
+                        session, pid = sessions[mode, room], servers[mode][1]
+                        before_cpu = _cpu_seconds(pid)
+                        sessions[mode, room].add_message(f"paced {time.monotonic()!r}", "alice")
+                        cpu[mode] += _cpu_seconds(pid) - before_cpu
                         time.sleep(args.pace)
-                cpu[mode] += _cpu_seconds(pid) - before_cpu
         for session in sessions.values():
             session.add_message("stop", "alice")
         delivered = {}
         for key, process in readers.items():
             output, _ = process.communicate(timeout=60)
             delivered[key] = json.loads(output.strip().splitlines()[-1])
-        posts_per_mode = args.rounds * len(rooms) * (args.burst + args.paced)
+        posts_per_mode = args.rounds * len(rooms) * (
+            args.burst // args.block * args.block + args.paced
+        )
         for mode, room in sessions:
             results[f"{mode}/{room}"] = {
                 "commit": _summary(commits[mode, room]),
-                "throughput_per_s": args.rounds * args.burst / burst_seconds[mode, room],
+                "throughput_per_s": len(commits[mode, room]) / burst_seconds[mode, room],
                 "delivery_burst": _summary(delivered[mode, room]["burst"]),
                 "delivery_paced": _summary(delivered[mode, room]["paced"]),
             }
@@ -212,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench-trust", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--burst", type=int, default=300, help="back-to-back posts a round")
+    parser.add_argument("--block", type=int, default=25, help="posts before switching server")
     parser.add_argument("--paced", type=int, default=50, help="paced posts a round")
     parser.add_argument("--pace", type=float, default=0.01, help="seconds between paced posts")
     parser.add_argument("--cap", type=int, default=100, help="max_messages of the capped room")

@@ -43,6 +43,7 @@ and `TrustIndex.apply` run there, one at a time; the storage's loads are thread-
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import time
@@ -100,11 +101,17 @@ class _Undecodable(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=256)
+def _global(module: str, name: str) -> _Global | None:
+    return _Global(module, name) if is_allowed(module, name) else None
+
+
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if not is_allowed(module, name):
+        found = _global(module, name)
+        if found is None:
             raise _Undecodable(f"names {module}.{name}, which is not allowed")
-        return _Global(module, name)
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, bytes):
@@ -275,6 +282,15 @@ class TrustIndex:
                 states[oid] = (tid, class_name, state)
         while len(states) > self.cache_size:
             del states[next(iter(states))]
+
+    def current(self, storage: Any, oid: bytes) -> tuple[str, Any]:
+        """The newest committed state of ``oid``, decoded once per revision."""
+        data, tid = storage.load(oid)
+        found = self.cached(oid, tid)
+        if found is None:
+            found = decode(data)
+            self.states[oid] = (tid, *found)
+        return found
 
     def cached(self, oid: bytes, tid: bytes) -> tuple[str, Any] | None:
         entry = self.states.get(oid)
@@ -535,13 +551,16 @@ class _Commit:
         """Sum the item changes of a tree's records; a key that moved is no change."""
         for record in group.records:
             old, new = self._shapes(record)
-            for key, value in old.items.items():
+            if not old.items and not new.items:
+                continue
+            # Set differences of the item views run in C; what differs is a few items.
+            for key, value in old.items.items() - new.items.items():
                 other = new.items.get(key, _MISSING)
                 if other is _MISSING:
                     group.removed[key] = value
-                elif other != value:
+                else:
                     group.changed[key] = (value, other)
-            for key, value in new.items.items():
+            for key, value in new.items.items() - old.items.items():
                 if key not in old.items:
                     group.added[key] = value
         for key in list(group.removed.keys() & group.added.keys()):
@@ -681,7 +700,7 @@ class _Commit:
             if record is not None:
                 shape = self._shapes(record)[1]
             else:
-                class_name, state = _load(self.storage, oid)
+                class_name, state = self.index.current(self.storage, oid)
                 shape = _shape(class_name, state)
             if shape.items:
                 return min(shape.items)
@@ -717,7 +736,8 @@ def _ref(state: Any, name: str) -> bytes:
 def _check_sorted(shape: _Shape) -> None:
     keys = shape.keys
     try:
-        if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
+        # Distinct (the items dict is as long) and in order: strictly ascending.
+        if len(shape.items) != len(keys) or list(keys) != sorted(keys):
             raise _Undecodable("has keys out of order")
     except TypeError:
         raise _Undecodable("has keys that cannot be ordered") from None
