@@ -24,6 +24,7 @@ from benchtrust.certs import Pki, client_context, make_pki, server_conf
 from chatzeo import open_db
 from chatzeo.client import ChatClient
 from chatzeo.errors import TrustViolation
+from chatzeo.guard import identity_of
 from chatzeo.realm import ChatRoot, get_root
 from chatzeo.session import ChatSession
 
@@ -196,6 +197,14 @@ def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
         refused(guarded, writer, "history", delete)
     refused(guarded, alice_db, "history", backdate)
     refused(guarded, alice_db, "history", rewind)
+
+    # Undo would take the last post back out of the room.
+    last = server_last_transaction(alice_db)
+    alice_db.undo(alice_db.undoLog(0, 1)[0]["id"])
+    with pytest.raises(TrustViolation, match="^history: undo is not accepted"):
+        transaction.commit()
+    transaction.abort()
+    assert server_last_transaction(alice_db) == last
     assert messages(bob_db, "ledger") == [(key, record), (last_key, last_record)]
     assert record[2] == "original"
 
@@ -382,3 +391,13 @@ def test_an_unguarded_server_accepts_all_of_it(pki, tmp_path):
             db.close()
     finally:
         server.stop()
+
+
+def test_the_identity_is_the_single_common_name():
+    def cert(*subject: tuple[str, str]) -> dict[str, Any]:
+        return {"subject": tuple((pair,) for pair in subject)}
+
+    assert identity_of(cert(("organizationName", "x"), ("commonName", "alice"))) == "alice"
+    assert identity_of(cert(("commonName", "alice"), ("commonName", "bob"))) is None
+    assert identity_of(cert(("organizationName", "x"))) is None
+    assert identity_of(None) is None
