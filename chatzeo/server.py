@@ -133,7 +133,12 @@ def serve(
             _prepare(storage)
         server = create_server(storages, _server_options(config))
         if guarded:
-            install_guard(server, next(iter(storages.values())))
+            try:
+                install_guard(server, next(iter(storages.values())))
+            except Exception as error:
+                raise ServerConfigError(
+                    f"cannot index the storage for the commit guard: {error}"
+                ) from None
         _handle_signals()
         log.info("chatzeo server listening on %s", _show(server.acceptor.addr))
         server.loop()
