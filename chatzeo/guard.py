@@ -10,12 +10,13 @@ Identity
 
 Checking
     ZEO logs each store of a transaction and replays them in ``_vote`` once it holds
-    the commit lock. `GuardedZEOStorage._vote` first hands those records to
-    `chatzeo.trust.check_commit`; a refusal ends the transaction before the storage
-    sees any of it, is logged here, and reaches the writer's ``commit()`` as
-    `TrustViolation`. Deletions, undo, restore and blobs are refused outright: chatzeo
-    writes none of them, and each can rewrite history. The roles of the objects a
-    commit adds are recorded once ZEO has finished it.
+    the commit lock. `GuardedZEOStorage` keeps the same records as they arrive, and
+    its ``_vote`` first hands them to `chatzeo.trust.check_commit`; a refusal ends
+    the transaction before the storage sees any of it, is logged here, and reaches
+    the writer's ``commit()`` as `TrustViolation`. Deleting a checked object, undo,
+    restore and blobs are refused outright: chatzeo writes none of them, and each
+    can rewrite history. The roles of the objects a commit adds are recorded once
+    ZEO has finished it.
 
 Threads: all of this runs in ZEO's asyncio loop thread (see `chatzeo.trust`).
 """
@@ -23,7 +24,6 @@ Threads: all of this runs in ZEO's asyncio loop thread (see `chatzeo.trust`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 from ZEO.asyncio.server import Delay, ServerProtocol
@@ -55,6 +55,10 @@ class GuardedZEOStorage(ZEOStorage):
 
     identity: str | None = None
     _pending: IndexUpdate | None = None
+    # This transaction's stores, kept beside ZEO's commit log so that the check
+    # need not read that file back; and the first operation the guard refuses.
+    _stored: list[tuple[bytes, bytes, bytes]]
+    _refused: str | None = None
 
     def __init__(self, server: Any, read_only: Any, index: TrustIndex) -> None:
         super().__init__(server, read_only)
@@ -66,6 +70,30 @@ class GuardedZEOStorage(ZEOStorage):
         peercert = transport.get_extra_info("peercert") if transport is not None else None
         self.identity = identity_of(peercert)
         self.log(f"client certificate identity: {self.identity!r}")
+
+    def tpc_begin(self, id: Any, *args: Any, **kw: Any) -> None:
+        fresh = self.transaction is None
+        super().tpc_begin(id, *args, **kw)
+        if fresh:
+            self._stored = []
+            self._refused = None
+
+    def storea(self, oid: bytes, serial: bytes, data: bytes, id: Any) -> None:
+        super().storea(oid, serial, data, id)
+        self._stored.append((oid, serial, data))
+
+    def deleteObject(self, oid: bytes, serial: bytes, id: Any) -> None:  # noqa: N802
+        super().deleteObject(oid, serial, id)
+        if oid in self._index.roles:
+            self._refused = self._refused or "history: deleting an object is not accepted"
+
+    def restorea(self, *args: Any) -> None:
+        super().restorea(*args)
+        self._refused = self._refused or "history: restore is not accepted"
+
+    def undoa(self, *args: Any) -> None:
+        super().undoa(*args)
+        self._refused = self._refused or "history: undo is not accepted"
 
     def _vote(self, delay: Any = None) -> Any:
         if self.connected and self.transaction is not None:
@@ -95,16 +123,12 @@ class GuardedZEOStorage(ZEOStorage):
         self._pending = None
         super()._clear_transaction()
 
-    def _stores(self) -> Iterator[tuple[bytes, bytes, bytes]]:
+    def _stores(self) -> list[tuple[bytes, bytes, bytes]]:
         if self.blob_log:
             raise TrustViolation("structure: blobs are not accepted")
-        for operation, args in self.txnlog:
-            if operation == "_store":
-                yield args
-            elif operation == "_delete" and args[0] not in self._index.roles:
-                continue
-            elif operation != "_checkread":
-                raise TrustViolation(f"history: {operation.lstrip('_')} is not accepted")
+        if self._refused:
+            raise TrustViolation(self._refused)
+        return self._stored
 
 
 def install_guard(server: Any, storage: Any) -> TrustIndex:
