@@ -432,6 +432,8 @@ class _Commit:
                 self._check_clock(clock, tuple(group.added), len(group.removed))
         except _Undecodable as error:
             raise TrustViolation(f"structure: a record {error}") from None
+        except TypeError:  # keys of different types met in a comparison
+            raise TrustViolation("structure: a tree holds keys that cannot be compared") from None
         return self.update
 
     def refuse(self, rule: str, detail: str) -> None:
@@ -592,7 +594,12 @@ class _Commit:
             dropped.update(set(old.children) - set(new.children))
             linked.update(set(new.children) - set(old.children))
             for child, key in new.separators.items():
-                if child in old.separators and key is not None and key != old.separators[child]:
+                before = old.separators.get(child, _MISSING)
+                if before is _MISSING or key is None or key == before:
+                    continue
+                # Deleting the key a node routes by moves it up to the child's new
+                # smallest key (BTrees does so); any other change misroutes lookups.
+                if before is None or not before < key <= self._first_key(child):
                     self.refuse("structure", "a tree node changed the key of a child it kept")
         role = group.records[0].role
         for child in linked - dropped:
@@ -680,7 +687,7 @@ class _Commit:
         if removed and room.max_messages is not None:
             self._decode(clock)
             count = clock.new_state.get("count") if isinstance(clock.new_state, dict) else None
-            first = self._first_key(room)
+            first = self._first_key(room.messages)
             if (
                 isinstance(count, int)
                 and count >= room.max_messages
@@ -690,9 +697,8 @@ class _Commit:
         if removed:
             self.refuse("history", "a message was removed that retention does not remove")
 
-    def _first_key(self, room: RoomInfo) -> Any:
-        """The smallest message key of the room once this commit is written."""
-        oid: bytes | None = room.messages
+    def _first_key(self, oid: bytes | None) -> Any:
+        """The smallest key of the tree or bucket ``oid`` once this commit is written."""
         for _ in range(len(self.records) + 2):
             if oid is None:
                 return None

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 import transaction
+import ZODB
 from conftest import ServerProcess, chatzeo_command, wait_until
+from ZODB.FileStorage import FileStorage
 
 from benchtrust.certs import Pki, client_context, make_pki, server_conf
 from chatzeo import open_db
@@ -28,6 +30,7 @@ from chatzeo.errors import TrustViolation
 from chatzeo.guard import identity_of
 from chatzeo.realm import ChatRoot, get_root
 from chatzeo.session import ChatSession
+from chatzeo.trust import TrustIndex, check_commit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -404,3 +407,54 @@ def test_the_identity_is_the_single_common_name():
     assert identity_of(cert(("commonName", "alice"), ("commonName", "bob"))) is None
     assert identity_of(cert(("organizationName", "x"))) is None
     assert identity_of(None) is None
+
+
+class RecordingStorage(FileStorage):
+    """A FileStorage that keeps the records of the commit in progress."""
+
+    records: list[tuple[bytes, bytes, bytes]] | None = None
+
+    def store(self, oid: bytes, serial: bytes, data: bytes, version: str, txn: Any) -> Any:
+        if self.records is not None:
+            self.records.append((oid, serial, data))
+        return super().store(oid, serial, data, version, txn)
+
+
+def test_directory_and_presence_trees_split_and_shrink_unrefused(tmp_path):
+    """In-process: every commit of 80 users joining, moving, leaving and cleaning up
+    stale leases passes `check_commit` as its own user, while the rooms, users and
+    presence trees split into buckets and presence buckets lose their first keys."""
+    storage = RecordingStorage(str(tmp_path / "chat.fs"))
+    db = ZODB.DB(storage)
+    try:
+        manager = transaction.TransactionManager()
+        root = get_root(db.open(transaction_manager=manager))
+        manager.commit()
+        index = TrustIndex.build(storage)
+
+        def commit_as(user: str, change: Callable[..., Any], *args: Any) -> None:
+            storage.records = []
+            change(*args)
+            manager.commit()
+            update = check_commit(user, storage.records, storage, index)
+            index.apply(update, storage.lastTransaction())
+
+        now = time.time()
+        names = [f"user{number:03d}" for number in range(80)]
+        for number, name in enumerate(names):
+            lease = f"lease{number}"
+            commit_as(name, root.connect, name, lease, now)
+            commit_as(name, root.enter, name, lease, "hall", now)
+            commit_as(name, root.enter, name, lease, f"room{number:03d}", now)
+            commit_as(name, root.enter, name, lease, "hall", now)
+        for number in range(0, 80, 3):
+            commit_as(names[number], root.disconnect, names[number], f"lease{number}")
+        for number in range(1, 80, 3):  # much later: stale leases and presence go
+            commit_as(names[number], root.connect, names[number], "again", now + 999)
+        assert len(root.rooms["hall"].presence) == 80 - 27 - 27
+        assert len(root.rooms) == 81 and len(root.users) == 80
+        with pytest.raises(TrustViolation, match="^presence:"):
+            commit_as("user002", root.rooms["hall"].presence.pop, "lease5")
+        manager.abort()
+    finally:
+        db.close()
