@@ -458,3 +458,38 @@ def test_directory_and_presence_trees_split_and_shrink_unrefused(tmp_path):
         manager.abort()
     finally:
         db.close()
+
+
+def test_deep_message_trees_split_and_trim_unrefused(tmp_path):
+    """In-process: commits of 1,000 posts each grow a room past a root split (nested
+    tree nodes) while ``max_messages`` trims whole buckets out of those nodes; every
+    commit passes `check_commit`, also after the index is rebuilt from the storage."""
+    storage = RecordingStorage(str(tmp_path / "chat.fs"))
+    db = ZODB.DB(storage)
+    try:
+        manager = transaction.TransactionManager()
+        root = get_root(db.open(transaction_manager=manager))
+        root.rooms["deep"] = ChatSession("deep", max_messages=30_000)
+        manager.commit()
+        index = TrustIndex.build(storage)
+        room = root.rooms["deep"]
+        for batch in range(45):
+            if batch == 40:
+                index = TrustIndex.build(storage)
+            storage.records = []
+            for number in range(1000):
+                room.post(f"{batch} {number}", "alice")
+            manager.commit()
+            index.apply(check_commit("alice", storage.records, storage, index),
+                        storage.lastTransaction())
+        children = room._messages.__getstate__()[0][0::2]
+        assert type(children[0]).__name__ == "LOBTree", "the root never split"
+        assert len(room) == 30_000 == len(room._messages)
+        storage.records = []
+        del room._messages[room._messages.maxKey()]
+        room._clock.count -= 1
+        manager.commit()  # the storage is unguarded here; the check refuses it
+        with pytest.raises(TrustViolation, match="^history:"):
+            check_commit("alice", storage.records, storage, index)
+    finally:
+        db.close()
