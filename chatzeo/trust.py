@@ -6,8 +6,10 @@ What is checked
     `ChatSession`, its `RoomClock`, the nodes and buckets of its message tree and of
     its presence tree, each `User` and the nodes and buckets of its leases.
     `TrustIndex` knows the role of every such object; it is built by walking the graph
-    when the server starts (tree nodes are loaded, leaf buckets only named) and grows
-    with each commit that creates objects in the graph. A commit stores records; each
+    when the server starts (tree nodes are loaded, message buckets only named) and
+    grows with each commit that links new objects into the graph; it also keeps the
+    decoded states of recent revisions, so the next commit of a bucket need not
+    load and decode its base again. A commit stores records; each
     record whose oid has a role, and each new object it links into the graph, is
     decoded with `chatzeo.allowlist` (nothing is imported or called) and compared with
     the state the writer started from (``loadSerial(oid, serial)``). Comparing with
@@ -27,13 +29,16 @@ The rules (each refusal names one; docs/security-server.md explains them)
                     only by retention (older than ``max_age``, or the oldest while
                     ``max_messages`` stay); new keys are larger than the room clock's
                     head, at most `FUTURE_SKEW` ahead of the server's clock, and the
-                    clock is written with them (head never decreases, count moves by
-                    exactly the messages added and removed).
+                    clock is written with them (its head is the newest key, its count
+                    moves by exactly the messages added and removed).
+    ``identity``    a certificate without a single commonName changes nothing.
     ``presence``    a presence entry added, changed or removed names the writer.
     ``structure``   in every checked tree, keys are sorted, a child unlinked from a
                     node is emptied in the same commit or linked elsewhere in the same
                     tree, a newly linked child is a new object, a surviving child keeps
-                    its separator key, and the bucket chain skips only emptied buckets.
+                    its separator key (or it rises to the child's first key, as BTrees
+                    does when that key is deleted), the bucket chain skips only emptied
+                    buckets and takes in every new bucket.
     A key that leaves one bucket and appears, with the same record, in another bucket
     of the same tree in the same commit has moved (a split), and is no change at all.
 
