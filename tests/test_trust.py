@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import transaction
 import ZODB
-from conftest import ServerProcess, chatzeo_command, wait_until
+from conftest import ServerProcess, chatzeo_command, free_port, wait_until
 from ZODB.FileStorage import FileStorage
 
 from benchtrust.certs import Pki, client_context, make_pki, server_conf
@@ -117,6 +117,12 @@ def read(db: Any, look: Callable[[ChatRoot], Any]) -> Any:
 def server_last_transaction(db: Any) -> bytes:
     # Asked of the server: the client's own view lags by the invalidations in flight.
     return db.storage._call("lastTransaction")
+
+
+def caught_up(db: Any) -> None:
+    """Wait until ``db`` has heard of every commit the server has finished."""
+    wait_until("the client to catch up", lambda: (
+        db.storage.lastTransaction() == server_last_transaction(db)))
 
 
 def refused(server: ServerProcess, db: Any, rule: str, change: Callable[[ChatRoot], Any]) -> str:
@@ -289,12 +295,14 @@ def test_splits_concurrent_posts_retention_pack_and_restart(guarded, alice_db, b
         except BaseException as error:
             errors.append(error)
 
+    wait_until("bob sees the new rooms", lambda: read(bob_db, lambda root: "busy" in root.rooms))
     threads = [threading.Thread(target=post_many, args=(name,)) for name in writers]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(90)
     assert not errors, errors
+    caught_up(alice_db)
     busy = messages(alice_db, "busy")
     assert len(busy) == 200 and sorted(m[1][1] for m in busy).count("bob") == 100
     # (child, key, child, ...): more than one bucket, so buckets were split.
@@ -493,3 +501,13 @@ def test_deep_message_trees_split_and_trim_unrefused(tmp_path):
             check_commit("alice", storage.records, storage, index)
     finally:
         db.close()
+
+
+def test_guard_on_needs_client_certificates(tmp_path):
+    result = subprocess.run(
+        chatzeo_command("serve", "--guard", "on", "--data-dir", str(tmp_path),
+                        "--address", f"127.0.0.1:{free_port()}"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--guard on needs TLS client certificates" in result.stderr
