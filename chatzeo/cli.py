@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="ZEO config file (default: ./zeo.conf)")
     serve.add_argument("--address", help="listen on host:port or a socket path")
     serve.add_argument("--data-dir", type=Path, help="directory of the FileStorage")
+    serve.add_argument(
+        "--guard",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="check commits against client certificates (auto: when <ssl> is configured)",
+    )
 
     chat = command("chat", "talk in a room, in this terminal", room=True)
     chat.add_argument("--name", default=_default_name(), help="your user name")
@@ -172,7 +178,7 @@ def _with_client(
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    return serve(args.config, args.address, args.data_dir)
+    return serve(args.config, args.address, args.data_dir, args.guard)
 
 
 def _chat(args: argparse.Namespace) -> int:

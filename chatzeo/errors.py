@@ -8,6 +8,7 @@ Bad input is a `ValueError`, so code that validates generically still catches it
 from __future__ import annotations
 
 from transaction.interfaces import TransientError
+from ZODB.POSException import StorageError
 
 __all__ = [
     "ChatError",
@@ -22,6 +23,7 @@ __all__ = [
     "NotInDatabase",
     "NoSuchRoom",
     "UnsafeRecord",
+    "TrustViolation",
 ]
 
 
@@ -113,3 +115,10 @@ class UnsafeRecord(ChatError):
         self.module = module
         self.name = name
         super().__init__(f"refused to load {module}.{name}: not a class chatzeo trusts")
+
+
+class TrustViolation(ChatError, StorageError):
+    """A guarded `chatzeo serve` refused a commit: it forged an author, rewrote or
+    deleted history, or changed someone else's object (docs/security-server.md).
+    Nothing of the transaction was written; retrying cannot help. The message names
+    the rule. It carries no attributes, so ZEO sends it to the client as its args."""
