@@ -52,9 +52,16 @@ def _default_name() -> str:
     return os.environ.get("CHATZEO_NAME") or os.environ.get("USER") or "guest"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the one line the module docstring promises."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="chatzeo", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="chatzeo", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, target: bool = True, room: bool = False) -> Any:
@@ -69,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--wait", type=float, default=10.0, help="seconds to wait for the server"
             )
+            for option, what in (("cert", "client certificate"), ("key", "its key"),
+                                 ("ca", "CA that signed the server's certificate")):
+                sub.add_argument(f"--tls-{option}", metavar="FILE",
+                                 help=f"TLS: {what} (default: $CHATZEO_TLS_{option.upper()})")
         if room:
             sub.add_argument("--room", default=DEFAULT_ROOM, help="room (default: %(default)s)")
         return sub
@@ -97,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("rooms", "list rooms and their message counts")
     command("who", "list users present in a room", room=True)
+
+    check = command("check", "verify a FileStorage data file", target=False)
+    check.add_argument("path", type=Path, help="the data file, e.g. var/chat.fs")
+    pack = command("pack", "pack the storage through the server")
+    pack.add_argument("--days", type=float, default=0.0,
+                      help="keep old revisions younger than this (default: %(default)s)")
     return parser
 
 
@@ -141,7 +158,7 @@ def _quiet_logging(command: str) -> None:
 
 
 def _client(args: argparse.Namespace, user: str | None = None) -> ChatClient:
-    db = open_db(args.server, wait=args.wait)
+    db = open_db(args.server, wait=args.wait, ssl=_tls(args))
     try:
         return ChatClient(db, user)
     except BaseException:
@@ -158,6 +175,36 @@ def _with_client(
     finally:
         client.close()
         client.db.close()
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    from .tls import context_from_options
+
+    return context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .maintenance import check_file
+
+    try:
+        counts = check_file(args.path)
+    except FileNotFoundError:
+        print(f"chatzeo: error: no such file: {args.path}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{args.path}: ok ({counts['objects']} objects, {counts['rooms']} rooms, "
+          f"{counts['messages']} messages)")
+    return EXIT_OK
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from .maintenance import pack
+
+    db = open_db(args.server, wait=args.wait, ssl=_tls(args))
+    try:
+        pack(db, args.days)
+    finally:
+        db.close()
+    return EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -246,4 +293,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "history": _history,
     "rooms": _rooms,
     "who": _who,
+    "check": _check,
+    "pack": _pack,
 }
