@@ -79,8 +79,11 @@ def run_in_transaction(
                 manager.commit()
                 return result
             except Exception as error:
+                # As in transaction's own attempts(): ask before aborting, so the
+                # data managers can still say whether their error is retryable.
+                retryable = manager._retryable(type(error), error)
                 manager.abort()
-                if not manager.isRetryableError(error):
+                if not retryable:
                     raise
                 elapsed = clock() - started
                 if attempt >= policy.max_attempts or elapsed >= policy.max_seconds:

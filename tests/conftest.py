@@ -118,3 +118,56 @@ def cli_env(server: ServerProcess, tmp_path: Path) -> dict[str, str]:
     env["CHATZEO_DATA"] = str(tmp_path / "client-data")
     env.pop("CHATZEO_CONFIG", None)
     return env
+
+
+class Backend:
+    """A running shared database the invariant tests run against, by kind.
+
+    ``target`` is what `chatzeo.open_db` (and every `chatzeo` command) accepts;
+    ``crash()`` kills the database server with -9 and ``restart()`` brings it back
+    on the same address with the same data.
+    """
+
+    kind = "abstract"
+    target: str
+
+    def crash(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class ZEOBackend(Backend):
+    """`chatzeo serve` over a FileStorage."""
+
+    kind = "zeo"
+
+    def __init__(self, data_dir: Path):
+        self.server = ServerProcess(data_dir).start()
+        self.target = self.server.address
+
+    def crash(self) -> None:
+        self.server.kill()
+
+    def restart(self) -> None:
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"zeo": ZEOBackend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each shared database chatzeo runs on, started for the test and stopped after."""
+    running = BACKENDS[request.param](tmp_path / request.param)
+    try:
+        yield running
+    finally:
+        running.close()

@@ -1,0 +1,133 @@
+"""The `chatzeo` command against a real server: scriptable commands and `serve`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ServerProcess, chatzeo_command, free_port, wait_until
+
+
+def run(env, *args, input=None, timeout=60):
+    return subprocess.run(
+        chatzeo_command(*args), env=env, input=input, capture_output=True, timeout=timeout
+    )
+
+
+def test_send_then_history_rooms_and_json(cli_env):
+    assert run(cli_env, "send", "--name", "alice", "hello there").returncode == 0
+    assert run(cli_env, "send", "--name", "bob", "-", input=b"from stdin\n").returncode == 0
+    history = run(cli_env, "history")
+    assert history.returncode == 0
+    lines = history.stdout.decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["<alice> hello there", "<bob> from stdin"]
+    as_json = [json.loads(line) for line in run(cli_env, "history", "--json").stdout.splitlines()]
+    assert [(m["author"], m["room"], m["text"]) for m in as_json] == [
+        ("alice", "lobby", "hello there"),
+        ("bob", "lobby", "from stdin"),
+    ]
+    assert all(isinstance(m["time"], float) and len(m["id"]) == 32 for m in as_json)
+    assert run(cli_env, "history", "--limit", "1").stdout.decode().endswith("<bob> from stdin\n")
+    assert run(cli_env, "rooms").stdout.decode() == "lobby\t2\n"
+
+
+def test_tail_prints_each_new_message_as_it_arrives(cli_env, tmp_path):
+    run(cli_env, "send", "--name", "alice", "before")
+    out = open(tmp_path / "tail.out", "wb")
+    tail = subprocess.Popen(
+        chatzeo_command("tail", "--history", "1", "--json"), env=cli_env, stdout=out
+    )
+    try:
+        def lines():
+            return [json.loads(x) for x in (tmp_path / "tail.out").read_text().splitlines()]
+
+        wait_until("history line", lambda: len(lines()) == 1)
+        for index in range(3):
+            assert run(cli_env, "send", "--name", "bob", f"live {index}").returncode == 0
+            wait_until(f"live {index}", lambda i=index: len(lines()) == i + 2)
+        assert [m["text"] for m in lines()] == ["before", "live 0", "live 1", "live 2"]
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(15) == 0
+    finally:
+        tail.kill()
+        out.close()
+
+
+def test_who_shows_a_connected_user_until_it_leaves(cli_env, server, tmp_path):
+    ready = tmp_path / "ready"
+    code = f"""
+import sys, time
+from chatzeo import ChatClient, open_db
+client = ChatClient(open_db({server.address!r}), "carol")
+client.join("den")
+open({str(ready)!r}, "w").close()
+sys.stdin.read()
+client.close()
+"""
+    carol = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        wait_until("carol joined", ready.exists, timeout=30)
+        assert run(cli_env, "who", "--room", "den").stdout == b"carol\n"
+        assert run(cli_env, "who").stdout == b""
+        carol.stdin.close()
+        assert carol.wait(30) == 0
+        assert run(cli_env, "who", "--room", "den").stdout == b""
+    finally:
+        carol.kill()
+
+
+def test_errors_are_one_line_with_the_right_status(cli_env):
+    cases = [
+        (("send", "--room", "no spaces", "x"), 1, "invalid room name"),
+        (("send", "--name", "x" * 40, "hi"), 1, "invalid user name"),
+        (("send", "--server", "not an address", "hi"), 1, "invalid database target"),
+        (("history", "--room", "nowhere"), 1, "no room named 'nowhere'"),
+        (("history", "--limit", "-3"), 2, "expected a number >= 0"),
+        (("frobnicate",), 2, "invalid choice"),
+    ]
+    for args, status, text in cases:
+        result = run(cli_env, *args)
+        err = result.stderr.decode()
+        assert result.returncode == status, (args, err)
+        assert text in err, (args, err)
+        assert "Traceback" not in err
+        if status == 1:
+            assert err.count("\n") == 1, err
+    assert run(cli_env, "history").stdout == b""
+
+
+def test_unreachable_server_fails_within_the_wait_bound(cli_env):
+    started = time.monotonic()
+    result = run(cli_env, "send", "--server", f"127.0.0.1:{free_port()}", "--wait", "1", "hi")
+    assert result.returncode == 1
+    assert b"no chatzeo server answered" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_serve_stops_cleanly_and_refuses_a_taken_port_or_locked_storage(tmp_path):
+    first = ServerProcess(tmp_path / "one").start()
+    try:
+        taken = subprocess.run(
+            chatzeo_command(
+                "serve", "--address", first.address, "--data-dir", str(tmp_path / "two")
+            ),
+            capture_output=True,
+            timeout=60,
+        )
+        assert taken.returncode == 1
+        assert b"is taken" in taken.stderr
+        locked = subprocess.run(
+            chatzeo_command(
+                "serve", "--address", f"127.0.0.1:{free_port()}", "--data-dir", str(first.data_dir)
+            ),
+            capture_output=True,
+            timeout=60,
+        )
+        assert locked.returncode == 1
+        assert b"is locked" in locked.stderr
+    finally:
+        assert first.stop() == 0
+    assert "stopped (SIGTERM)" in first.log.read_text()
