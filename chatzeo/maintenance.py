@@ -43,8 +43,9 @@ class StorageDamaged(ChatError):
     def __init__(self, path: str, problems: list[str]):
         self.path = path
         self.problems = problems
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        super().__init__(f"{path}: {problems[0]}{more}")
+        shown = "; ".join(problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        super().__init__(f"{path} is damaged: {shown}{more}")
 
 
 def check_file(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -86,7 +87,12 @@ def _check_references(storage: Any) -> tuple[list[str], dict[str, int]]:
             continue
         if not data:
             continue  # an undone creation
-        for ref in referencesf(data):
+        try:
+            refs = referencesf(data)
+        except Exception as error:
+            problems.append(f"object {oid_repr(oid)} is not a readable pickle: {error}")
+            continue
+        for ref in refs:
             if ref not in index:
                 problems.append(f"object {oid_repr(oid)} refers to missing {oid_repr(ref)}")
     return problems, {"objects": len(index), "rooms": 0, "messages": 0}

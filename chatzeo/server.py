@@ -166,6 +166,9 @@ def _check_port(address: Any) -> None:
         return
     host, port = address
     probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    # As asyncio's listener does: connections a crashed server left in TIME_WAIT must
+    # not block its restart, while a live listener still makes bind fail.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((host, port))
     except OSError as error:
