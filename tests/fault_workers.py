@@ -5,7 +5,7 @@ writer ADDRESS ROOM NAME COUNT OUT
     send returned to OUT (one per line, flushed), or ``failed <error>`` when a send gave
     up; ``done`` at the end.
 batcher ADDRESS ROOM OUT
-    Commits batches of 150 messages of 2 KB each, one transaction per batch, for ever
+    Commits batches of 300 messages of 2 KB each, one transaction per batch, for ever
     (the test kills it with -9); before each commit appends ``begin BATCH`` to OUT and
     after it ``commit BATCH``.
 """
@@ -20,7 +20,7 @@ import transaction
 from chatzeo import ChatClient, RetryPolicy, get_root, open_db
 from chatzeo.errors import ChatError
 
-BATCH_SIZE = 150
+BATCH_SIZE = 300
 # Outlasts a server restart on a busy machine.
 PATIENT = RetryPolicy(max_seconds=90.0)
 

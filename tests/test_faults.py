@@ -114,13 +114,17 @@ def test_writer_killed_mid_commit_leaves_no_partial_message(tmp_path: Path) -> N
     try:
         create_room(server.address, "big")
         kills = 0
-        while kills < 5:
+        while kills < 8:
             process = worker("batcher", server.address, "big", str(out))
             try:
                 started = len(lines(out))
-                # Kill at a random moment after it has begun at least one more commit.
-                wait_until("a batch begun", lambda s=started: len(lines(out)) > s, 60)
-                time.sleep(rng.uniform(0.0, 0.3))  # the random moment, not a wait for a state
+                # Kill at a random moment just after it begins a commit: watch closely
+                # for its "begin" line (wait_until's backoff would often miss the commit).
+                deadline = time.monotonic() + 60
+                while not (len(lines(out)) > started and lines(out)[-1].startswith("begin")):
+                    assert time.monotonic() < deadline, "no commit begun within 60 s"
+                    time.sleep(0.002)
+                time.sleep(rng.uniform(0.0, 0.02))  # the random moment, not a wait for a state
             finally:
                 process.send_signal(signal.SIGKILL)
                 process.wait(10)
@@ -134,8 +138,11 @@ def test_writer_killed_mid_commit_leaves_no_partial_message(tmp_path: Path) -> N
             message_id, author, text, kind = record
             assert isinstance(message_id, str) and author == "batcher" and kind == 0
             assert text.endswith("x" * 2000)
+        print(f"{kills} kills, {len(begun - committed)} of them between begin and commit "
+              f"({len((begun - committed) & set(batches))} of those landed), "
+              f"{len(batches)} whole batches stored")
         # Whole batches or nothing, never a batch that no writer began.
-        assert all(count == 150 for count in batches.values()), batches
+        assert all(count == 300 for count in batches.values()), batches
         assert committed <= set(batches) <= begun
         # The server still serves: a plain send works.
         result = subprocess.run(

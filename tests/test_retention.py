@@ -190,3 +190,17 @@ def test_pack_while_clients_write_and_read(server: ServerProcess, tmp_path: Path
     assert stored(server.address, "packed") == items
     server.stop()
     check_file(data_file)
+
+
+def test_a_reader_further_behind_than_the_cap_skips_what_was_trimmed(
+    memory_room: tuple[object, ChatSession],
+) -> None:
+    """The cap is a promise about storage, not delivery: a reader that lags more than
+    ``max_messages`` behind gets only what is still stored, still in order."""
+    _, room = memory_room
+    room.max_messages = 3
+    room.post("first", None)
+    assert [m.text for m in room.new_messages()] == ["first"]
+    for number in range(10):
+        room.post(f"m{number}", None)
+    assert [m.text for m in room.new_messages()] == ["m7", "m8", "m9"]
