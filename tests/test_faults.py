@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import transaction
@@ -40,7 +41,7 @@ def lines(path: Path) -> list[str]:
     return text.split("\n")[:-1]
 
 
-def stored(address: str, room: str) -> list[tuple[int, tuple[object, ...]]]:
+def stored(address: str, room: str) -> list[tuple[int, Any]]:
     """Every (key, record) in ``room``, read through a fresh client."""
     db = open_db(address, wait=30)
     try:
@@ -82,8 +83,8 @@ def test_server_killed_during_a_burst_loses_nothing_acknowledged(tmp_path: Path)
             return sum(len(lines(out)) for out in outs)
 
         for _ in range(2):  # two crashes, each in the middle of the burst
-            mark = acknowledged()
-            wait_until("sends before the crash", lambda m=mark: acknowledged() >= m + 40, 60)
+            target = acknowledged() + 40
+            wait_until("sends before the crash", lambda: acknowledged() >= target, 60)  # noqa: B023
             server.kill()
             server = ServerProcess(server.data_dir, port=server.port).start()
         for process in writers:

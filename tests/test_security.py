@@ -178,8 +178,8 @@ def test_clients_refuse_records_that_would_run_code(
         "c = db.open(); list(c.root()['chatzeo'].rooms['lobby']._messages.items())"
     )
     victim = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
-    _, err = victim.communicate(timeout=60)
-    assert victim.returncode == 0, err
+    _, victim_err = victim.communicate(timeout=60)
+    assert victim.returncode == 0, victim_err
     assert int(marker.read_text()) == victim.pid
 
 
