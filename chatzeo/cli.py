@@ -23,6 +23,7 @@ from .client import ChatClient
 from .database import DEFAULT_ADDRESS, open_db
 from .errors import ChatError
 from .message import Message
+from .retry import RetryPolicy
 from .sanitize import clean
 from .validation import (
     MAX_MESSAGE_BYTES,
@@ -74,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "(default: $CHATZEO_SERVER or %(default)s)",
             )
             sub.add_argument(
-                "--wait", type=float, default=10.0, help="seconds to wait for the server"
+                "--wait", type=float, default=10.0,
+                help="seconds to wait for the server to answer, and then for each write "
+                "to get through conflicts or a lost server (default: %(default)s)",
             )
             for option, what in (("cert", "client certificate"), ("key", "its key"),
                                  ("ca", "CA that signed the server's certificate")):
@@ -160,7 +163,7 @@ def _quiet_logging(command: str) -> None:
 def _client(args: argparse.Namespace, user: str | None = None) -> ChatClient:
     db = open_db(args.server, wait=args.wait, ssl=_tls(args))
     try:
-        return ChatClient(db, user)
+        return ChatClient(db, user, policy=RetryPolicy(max_seconds=args.wait))
     except BaseException:
         db.close()
         raise

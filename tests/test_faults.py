@@ -18,7 +18,7 @@ import pytest
 import transaction
 from conftest import ServerProcess, chatzeo_command, wait_until
 
-from chatzeo import ChatClient, get_root, open_db
+from chatzeo import ChatClient, RetryLimitExceeded, RetryPolicy, get_root, open_db
 from chatzeo.maintenance import StorageDamaged, check_file
 
 WORKERS = Path(__file__).with_name("fault_workers.py")
@@ -257,3 +257,38 @@ def assert_check_fails(path: Path, word: str) -> str:
     assert error.count("\n") == 1 and "Traceback" not in error and str(path) in error, error
     assert word in error
     return error
+
+
+def test_a_connected_client_whose_server_dies_gives_up_within_its_bound(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "server").start()
+    # While disconnected, each ZEO call waits up to ``wait`` for the server before it
+    # raises; the retry budget is checked between attempts. So the bound is about
+    # wait + max_seconds (`chatzeo --wait W` uses W for both).
+    db = open_db(server.address, wait=3)
+    try:
+        client = ChatClient(db, "alice", policy=RetryPolicy(max_seconds=2.0))
+        client.join("lobby", history=0)
+        client.send("before")
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(RetryLimitExceeded) as gave_up:
+            client.send("while down")
+        elapsed = time.monotonic() - started
+        print(f"send on a connected client, server dead: gave up after {elapsed:.2f}s "
+              f"({gave_up.value.attempts} attempts)")
+        assert elapsed < 3 + 2 + 30  # a hang guard, not a timing assertion
+        # The same client reconnects by itself once the server is back.
+        server = ServerProcess(server.data_dir, port=server.port).start()
+        client.policy = RetryPolicy(max_seconds=60.0)
+        client.send("after")
+        client.close()
+    finally:
+        db.close()
+        server.stop()
+    db = open_db(f"file://{server.data_dir / 'chat.fs'}")
+    try:
+        with db.transaction() as connection:
+            texts = [r[2] for r in get_root(connection).rooms["lobby"]._messages.values()]
+    finally:
+        db.close()
+    assert texts == ["before", "after"]
