@@ -16,6 +16,7 @@ from .delivery import ChangeFeed
 # Errors, all under ChatError; bad input is also a ValueError.
 from .errors import (
     ChatError,
+    DatabaseNotPrepared,
     InvalidInput,
     InvalidMessage,
     InvalidName,
@@ -50,6 +51,7 @@ __all__ = [
     "RetryPolicy",
     "run_in_transaction",
     "ChatError",
+    "DatabaseNotPrepared",
     "InvalidInput",
     "InvalidMessage",
     "InvalidName",

@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--limit", type=_count, default=50, metavar="N")
     history.add_argument("--json", action="store_true", help="print JSON lines")
 
+    init_db = command("init-db", "prepare a database (PostgreSQL: schema and trigger)", False)
+    init_db.add_argument(
+        "target",
+        nargs="?",
+        default=os.environ.get("CHATZEO_SERVER", DEFAULT_ADDRESS),
+        help="postgres:// URI, ZConfig file or any other target (default: $CHATZEO_SERVER)",
+    )
+    init_db.add_argument("--wait", type=float, default=10.0, help="seconds to wait for it")
+
     command("rooms", "list rooms and their message counts")
     command("who", "list users present in a room", room=True)
 
@@ -270,6 +279,14 @@ def _history(args: argparse.Namespace) -> int:
     return _with_client(args, history)
 
 
+def _init_db(args: argparse.Namespace) -> int:
+    from .initdb import init_db
+
+    for line in init_db(args.target, wait=args.wait):
+        print(line)
+    return EXIT_OK
+
+
 def _rooms(args: argparse.Namespace) -> int:
     def rooms(client: ChatClient) -> int:
         for name, count in client.rooms():
@@ -294,6 +311,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "send": _send,
     "tail": _tail,
     "history": _history,
+    "init-db": _init_db,
     "rooms": _rooms,
     "who": _who,
     "check": _check,

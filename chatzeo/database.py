@@ -5,7 +5,10 @@ Targets
     ``host:port``            a ZEO server (``[::1]:port`` for IPv6)
     ``/path/to/socket``      a ZEO server on a unix socket
     ``zeo://``, ``file://``, ``memory://`` ...   a zodburi URI
-    ``something.conf``       a ZConfig file with a ``<zodb>`` section
+    ``postgres://user@host:port/dbname``   RelStorage on PostgreSQL (the ``pg`` extra);
+                             history-free unless the URI says ``keep_history=true``
+    ``something.conf``       a ZConfig file with a ``<zodb>`` section (``<relstorage>``
+                             too, after ``%import relstorage``)
 
 Every database chatzeo opens loads only the classes in `chatzeo.allowlist`.
 Runs in the calling thread; the returned `ZODB.DB` is thread-safe, its connections
@@ -18,6 +21,7 @@ import os
 import re
 import ssl as ssl_module
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,15 +112,54 @@ def _open_zeo(
 
 
 def _open_uri(uri: str, wait: float, db_options: dict[str, Any]) -> ZODB.DB:
+    postgres = uri.startswith("postgres://")
+    if postgres:
+        uri = _history_free(uri)
     try:
         factory, uri_options = zodburi.resolve_uri(uri)
     except Exception as error:
+        if postgres and not _has_relstorage():
+            reason = "PostgreSQL needs RelStorage: pip install 'chatzeo[pg]'"
+            raise InvalidTarget(uri, reason) from None
         raise InvalidTarget(uri, _one_line(error)) from None
     try:
-        storage = factory()
+        storage = _retry_unreachable(uri, factory, wait) if postgres else factory()
     except ClientDisconnected:
         raise ServerUnavailable(uri, wait) from None
     return _db(storage, {**uri_options, **db_options}, shown=uri, wait=wait)
+
+
+def _history_free(uri: str) -> str:
+    """chatzeo's PostgreSQL databases are history-free (docs/scaling.md says why)."""
+    if "keep_history=" in uri:
+        return uri
+    return uri + ("&" if "?" in uri else "?") + "keep_history=false"
+
+
+def _has_relstorage() -> bool:
+    try:
+        import relstorage  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _retry_unreachable(uri: str, factory: Any, wait: float) -> Any:
+    """RelStorage connects at once and fails at once; a ZEO client would wait for
+    its server, so wait up to ``wait`` seconds for PostgreSQL too (a restart)."""
+    import psycopg2
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return factory()
+        except psycopg2.OperationalError as error:
+            reason = _one_line(error)
+            if "does not exist" in reason or "authentication" in reason:
+                raise InvalidTarget(uri, reason) from None
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(uri, wait) from None
+            time.sleep(0.1)
 
 
 def _open_config(path: str, db_options: dict[str, Any]) -> ZODB.DB:

@@ -1,30 +1,41 @@
 """Push delivery: wake a reader as soon as a commit touches what it watches.
 
-When any client commits, the ZEO server pushes the changed oids to every other
-client; ZEO's client calls ``invalidate(tid, oids)`` on the database's MVCC adapter,
-which passes them to each open connection. A `ChangeFeed` registers itself beside
-those connections and so hears every commit, remote or local, without a timer and
-without a request to the server: an idle reader costs nothing.
+A `ChangeFeed` hears every commit, remote or local, without a timer: an idle reader
+costs nothing. Where the news comes from depends on the storage (`_source`):
+
+ZEO client, FileStorage (``_AdapterSource``)
+    When any client commits, the ZEO server pushes the changed oids to every other
+    client; ZEO's client calls ``invalidate(tid, oids)`` on the database's MVCC
+    adapter, which passes them to each open connection. The feed registers itself
+    beside those connections. No request goes to the server.
+
+RelStorage on PostgreSQL (``_NotifySource``)
+    RelStorage has no push: it polls when a transaction starts. A trigger installed
+    by ``chatzeo init-db`` sends ``NOTIFY chatzeo`` with each written oid, and a
+    `chatzeo.pgnotify.Listener` (one extra database connection per feed) hands the
+    oids to the feed.
 
 Threads
-    ``_invalidate`` and ``_invalidateCache`` run on ZEO's IO thread (a remote commit,
-    a reconnection) or on the committing thread (a commit by another connection of
-    this process), with the adapter's lock held. They only set a `threading.Event`
-    and call ``notify`` (which must therefore be thread-safe and quick, such as
-    ``loop.call_soon_threadsafe``). Never touch a connection from them.
+    ``_invalidate`` and ``_invalidateCache`` run on ZEO's IO thread (a remote
+    commit, a reconnection), on the committing thread (a commit by another
+    connection of this process, with the adapter's lock held) or on the PostgreSQL
+    listener's thread. They only set a `threading.Event` and call ``notify`` (which
+    must therefore be thread-safe and quick, such as ``loop.call_soon_threadsafe``).
+    Never touch a connection from them.
 
     `ChangeFeed.wait` runs in the reader's own thread, the one that owns the
     connection; after it returns True the reader starts a new transaction and reads.
 
-Storages without invalidation push (a FileStorage shared by no other process) still
-get local commits; a storage the feed cannot attach to raises `TypeError`.
+A storage the feed cannot attach to raises `TypeError`.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
+
+from . import pgnotify
 
 __all__ = ["ChangeFeed"]
 
@@ -33,18 +44,14 @@ class ChangeFeed:
     """Tells its reader thread when a commit changed one of the watched objects.
 
     Also fires after a (re)connection to the server, when the client's cache was
-    dropped and anything may have changed.
+    dropped (or notifications were lost) and anything may have changed.
     """
 
     def __init__(self, db: Any, notify: Callable[[], None] | None = None) -> None:
-        self._adapter = db._mvcc_storage
-        if not hasattr(self._adapter, "_instances"):
-            raise TypeError(f"cannot watch commits of {type(self._adapter).__name__}")
         self._notify = notify
         self._watched: frozenset[bytes] = frozenset()
         self._changed = threading.Event()
-        with self._adapter._lock:
-            self._adapter._instances.add(self)
+        self._source = _source(db, self)
 
     def watch(self, objects: Iterable[Any]) -> None:
         """Watch exactly these persistent objects (already committed) from now on."""
@@ -56,23 +63,16 @@ class ChangeFeed:
         changed = self._changed.wait(timeout)
         if changed:
             self._changed.clear()
-            # The adapter hands invalidations to the connections while holding its
-            # lock, after ours; taking it here means our connection already has
-            # them when the reader begins its next transaction.
-            with self._adapter._lock:
-                pass
+            self._source.settle()
         return changed
 
     def close(self) -> None:
         """Stop listening (also safe after the database was closed)."""
-        with self._adapter._lock:
-            instances = getattr(self._adapter, "_instances", None)
-            if instances is not None:
-                instances.discard(self)
+        self._source.close()
 
-    # -- called by the MVCC adapter (see "Threads") -----------------------------
+    # -- called by the source (see "Threads") ----------------------------------
 
-    def _invalidate(self, tid: bytes, oids: Iterable[bytes]) -> None:
+    def _invalidate(self, tid: bytes | None, oids: Iterable[bytes]) -> None:
         if not self._watched.isdisjoint(oids):
             self._fire()
 
@@ -83,3 +83,67 @@ class ChangeFeed:
         self._changed.set()
         if self._notify is not None:
             self._notify()
+
+
+class _Source(Protocol):
+    def settle(self) -> None:
+        """Make sure the reader's next transaction sees what fired the feed."""
+
+    def close(self) -> None:
+        """Stop feeding."""
+
+
+def _source(db: Any, feed: ChangeFeed) -> _Source:
+    # RelStorage first: it has an ``_instances`` of its own, of another kind.
+    dsn = pgnotify.dsn_of(db.storage)
+    if dsn is not None:
+        return _NotifySource(dsn, feed)
+    adapter = db._mvcc_storage
+    if hasattr(adapter, "_instances") and hasattr(adapter, "_lock"):
+        return _AdapterSource(adapter, feed)
+    raise TypeError(f"cannot watch commits of {type(adapter).__name__}")
+
+
+class _AdapterSource:
+    """The feed sits among the MVCC adapter's connections (ZEO, FileStorage)."""
+
+    def __init__(self, adapter: Any, feed: ChangeFeed) -> None:
+        self._adapter = adapter
+        self._feed = feed
+        with adapter._lock:
+            adapter._instances.add(feed)
+
+    def settle(self) -> None:
+        # The adapter hands invalidations to the connections while holding its
+        # lock, after ours; taking it here means our connection already has them
+        # when the reader begins its next transaction.
+        with self._adapter._lock:
+            pass
+
+    def close(self) -> None:
+        with self._adapter._lock:
+            instances = getattr(self._adapter, "_instances", None)
+            if instances is not None:
+                instances.discard(self._feed)
+
+
+class _NotifySource:
+    """A PostgreSQL LISTEN connection (RelStorage)."""
+
+    def __init__(self, dsn: str, feed: ChangeFeed) -> None:
+        self._feed = feed
+        self._listener = pgnotify.Listener(dsn, self._heard)
+
+    def _heard(self, oids: frozenset[bytes] | None) -> None:
+        if oids is None:
+            self._feed._invalidateCache()
+        else:
+            self._feed._invalidate(None, oids)
+
+    def settle(self) -> None:
+        # Nothing to wait for: PostgreSQL sent the notification after the commit,
+        # so the reader's next transaction (RelStorage polls then) includes it.
+        pass
+
+    def close(self) -> None:
+        self._listener.close()

@@ -12,6 +12,7 @@ from ZODB.POSException import POSError
 
 __all__ = [
     "ChatError",
+    "DatabaseNotPrepared",
     "InvalidInput",
     "InvalidName",
     "InvalidMessage",
@@ -77,6 +78,11 @@ class ServerUnavailable(ChatError, TransientError):
         self.address = address
         self.seconds = seconds
         super().__init__(f"no chatzeo server answered at {address} within {seconds:g}s")
+
+
+class DatabaseNotPrepared(ChatError):
+    """A PostgreSQL database lacks what ``chatzeo init-db`` sets up (RelStorage's
+    history-free schema, the NOTIFY trigger), so clients could not be told of commits."""
 
 
 class TooManyConnections(ChatError):

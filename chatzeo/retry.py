@@ -73,15 +73,17 @@ def run_in_transaction(
     try:
         while True:
             attempt += 1
-            manager.begin()
             try:
+                # Inside the try: RelStorage polls the database here, so a lost
+                # server shows up at begin() as well as at commit().
+                manager.begin()
                 result = work(connection)
                 manager.commit()
                 return result
             except Exception as error:
                 # As in transaction's own attempts(): ask before aborting, so the
                 # data managers can still say whether their error is retryable.
-                retryable = manager._retryable(type(error), error)
+                retryable = manager._retryable(type(error), error) or _lost_database(db, error)
                 manager.abort()
                 if not retryable:
                     raise
@@ -93,3 +95,12 @@ def run_in_transaction(
                 sleep(min(policy.delay(attempt - 1), max(0.0, policy.max_seconds - elapsed)))
     finally:
         connection.close()
+
+
+def _lost_database(db: Any, error: BaseException) -> bool:
+    """RelStorage reports a lost database server as its driver's error (psycopg2's
+    OperationalError), where ZEO raises the `TransientError` ClientDisconnected;
+    both mean the same thing, and a retry reconnects."""
+    driver = getattr(getattr(db.storage, "_adapter", None), "driver", None)
+    lost = getattr(driver, "disconnected_exceptions", ())
+    return bool(lost) and isinstance(error, lost)

@@ -116,6 +116,7 @@ def serve(
     _check_port(bound)
     guard_conflict_resolution()
     storages = {opener.name or "1": _open_storage(opener) for opener in config.storages}
+    _warn_about_shared_databases(storages)
     server = None
     try:
         for storage in storages.values():
@@ -143,6 +144,21 @@ def _open_storage(opener: Any) -> Any:
         raise ServerConfigError(
             f"storage {where} is locked: another server is already using it"
         ) from None
+
+
+def _warn_about_shared_databases(storages: dict[str, Any]) -> None:
+    """A ZEO server tells its clients only of commits made through itself; over a
+    database others can write to (RelStorage), their clients are never told."""
+    for name, storage in storages.items():
+        if hasattr(storage, "_adapter"):
+            log.warning(
+                "storage %s is a RelStorage database: clients of this server hear only of "
+                "commits made through this server, never of those made through another "
+                "ZEO server or by clients connected to the database directly (and theirs "
+                "never hear of ours). Run exactly one chatzeo serve per database, or "
+                "connect every client to the database (docs/scaling.md).",
+                name,
+            )
 
 
 def _prepare(storage: Any) -> None:

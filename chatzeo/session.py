@@ -132,9 +132,12 @@ class ChatSession(Persistent):
             text,
             kind,
         )
-        self._messages[message.key] = message.to_record()
+        # The clock is changed first so that it is stored first: when its conflict
+        # resolution refuses the commit, the server has not yet spent time merging
+        # the (much bigger) bucket.
         self._clock.head = message.key
         self._clock.count += 1
+        self._messages[message.key] = message.to_record()
         self._trim(message.key)
         return message
 

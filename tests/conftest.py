@@ -160,7 +160,41 @@ class ZEOBackend(Backend):
         self.server.stop()
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"zeo": ZEOBackend}
+class PostgresBackend(Backend):
+    """A throwaway PostgreSQL cluster (tests/pgcluster.py), clients on RelStorage
+    directly, prepared by `chatzeo init-db`. Skips (or, with
+    ``CHATZEO_REQUIRE_POSTGRES=1``, fails) where PostgreSQL cannot run."""
+
+    kind = "postgres"
+
+    def __init__(self, data_dir: Path):
+        from pgcluster import PostgresCluster, require_or_skip
+
+        from chatzeo.initdb import init_db
+
+        require_or_skip()
+        self.cluster = PostgresCluster().start()
+        try:
+            self.target = self.cluster.create_database("chat")
+            init_db(self.target)
+        except BaseException:
+            self.cluster.close()
+            raise
+
+    def crash(self) -> None:
+        self.cluster.kill()
+
+    def restart(self) -> None:
+        self.cluster.start()
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "zeo": ZEOBackend,
+    "postgres": PostgresBackend,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -1,0 +1,372 @@
+"""PostgreSQL-only behaviour: init-db, NOTIFY push, crashes of a writer and of the server.
+
+Each test starts its own throwaway cluster (tests/pgcluster.py). Without PostgreSQL
+they skip, or fail under ``CHATZEO_REQUIRE_POSTGRES=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import transaction
+from conftest import REPO, chatzeo_command, wait_until
+from pgcluster import PostgresCluster, require_or_skip
+
+from chatzeo import ChatClient, get_root, open_db
+from chatzeo.errors import DatabaseNotPrepared
+from chatzeo.initdb import init_db
+from chatzeo.retry import RetryPolicy
+
+WORKERS = str(REPO / "tests" / "workers.py")
+
+
+@pytest.fixture
+def cluster() -> Iterator[PostgresCluster]:
+    require_or_skip()
+    running = PostgresCluster().start()
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture
+def target(cluster: PostgresCluster) -> str:
+    uri = cluster.create_database("chat")
+    init_db(uri)
+    return uri
+
+
+def _psql_one(cluster: PostgresCluster, sql: str) -> object:
+    import psycopg2
+
+    connection = psycopg2.connect(cluster.dsn("chat"))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+            return cursor.fetchone()[0]
+    finally:
+        connection.close()
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CHATZEO_DATA"] = str(tmp_path / "client-data")
+    env.pop("CHATZEO_SERVER", None)
+    return env
+
+
+def test_init_db_twice_from_the_command_line(cluster, tmp_path):
+    uri = cluster.create_database("chat")
+    for _ in range(2):
+        done = subprocess.run(
+            chatzeo_command("init-db", uri), env=_env(tmp_path),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "NOTIFY trigger" in done.stdout
+    triggers = _psql_one(cluster, "SELECT count(*) FROM pg_trigger WHERE tgname='chatzeo_notify'")
+    assert triggers == 1
+    # history-free: one row per object, no history tables.
+    assert _psql_one(cluster, "SELECT to_regclass('current_object') IS NULL") is True
+
+
+def test_a_database_without_init_db_is_refused_with_the_remedy(cluster):
+    uri = cluster.create_database("chat")
+    db = open_db(uri)
+    try:
+        with pytest.raises(DatabaseNotPrepared, match="chatzeo init-db"):
+            ChatClient(db)
+    finally:
+        db.close()
+
+
+def test_a_history_preserving_database_is_refused(cluster):
+    uri = cluster.create_database("chat") + "?keep_history=true"
+    with pytest.raises(DatabaseNotPrepared, match="history-free"):
+        init_db(uri)
+
+
+def test_notify_wakes_a_reader_of_that_room_only(target):
+    reader_db, writer_db = open_db(target), open_db(target)
+    reader = ChatClient(reader_db)
+    writer = ChatClient(writer_db, "ann")
+    try:
+        reader.join("watched")
+        writer.join("elsewhere")
+        writer.send("not for the reader")
+        writer.join("watched")
+        # Joining writes the room's membership, not its clock; the post does.
+        sent = writer.send("hello")
+        wait_until("the NOTIFY to wake the reader", lambda: reader.wait(0.5))
+        assert [m.id for m in reader.receive()] == [sent.id]
+        # Posts elsewhere never fire this feed: the trigger carries each written oid.
+        writer.join("elsewhere")
+        writer.send("still not for the reader")
+        assert reader.wait(0.5) is False
+    finally:
+        for client in (reader, writer):
+            client.close()
+            client.db.close()
+
+
+def test_an_aborted_transaction_notifies_no_one(target):
+    from persistent.mapping import PersistentMapping
+
+    from chatzeo.pgnotify import Listener, dsn_of
+
+    db = open_db(target)
+    manager = transaction.TransactionManager()
+    connection = db.open(transaction_manager=manager)
+    root = connection.root()
+    root["aborted"], root["committed"] = PersistentMapping(), PersistentMapping()
+    manager.commit()
+    aborted, committed = root["aborted"]._p_oid, root["committed"]._p_oid
+    heard: list[frozenset[bytes] | None] = []
+    lock = threading.Lock()
+
+    def hear(oids: frozenset[bytes] | None) -> None:
+        with lock:
+            heard.append(oids)
+
+    listener = Listener(dsn_of(db.storage), hear)
+    try:
+        root["aborted"]["x"] = 1
+        # Up to the vote the rows are written in PostgreSQL; then we abort.
+        txn = manager.get()
+        txn.savepoint()
+        manager.abort()
+        root["committed"]["x"] = 1
+        manager.commit()
+
+        def all_heard() -> set[bytes]:
+            with lock:
+                return {oid for batch in heard for oid in batch or ()}
+
+        # Notifications come in commit order, so once the later commit is heard,
+        # the aborted one would already have been.
+        wait_until("the committed change", lambda: committed in all_heard())
+        assert aborted not in all_heard()
+        assert None not in heard
+    finally:
+        listener.close()
+        connection.close()
+        db.close()
+
+
+def test_an_abort_after_vote_notifies_no_one(target):
+    """Rows really reach object_state at the vote; aborting then must stay silent."""
+    from chatzeo.pgnotify import Listener, dsn_of
+
+    db = open_db(target)
+    storage = db.storage
+    heard: list[frozenset[bytes] | None] = []
+    listener = Listener(dsn_of(storage), heard.append)
+    manager = transaction.TransactionManager()
+    connection = db.open(transaction_manager=manager)
+    try:
+        root = connection.root()
+        root["vote"] = 1
+        txn = manager.get()
+        # Drive two-phase commit by hand: begin, store, vote, then abort.
+        connection.tpc_begin(txn)
+        connection.commit(txn)
+        connection.tpc_vote(txn)
+        connection.tpc_abort(txn)
+        manager.abort()
+        root = connection.root()
+        root["after"] = 1
+        manager.commit()
+        root_oid = root._p_oid
+        wait_until("the later commit", lambda: any(b and root_oid in b for b in heard))
+        # The root was written by both transactions; only the committed one told.
+        assert sum(1 for b in heard if b and root_oid in b) == 1
+    finally:
+        listener.close()
+        connection.close()
+        db.close()
+
+
+def test_send_and_tail_with_a_postgres_uri(target, tmp_path):
+    env = _env(tmp_path)
+    tail = subprocess.Popen(
+        chatzeo_command("tail", "--server", target, "--room", "cli"),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # tail joins (creating the room) before it waits; wait for that.
+        def room_exists() -> bool:
+            db = open_db(target)
+            try:
+                manager = transaction.TransactionManager()
+                connection = db.open(transaction_manager=manager)
+                found = "cli" in get_root(connection).rooms
+                connection.close()
+                return found
+            finally:
+                db.close()
+
+        wait_until("tail to join", room_exists, timeout=30)
+        sent = subprocess.run(
+            chatzeo_command("send", "--server", target, "--room", "cli", "--name", "bob", "hi"),
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert tail.stdout is not None
+        line = tail.stdout.readline()
+        assert line.rstrip().endswith("<bob> hi")
+    finally:
+        tail.send_signal(signal.SIGINT)
+        tail.wait(30)
+
+
+def test_a_writer_killed_mid_stream_loses_nothing_committed(target, tmp_path):
+    room = "kill"
+    setup = ChatClient(open_db(target))
+    setup.join(room)
+    setup.close()
+    setup.db.close()
+    out = tmp_path / "victim"
+    (tmp_path / "START").touch()
+    victim = subprocess.Popen(
+        [sys.executable, WORKERS, "writer", target, room, "100000", "0", str(out)],
+        stderr=subprocess.DEVNULL,
+    )
+    reader = ChatClient(open_db(target))
+    try:
+        reader.join(room, history=0)
+        seen: list[str] = []
+
+        def some_arrived() -> bool:
+            if reader.wait(0.5):
+                seen.extend(m.id for m in reader.receive())
+            return len(seen) >= 20
+
+        wait_until("the victim's first posts", some_arrived, timeout=60)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(30)
+        survivor = ChatClient(open_db(target), "survivor")
+        survivor.join(room, history=0)
+        last = survivor.send("after the kill")
+        survivor.close()
+        survivor.db.close()
+
+        def got_last() -> bool:
+            if reader.wait(0.5):
+                seen.extend(m.id for m in reader.receive())
+            return last.id in seen
+
+        wait_until("the survivor's post", got_last, timeout=60)
+        reader._manager.begin()
+        stored = [m.id for m in reader.room.history(limit=1_000_000)]  # type: ignore[union-attr]
+        assert len(stored) == len(set(stored))
+        assert stored[-1] == last.id
+        assert [i for i in stored if i in set(seen)] == seen[: len(seen)]
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+        reader.close()
+        reader.db.close()
+
+
+def test_postgres_restart_under_load_loses_and_repeats_nothing(cluster, target):
+    room = "restart"
+    writer = ChatClient(open_db(target), "writer", policy=RetryPolicy(max_seconds=60))
+    reader = ChatClient(open_db(target))
+    writer.join(room, history=0)
+    reader.join(room, history=0)
+    sent: list[str] = []
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        try:
+            while not stop.is_set() and len(sent) < 5000:
+                sent.append(writer.send(f"message {len(sent)}").id)
+        except BaseException as error:
+            failure.append(error)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    seen: list[str] = []
+
+    def read_until(count: int) -> bool:
+        if reader.wait(0.5):
+            seen.extend(m.id for m in reader.receive())
+        return len(seen) >= count or bool(failure)
+
+    try:
+        wait_until("posts before the crash", lambda: read_until(20), timeout=60)
+        cluster.kill()
+        cluster.start()
+        before = len(sent)
+        wait_until("posts after the restart", lambda: len(sent) >= before + 20 or failure, 90)
+        stop.set()
+        thread.join(90)
+        assert not failure, failure
+        wait_until("every post read", lambda: read_until(len(sent)) and set(sent) <= set(seen), 90)
+    finally:
+        stop.set()
+        thread.join(90)
+        writer.close()
+        reader.close()
+        writer.db.close()
+        reader.db.close()
+    assert len(seen) == len(set(seen))
+    assert seen == sent
+
+
+def test_serve_over_relstorage_warns_about_other_front_ends(cluster, target, tmp_path):
+    from conftest import ServerProcess
+
+    config = tmp_path / "zeo-relstorage.conf"
+    config.write_text(
+        "%import relstorage\n%define DATA_DIR var\n"
+        "<zeo>\n  address 127.0.0.1:1\n</zeo>\n"
+        "<relstorage 1>\n  keep-history false\n"
+        f"  <postgresql>\n    dsn {cluster.dsn('chat')}\n  </postgresql>\n"
+        "</relstorage>\n"
+    )
+    server = ServerProcess(tmp_path / "front", config=config).start()
+    try:
+        client = ChatClient(open_db(server.address), "zed")
+        client.join("front", history=0)
+        client.send("through ZEO")
+        client.close()
+        client.db.close()
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "is a RelStorage database" in log
+    assert "Run exactly one chatzeo serve per database" in log
+
+
+def test_a_zconfig_file_with_relstorage_is_a_target(cluster, tmp_path):
+    cluster.create_database("chat")
+    config = tmp_path / "chat.conf"
+    config.write_text(
+        "%import relstorage\n<zodb>\n  <relstorage>\n    keep-history false\n"
+        f"    <postgresql>\n      dsn {cluster.dsn('chat')}\n    </postgresql>\n"
+        "  </relstorage>\n</zodb>\n"
+    )
+    assert any("NOTIFY trigger" in line for line in init_db(str(config)))
+    reader = ChatClient(open_db(str(config)))
+    writer = ChatClient(open_db(cluster.uri("chat")), "cy")
+    try:
+        reader.join("conf")
+        writer.join("conf", history=0)
+        sent = writer.send("through a config file")
+        wait_until("the reader to be woken", lambda: reader.wait(0.5))
+        assert [m.id for m in reader.receive()] == [sent.id]
+    finally:
+        for client in (reader, writer):
+            client.close()
+            client.db.close()
