@@ -101,14 +101,12 @@ class ChatClient:
 
     def rooms(self) -> list[RoomInfo]:
         """Every room's name and message count, by name."""
-        self._manager.begin()
-        return [(name, len(room)) for name, room in self._root().rooms.items()]
+        return self._read(lambda: [(name, len(room)) for name, room in self._root().rooms.items()])
 
     def who(self, room_name: str | None = None) -> list[str]:
         """Users present in a room now (the current one by default)."""
-        self._manager.begin()
         name = room_name or self._current().name
-        return self._root().who(name, self.clock())
+        return self._read(lambda: self._root().who(name, self.clock()))
 
     # -- messages --------------------------------------------------------------
 
