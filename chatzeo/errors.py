@@ -8,7 +8,7 @@ Bad input is a `ValueError`, so code that validates generically still catches it
 from __future__ import annotations
 
 from transaction.interfaces import TransientError
-from ZODB.POSException import StorageError
+from ZODB.POSException import POSError, StorageError
 
 __all__ = [
     "ChatError",
@@ -108,8 +108,12 @@ class NoSuchRoom(ChatError, LookupError):
         super().__init__(f"no room named {room!r}")
 
 
-class UnsafeRecord(ChatError):
-    """A database record names a class outside chatzeo's allowlist; it was not loaded."""
+class UnsafeRecord(ChatError, POSError):
+    """A database record names a class outside chatzeo's allowlist; it was not loaded.
+
+    A `POSError`, because ZODB re-raises those from a failed load as they are instead
+    of hiding them in a bare ``StateLoadError``.
+    """
 
     def __init__(self, module: str, name: str):
         self.module = module

@@ -38,6 +38,8 @@ class RetryPolicy:
     max_attempts: int = 1000
     base_delay: float = 0.001
     max_delay: float = 0.25
+    # Called with each error that is about to be retried (the load test counts them).
+    on_retry: Callable[[BaseException], None] | None = None
 
     def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
         """Seconds to sleep before retry number ``retry`` (0 for the first retry)."""
@@ -88,6 +90,8 @@ def run_in_transaction(
                 elapsed = clock() - started
                 if attempt >= policy.max_attempts or elapsed >= policy.max_seconds:
                     raise RetryLimitExceeded(what, attempt, elapsed, error) from error
+                if policy.on_retry is not None:
+                    policy.on_retry(error)
                 sleep(min(policy.delay(attempt - 1), max(0.0, policy.max_seconds - elapsed)))
     finally:
         connection.close()
