@@ -118,7 +118,8 @@ def test_tls_client_certificates(tls_server: tuple[ServerProcess, Path]) -> None
                 "--tls-ca", str(pki / f"{ca}.pem")]
 
     base = ["--server", server.address, "--room", "lobby"]
-    status, _, err, _ = cli("send", *base, *tls("client"), "signed by the CA")
+    # The guard (on with TLS) requires the author to be the certificate's name.
+    status, _, err, _ = cli("send", *base, *tls("client"), "--name", "client", "signed by the CA")
     assert status == 0, err
     for refused in ([], tls("rogue"), tls("rogue", "rogue-ca")):
         status, _, err, elapsed = cli("send", *base, "--wait", "3", *refused, "intruder")
