@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="check commits against client certificates (auto: when <ssl> is configured)",
     )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive,
+        metavar="N",
+        help="how many connections one user may hold at once (kept in the database; default 8)",
+    )
 
     chat = command("chat", "talk in a room, in this terminal", room=True)
     chat.add_argument("--name", default=_default_name(), help="your user name")
@@ -135,14 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _count(text: str) -> int:
+def _count(text: str, minimum: int = 0) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, not {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _count(text, minimum=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,7 +238,7 @@ def _pack(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    return serve(args.config, args.address, args.data_dir, args.guard)
+    return serve(args.config, args.address, args.data_dir, args.guard, args.max_connections)
 
 
 def _chat(args: argparse.Namespace) -> int:

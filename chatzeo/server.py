@@ -107,12 +107,14 @@ def serve(
     address: str | None = None,
     data_dir: Path | None = None,
     guard: str = "auto",
+    max_connections: int | None = None,
 ) -> int:
     """Run the server until SIGINT or SIGTERM; return the exit status.
 
-    ``guard`` is ``"auto"`` (check commits against client certificates when the
-    config has ``<ssl>``), ``"on"`` (the same, and an error without ``<ssl>``) or
-    ``"off"``.
+    ``max_connections``, if given, becomes the per-user connection limit stored in
+    chatzeo's root (`ChatRoot.max_connections`). ``guard`` is ``"auto"`` (check
+    commits against client certificates when the config has ``<ssl>``), ``"on"``
+    (the same, and an error without ``<ssl>``) or ``"off"``.
     """
     path = config_path or default_config_path()
     packaged = config_path is None and not os.environ.get("CHATZEO_CONFIG") and not Path(
@@ -131,7 +133,7 @@ def serve(
     server = None
     try:
         for storage in storages.values():
-            _prepare(storage)
+            _prepare(storage, max_connections)
         server = create_server(storages, _server_options(config))
         if guarded:
             try:
@@ -191,8 +193,9 @@ def _warn_about_shared_databases(storages: dict[str, Any]) -> None:
             )
 
 
-def _prepare(storage: Any) -> None:
-    """Create ZODB's root and chatzeo's root in ``storage`` if they are missing.
+def _prepare(storage: Any, max_connections: int | None) -> None:
+    """Create ZODB's root and chatzeo's root in ``storage`` if they are missing,
+    and set the per-user connection limit if one is given.
 
     The DB is dropped without closing it: closing would close the storage the
     server is about to serve.
@@ -201,7 +204,9 @@ def _prepare(storage: Any) -> None:
     manager = transaction.TransactionManager()
     connection = db.open(transaction_manager=manager)
     try:
-        get_root(connection)
+        root = get_root(connection)
+        if max_connections is not None and root.max_connections != max_connections:
+            root.max_connections = max_connections
         manager.commit()
     finally:
         connection.close()
