@@ -123,6 +123,6 @@ class UnsafeRecord(ChatError, POSError):
 
 class TrustViolation(ChatError, StorageError):
     """A guarded `chatzeo serve` refused a commit: it forged an author, rewrote or
-    deleted history, or changed someone else's object (docs/security-server.md).
+    deleted history, or changed someone else's object (docs/security.md).
     Nothing of the transaction was written; retrying cannot help. The message names
     the rule. It carries no attributes, so ZEO sends it to the client as its args."""

@@ -17,7 +17,7 @@ What is checked
     conflict resolution: BTrees and `RoomClock` merge a writer's *change* into the
     newest state, and it is that change which is checked.
 
-The rules (each refusal names one; docs/security-server.md explains them)
+The rules (each refusal names one; docs/security.md explains them)
     ``root``        the ZODB root and the ChatRoot are never changed by a client.
     ``room``        an existing ChatSession is never changed (no rename, no new caps);
                     ChatRoot.rooms only gains keys, each a new ChatSession named like
