@@ -23,6 +23,7 @@ from .client import ChatClient
 from .database import DEFAULT_ADDRESS, open_db
 from .errors import ChatError
 from .message import Message
+from .retry import RetryPolicy
 from .sanitize import clean
 from .validation import (
     MAX_MESSAGE_BYTES,
@@ -52,9 +53,16 @@ def _default_name() -> str:
     return os.environ.get("CHATZEO_NAME") or os.environ.get("USER") or "guest"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the one line the module docstring promises."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="chatzeo", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="chatzeo", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, target: bool = True, room: bool = False) -> Any:
@@ -67,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "(default: $CHATZEO_SERVER or %(default)s)",
             )
             sub.add_argument(
-                "--wait", type=float, default=10.0, help="seconds to wait for the server"
+                "--wait", type=float, default=10.0,
+                help="seconds to wait for the server to answer, and then for each write "
+                "to get through conflicts or a lost server (default: %(default)s)",
             )
+            for option, what in (("cert", "client certificate"), ("key", "its key"),
+                                 ("ca", "CA that signed the server's certificate")):
+                sub.add_argument(f"--tls-{option}", metavar="FILE",
+                                 help=f"TLS: {what} (default: $CHATZEO_TLS_{option.upper()})")
         if room:
             sub.add_argument("--room", default=DEFAULT_ROOM, help="room (default: %(default)s)")
         return sub
@@ -77,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="ZEO config file (default: ./zeo.conf)")
     serve.add_argument("--address", help="listen on host:port or a socket path")
     serve.add_argument("--data-dir", type=Path, help="directory of the FileStorage")
+    serve.add_argument(
+        "--guard",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="check commits against client certificates (auto: when <ssl> is configured)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive,
+        metavar="N",
+        help="how many connections one user may hold at once (kept in the database; default 8)",
+    )
 
     chat = command("chat", "talk in a room, in this terminal", room=True)
     chat.add_argument("--name", default=_default_name(), help="your user name")
@@ -106,17 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("rooms", "list rooms and their message counts")
     command("who", "list users present in a room", room=True)
+
+    check = command("check", "verify a FileStorage data file", target=False)
+    check.add_argument("path", type=Path, help="the data file, e.g. var/chat.fs")
+    pack = command("pack", "pack the storage through the server")
+    pack.add_argument("--days", type=float, default=0.0,
+                      help="keep old revisions younger than this (default: %(default)s)")
     return parser
 
 
-def _count(text: str) -> int:
+def _count(text: str, minimum: int = 0) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, not {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _count(text, minimum=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,9 +186,9 @@ def _quiet_logging(command: str) -> None:
 
 
 def _client(args: argparse.Namespace, user: str | None = None) -> ChatClient:
-    db = open_db(args.server, wait=args.wait)
+    db = open_db(args.server, wait=args.wait, ssl=_tls(args))
     try:
-        return ChatClient(db, user)
+        return ChatClient(db, user, policy=RetryPolicy(max_seconds=args.wait))
     except BaseException:
         db.close()
         raise
@@ -169,10 +205,40 @@ def _with_client(
         client.db.close()
 
 
+def _tls(args: argparse.Namespace) -> Any:
+    from .tls import context_from_options
+
+    return context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .maintenance import check_file
+
+    try:
+        counts = check_file(args.path)
+    except FileNotFoundError:
+        print(f"chatzeo: error: no such file: {args.path}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{args.path}: ok ({counts['objects']} objects, {counts['rooms']} rooms, "
+          f"{counts['messages']} messages)")
+    return EXIT_OK
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from .maintenance import pack
+
+    db = open_db(args.server, wait=args.wait, ssl=_tls(args))
+    try:
+        pack(db, args.days)
+    finally:
+        db.close()
+    return EXIT_OK
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    return serve(args.config, args.address, args.data_dir)
+    return serve(args.config, args.address, args.data_dir, args.guard, args.max_connections)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -264,4 +330,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init-db": _init_db,
     "rooms": _rooms,
     "who": _who,
+    "check": _check,
+    "pack": _pack,
 }

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import transaction
+from ZODB.POSException import ReadConflictError
 
 from .delivery import ChangeFeed
 from .errors import NoSuchRoom
@@ -29,6 +30,7 @@ from .validation import check_room_name, check_user_name
 __all__ = ["ChatClient", "RoomInfo"]
 
 RoomInfo = tuple[str, int]
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +101,12 @@ class ChatClient:
 
     def rooms(self) -> list[RoomInfo]:
         """Every room's name and message count, by name."""
-        self._manager.begin()
-        return [(name, len(room)) for name, room in self._root().rooms.items()]
+        return self._read(lambda: [(name, len(room)) for name, room in self._root().rooms.items()])
 
     def who(self, room_name: str | None = None) -> list[str]:
         """Users present in a room now (the current one by default)."""
-        self._manager.begin()
         name = room_name or self._current().name
-        return self._root().who(name, self.clock())
+        return self._read(lambda: self._root().who(name, self.clock()))
 
     # -- messages --------------------------------------------------------------
 
@@ -118,13 +118,11 @@ class ChatClient:
 
     def receive(self) -> list[Message]:
         """Messages committed to the current room since the last call, oldest first."""
-        self._manager.begin()
-        return self._current().new_messages()
+        return self._read(lambda: self._current().new_messages())
 
     def history(self, limit: int, before: Message | None = None) -> list[Message]:
         """The ``limit`` messages before ``before`` (default: the latest), oldest first."""
-        self._manager.begin()
-        return self._current().history(before=before, limit=limit)
+        return self._read(lambda: self._current().history(before=before, limit=limit))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the current room changes (True) or ``timeout`` passes (False)."""
@@ -185,6 +183,25 @@ class ChatClient:
         if self.room is None:
             raise RuntimeError("join a room first")
         return self.room
+
+    def _read(self, read: Callable[[], T]) -> T:
+        """``read()`` in a fresh transaction. A pack on the server can delete a revision
+        this client's snapshot still needs (its invalidation for the newer revision not
+        yet in): ZODB then raises `ReadConflictError`, and a later snapshot has the
+        newer revision. Retried within the client's policy; a failed read changes
+        nothing (cursors move only on success)."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            self._manager.begin()
+            try:
+                return read()
+            except ReadConflictError:
+                self._manager.abort()
+                if time.monotonic() - started >= self.policy.max_seconds:
+                    raise
+                time.sleep(self.policy.delay(attempt))
+                attempt += 1
 
     def _write(
         self, change: Callable[[ChatRoot], Any], what: str, policy: RetryPolicy | None = None

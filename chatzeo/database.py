@@ -29,12 +29,13 @@ import ZODB
 import ZODB.config
 import ZODB.FileStorage
 import zodburi
+from ZEO.asyncio.client import exc_factories
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 from ZODB.POSException import ReadConflictError
 
 from .allowlist import class_factory, guard_conflict_resolution
-from .errors import InvalidTarget, ServerUnavailable
+from .errors import InvalidTarget, ServerUnavailable, TrustViolation
 
 __all__ = ["open_db", "default_data_dir", "parse_address", "DEFAULT_ADDRESS"]
 
@@ -104,6 +105,11 @@ def _open_zeo(
     db_options: dict[str, Any],
 ) -> ZODB.DB:
     shown = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    # A guarded server's refusal (chatzeo.guard) arrives by name; give it its class.
+    exc_factories.setdefault(
+        f"{TrustViolation.__module__}.{TrustViolation.__name__}",
+        lambda _name, args: TrustViolation(*args),
+    )
     try:
         storage = ClientStorage(address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None)
     except ClientDisconnected:

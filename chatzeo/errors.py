@@ -8,6 +8,7 @@ Bad input is a `ValueError`, so code that validates generically still catches it
 from __future__ import annotations
 
 from transaction.interfaces import TransientError
+from ZODB.POSException import POSError, StorageError
 
 __all__ = [
     "ChatError",
@@ -22,6 +23,7 @@ __all__ = [
     "NotInDatabase",
     "NoSuchRoom",
     "UnsafeRecord",
+    "TrustViolation",
 ]
 
 
@@ -106,10 +108,21 @@ class NoSuchRoom(ChatError, LookupError):
         super().__init__(f"no room named {room!r}")
 
 
-class UnsafeRecord(ChatError):
-    """A database record names a class outside chatzeo's allowlist; it was not loaded."""
+class UnsafeRecord(ChatError, POSError):
+    """A database record names a class outside chatzeo's allowlist; it was not loaded.
+
+    A `POSError`, because ZODB re-raises those from a failed load as they are instead
+    of hiding them in a bare ``StateLoadError``.
+    """
 
     def __init__(self, module: str, name: str):
         self.module = module
         self.name = name
         super().__init__(f"refused to load {module}.{name}: not a class chatzeo trusts")
+
+
+class TrustViolation(ChatError, StorageError):
+    """A guarded `chatzeo serve` refused a commit: it forged an author, rewrote or
+    deleted history, or changed someone else's object (docs/security.md).
+    Nothing of the transaction was written; retrying cannot help. The message names
+    the rule. It carries no attributes, so ZEO sends it to the client as its args."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import transaction
@@ -38,8 +38,8 @@ class RetryPolicy:
     max_attempts: int = 1000
     base_delay: float = 0.001
     max_delay: float = 0.25
-    # Called with the error before each retry (the benchmark counts conflicts with it).
-    on_retry: Callable[[BaseException], None] | None = field(default=None, compare=False)
+    # Called with each error that is about to be retried (the load test counts them).
+    on_retry: Callable[[BaseException], None] | None = None
 
     def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
         """Seconds to sleep before retry number ``retry`` (0 for the first retry)."""

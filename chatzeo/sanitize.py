@@ -13,6 +13,7 @@ import unicodedata
 
 __all__ = ["clean", "is_clean"]
 
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _NEWLINE_MARK = " \u23ce "  # the return symbol, so one message stays one line
 
 
@@ -22,7 +23,8 @@ def _escape(char: str) -> str:
 
 
 def _unsafe(char: str) -> bool:
-    return unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn") and char != "\t"
+    # Zl/Zp (U+2028, U+2029) are line breaks to some terminals: one message, one line.
+    return unicodedata.category(char) in _UNSAFE_CATEGORIES and char != "\t"
 
 
 def clean(text: str, *, keep_newlines: bool = False) -> str:

@@ -3,8 +3,9 @@
 It reads the same ZConfig file as ``runzeo -C zeo.conf`` (ZEO's own schema), applies
 the ``--address`` and ``--data-dir`` overrides, creates chatzeo's root objects before
 the first client connects (two clients creating the root of an empty storage at once
-would conflict), makes conflict resolution load only allowlisted classes, and then
-runs ZEO's `StorageServer` until SIGINT or SIGTERM.
+would conflict), makes conflict resolution load only allowlisted classes, with TLS
+client certificates checks every commit against its certificate (`chatzeo.guard`,
+``--guard``), and then runs ZEO's `StorageServer` until SIGINT or SIGTERM.
 
 Threads: everything here runs in the main thread; the server's network IO runs in
 ZEO's asyncio loop, which `StorageServer.loop` runs in that same thread.
@@ -35,6 +36,7 @@ from ZEO.runzeo import create_server
 from .allowlist import guard_conflict_resolution
 from .database import default_data_dir, parse_address
 from .errors import ChatError
+from .guard import install_guard
 from .realm import get_root
 
 __all__ = ["serve", "load_config", "ServerConfigError", "default_config_path"]
@@ -101,9 +103,19 @@ def load_config(
 
 
 def serve(
-    config_path: Path | None = None, address: str | None = None, data_dir: Path | None = None
+    config_path: Path | None = None,
+    address: str | None = None,
+    data_dir: Path | None = None,
+    guard: str = "auto",
+    max_connections: int | None = None,
 ) -> int:
-    """Run the server until SIGINT or SIGTERM; return the exit status."""
+    """Run the server until SIGINT or SIGTERM; return the exit status.
+
+    ``max_connections``, if given, becomes the per-user connection limit stored in
+    chatzeo's root (`ChatRoot.max_connections`). ``guard`` is ``"auto"`` (check
+    commits against client certificates when the config has ``<ssl>``), ``"on"``
+    (the same, and an error without ``<ssl>``) or ``"off"``.
+    """
     path = config_path or default_config_path()
     packaged = config_path is None and not os.environ.get("CHATZEO_CONFIG") and not Path(
         "zeo.conf"
@@ -115,13 +127,21 @@ def serve(
     bound = config.zeo.address.address
     _check_port(bound)
     guard_conflict_resolution()
+    guarded = _guarded(config, guard)
     storages = {opener.name or "1": _open_storage(opener) for opener in config.storages}
     _warn_about_shared_databases(storages)
     server = None
     try:
         for storage in storages.values():
-            _prepare(storage)
+            _prepare(storage, max_connections)
         server = create_server(storages, _server_options(config))
+        if guarded:
+            try:
+                install_guard(server, next(iter(storages.values())))
+            except Exception as error:
+                raise ServerConfigError(
+                    f"cannot index the storage for the commit guard: {error}"
+                ) from None
         _handle_signals()
         log.info("chatzeo server listening on %s", _show(server.acceptor.addr))
         server.loop()
@@ -134,6 +154,18 @@ def serve(
             for storage in storages.values():
                 storage.close()
     return 0
+
+
+def _guarded(config: Any, guard: str) -> bool:
+    if guard not in ("auto", "on", "off"):
+        raise ServerConfigError(f"--guard must be auto, on or off, not {guard!r}")
+    with_certificates = config.zeo.ssl is not None
+    if guard == "on" and not with_certificates:
+        raise ServerConfigError("--guard on needs TLS client certificates (<ssl> in <zeo>)")
+    wanted = guard == "on" or (guard == "auto" and with_certificates)
+    if wanted and len(config.storages) != 1:
+        raise ServerConfigError("the commit guard serves exactly one storage")
+    return wanted
 
 
 def _open_storage(opener: Any) -> Any:
@@ -161,8 +193,9 @@ def _warn_about_shared_databases(storages: dict[str, Any]) -> None:
             )
 
 
-def _prepare(storage: Any) -> None:
-    """Create ZODB's root and chatzeo's root in ``storage`` if they are missing.
+def _prepare(storage: Any, max_connections: int | None) -> None:
+    """Create ZODB's root and chatzeo's root in ``storage`` if they are missing,
+    and set the per-user connection limit if one is given.
 
     The DB is dropped without closing it: closing would close the storage the
     server is about to serve.
@@ -171,7 +204,9 @@ def _prepare(storage: Any) -> None:
     manager = transaction.TransactionManager()
     connection = db.open(transaction_manager=manager)
     try:
-        get_root(connection)
+        root = get_root(connection)
+        if max_connections is not None and root.max_connections != max_connections:
+            root.max_connections = max_connections
         manager.commit()
     finally:
         connection.close()

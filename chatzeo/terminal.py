@@ -46,6 +46,7 @@ from .database import open_db
 from .display import STYLE, error_line, info_line, message_line, prompt_text, stamp, status_text
 from .errors import ChatError, InvalidInput
 from .message import Message
+from .tls import context_from_options
 from .validation import check_room_name, check_user_name
 from .worker import (
     Arrived,
@@ -313,7 +314,8 @@ def run_chat(args: argparse.Namespace) -> int:
     room = check_room_name(args.room)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
-    db = open_db(args.server, wait=args.wait)
+    tls = context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    db = open_db(args.server, wait=args.wait, ssl=tls)
     finished = True
     try:
         finished = asyncio.run(chat(lambda: ChatClient(db, user), user, room, str(args.server)))

@@ -88,6 +88,11 @@ def check_text(text: object) -> str:
 
 def decode_text(data: bytes) -> str:
     """Decode bytes read from a file or pipe as UTF-8 and check them as a message."""
+    # Size first: input cut off at a read limit may end inside a UTF-8 sequence, and
+    # "too big" is the true reason then, not "not UTF-8".
+    size = len(data.rstrip(b"\r\n"))
+    if size > MAX_MESSAGE_BYTES:
+        raise InvalidMessage(f"message is more than {MAX_MESSAGE_BYTES} bytes (the limit)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

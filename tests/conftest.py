@@ -52,8 +52,15 @@ def chatzeo_command(*args: str) -> list[str]:
 class ServerProcess:
     """A `chatzeo serve` subprocess; ``address`` is ``127.0.0.1:PORT``."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, config: Path = ZEO_CONF):
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        config: Path = ZEO_CONF,
+        options: tuple[str, ...] = (),
+    ):
         self.data_dir = data_dir
+        self.options = options
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.config = config
@@ -69,6 +76,7 @@ class ServerProcess:
                     "--config", str(self.config),
                     "--address", self.address,
                     "--data-dir", str(self.data_dir),
+                    *self.options,
                 ),
                 stdout=log,
                 stderr=subprocess.STDOUT,

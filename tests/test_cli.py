@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -131,3 +132,30 @@ def test_serve_stops_cleanly_and_refuses_a_taken_port_or_locked_storage(tmp_path
     finally:
         assert first.stop() == 0
     assert "stopped (SIGTERM)" in first.log.read_text()
+
+
+def test_serve_sets_the_per_user_connection_limit(tmp_path):
+    limited = ServerProcess(tmp_path / "limited", options=("--max-connections", "1")).start()
+    try:
+        env = {**os.environ, "CHATZEO_SERVER": limited.address}
+        ready = tmp_path / "ready"
+        code = f"""
+import sys
+from chatzeo import ChatClient, open_db
+client = ChatClient(open_db({limited.address!r}), "dora")
+open({str(ready)!r}, "w").close()
+sys.stdin.read()
+client.close()
+"""
+        dora = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+        try:
+            wait_until("dora connected", ready.exists, timeout=30)
+            second = run(env, "send", "--name", "dora", "a second connection")
+            assert second.returncode == 1
+            assert b"already has 1 live connections" in second.stderr
+            assert run(env, "send", "--name", "eve", "someone else").returncode == 0
+        finally:
+            dora.stdin.close()
+            dora.wait(30)
+    finally:
+        limited.stop()

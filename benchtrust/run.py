@@ -1,0 +1,240 @@
+"""What the commit guard costs: posting and delivery through a guarded and an
+unguarded `chatzeo serve`, in the same run, on the same TLS setup.
+
+Two servers start from one throwaway CA (`benchtrust.certs`): ``--guard on`` and
+``--guard off``. Against each, a reader process (`benchtrust.reader`, certificate
+bob) waits for pushes while this process (certificate alice) posts with
+`ChatSession.add_message`, the path `chatzeo send` takes: one commit per message.
+Each round posts ``--burst`` messages back to back (commit latency, throughput) in
+blocks of ``--block`` that alternate between the two servers, so drift of a busy
+machine meets both alike, and then ``--paced`` messages ``--pace`` seconds apart,
+alternating too (delivery latency of a quiet room); first to a plain room, then
+to a room that keeps ``--cap`` messages (every post then also trims the oldest,
+which the guard checks as retention). The servers' CPU seconds come from /proc.
+
+Runs in the main thread; the servers and readers are child processes, all stopped
+at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import transaction
+
+from chatzeo import open_db
+from chatzeo.realm import get_root
+from chatzeo.session import ChatSession
+
+from .certs import Pki, client_context, make_pki, server_conf
+
+__all__ = ["main"]
+
+MODES = ("on", "off")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _server(config: Path, data: Path, guard: str) -> Iterator[tuple[str, int]]:
+    address = f"127.0.0.1:{_free_port()}"
+    data.mkdir(parents=True)
+    log = open(data / "server.log", "wb")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatzeo", "serve", "--config", str(config),
+         "--address", address, "--data-dir", str(data), "--guard", guard],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", int(address.rsplit(":", 1)[1]))) == 0:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {(data / 'server.log').read_text()}")
+            time.sleep(0.05)
+        yield address, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+        log.close()
+
+
+@contextmanager
+def _reader(address: str, pki: Pki, room: str) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchtrust.reader", address, str(pki.directory), room],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            raise RuntimeError("reader did not start")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(5)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": _percentile(values, 0.50) * 1000,
+        "p90_ms": _percentile(values, 0.90) * 1000,
+        "p99_ms": _percentile(values, 0.99) * 1000,
+        "mean_ms": statistics.fmean(values) * 1000,
+    }
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    pki = make_pki(workdir / "pki")
+    config = server_conf(pki, workdir / "zeo.conf")
+    rooms = ("plain", "capped")
+    results: dict[str, Any] = {}
+    with ExitStack() as stack:
+        servers = {m: stack.enter_context(_server(config, workdir / m, m)) for m in MODES}
+        dbs = {}
+        sessions: dict[tuple[str, str], ChatSession] = {}
+        for mode, (address, _) in servers.items():
+            db = dbs[mode] = open_db(address, ssl=client_context(pki, "alice"))
+            stack.callback(db.close)
+            connection = db.open()
+            root = get_root(connection)
+            root.rooms["plain"] = ChatSession("plain")
+            root.rooms["capped"] = ChatSession("capped", max_messages=args.cap)
+            transaction.commit()
+            for room in rooms:
+                sessions[mode, room] = root.rooms[room]
+        readers = {
+            (mode, room): stack.enter_context(_reader(servers[mode][0], pki, room))
+            for mode in MODES for room in rooms
+        }
+        commits: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}
+        burst_seconds: dict[tuple[str, str], float] = dict.fromkeys(sessions, 0.0)
+        cpu = dict.fromkeys(MODES, 0.0)
+        # Blocks of a few posts alternate between the servers, so whatever else the
+        # machine does meets both alike.
+        turn = 0
+        for _ in range(args.rounds):
+            for room in rooms:
+                for _ in range(args.burst // args.block):
+                    turn += 1
+                    for mode in MODES if turn % 2 else MODES[::-1]:
+                        session, pid = sessions[mode, room], servers[mode][1]
+                        before_cpu = _cpu_seconds(pid)
+                        started = time.perf_counter()
+                        for _ in range(args.block):
+                            t0 = time.perf_counter()
+                            session.add_message(f"burst {time.monotonic()!r}", "alice")
+                            commits[mode, room].append(time.perf_counter() - t0)
+                        burst_seconds[mode, room] += time.perf_counter() - started
+                        cpu[mode] += _cpu_seconds(pid) - before_cpu
+                for _ in range(args.paced):
+                    turn += 1
+                    for mode in MODES if turn % 2 else MODES[::-1]:
+                        session, pid = sessions[mode, room], servers[mode][1]
+                        before_cpu = _cpu_seconds(pid)
+                        sessions[mode, room].add_message(f"paced {time.monotonic()!r}", "alice")
+                        cpu[mode] += _cpu_seconds(pid) - before_cpu
+                        time.sleep(args.pace)
+        for session in sessions.values():
+            session.add_message("stop", "alice")
+        delivered = {}
+        for key, process in readers.items():
+            output, _ = process.communicate(timeout=60)
+            delivered[key] = json.loads(output.strip().splitlines()[-1])
+        posts_per_mode = args.rounds * len(rooms) * (
+            args.burst // args.block * args.block + args.paced
+        )
+        for mode, room in sessions:
+            results[f"{mode}/{room}"] = {
+                "commit": _summary(commits[mode, room]),
+                "throughput_per_s": len(commits[mode, room]) / burst_seconds[mode, room],
+                "delivery_burst": _summary(delivered[mode, room]["burst"]),
+                "delivery_paced": _summary(delivered[mode, room]["paced"]),
+            }
+        for mode in MODES:
+            results[f"{mode}/server_cpu_ms_per_post"] = cpu[mode] / posts_per_mode * 1000
+    return results
+
+
+def _report(results: dict[str, Any]) -> str:
+    lines = [
+        f"{'':16} {'commit p50':>10} {'p99':>7} {'posts/s':>8} "
+        f"{'deliv p50':>10} {'p99':>7} {'paced p50':>10} {'p99':>7}   (ms)"
+    ]
+    for room in ("plain", "capped"):
+        for mode in MODES:
+            r = results[f"{mode}/{room}"]
+            lines.append(
+                f"{room + ' guard ' + mode:16} {r['commit']['p50_ms']:10.2f} "
+                f"{r['commit']['p99_ms']:7.2f} {r['throughput_per_s']:8.0f} "
+                f"{r['delivery_burst']['p50_ms']:10.2f} {r['delivery_burst']['p99_ms']:7.2f} "
+                f"{r['delivery_paced']['p50_ms']:10.2f} {r['delivery_paced']['p99_ms']:7.2f}"
+            )
+        on, off = results[f"on/{room}"], results[f"off/{room}"]
+        lines.append(
+            f"{room + ' on/off':16} {on['commit']['p50_ms'] / off['commit']['p50_ms']:10.2f} "
+            f"{'':7} {on['throughput_per_s'] / off['throughput_per_s']:8.2f} "
+            f"{on['delivery_burst']['p50_ms'] / off['delivery_burst']['p50_ms']:10.2f} "
+            f"{'':7} {on['delivery_paced']['p50_ms'] / off['delivery_paced']['p50_ms']:10.2f}"
+        )
+    lines.append(
+        "server CPU per post: guard on {:.3f} ms, off {:.3f} ms".format(
+            results["on/server_cpu_ms_per_post"], results["off/server_cpu_ms_per_post"]
+        )
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench-trust", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--burst", type=int, default=300, help="back-to-back posts a round")
+    parser.add_argument("--block", type=int, default=25, help="posts before switching server")
+    parser.add_argument("--paced", type=int, default=50, help="paced posts a round")
+    parser.add_argument("--pace", type=float, default=0.01, help="seconds between paced posts")
+    parser.add_argument("--cap", type=int, default=100, help="max_messages of the capped room")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-trust-") as workdir:
+        results = run(args, Path(workdir))
+    print(_report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,765 @@
+"""The rules a guarded `chatzeo serve` applies to each commit before it is written.
+
+What is checked
+    Every object chatzeo's graph reaches has a *role* on the server: the ZODB root,
+    the `ChatRoot`, the nodes and buckets of ``ChatRoot.rooms`` and ``.users``, each
+    `ChatSession`, its `RoomClock`, the nodes and buckets of its message tree and of
+    its presence tree, each `User` and the nodes and buckets of its leases.
+    `TrustIndex` knows the role of every such object; it is built by walking the graph
+    when the server starts (tree nodes are loaded, message buckets only named) and
+    grows with each commit that links new objects into the graph; it also keeps the
+    decoded states of recent revisions, so the next commit of a bucket need not
+    load and decode its base again. A commit stores records; each
+    record whose oid has a role, and each new object it links into the graph, is
+    decoded with `chatzeo.allowlist` (nothing is imported or called) and compared with
+    the state the writer started from (``loadSerial(oid, serial)``). Comparing with
+    that base, not with the newest state, is what makes the checks hold under
+    conflict resolution: BTrees and `RoomClock` merge a writer's *change* into the
+    newest state, and it is that change which is checked.
+
+The rules (each refusal names one; docs/security.md explains them)
+    ``root``        the ZODB root and the ChatRoot are never changed by a client.
+    ``room``        an existing ChatSession is never changed (no rename, no new caps);
+                    ChatRoot.rooms only gains keys, each a new ChatSession named like
+                    its key, with new trees and a new clock of its own.
+    ``user``        a User and its leases are changed only by the certificate of the
+                    same name; ChatRoot.users only gains the writer's own new User.
+    ``author``      a new message is ``(id, author, text, kind)`` with author = identity.
+    ``history``     an existing message keeps its key and record; a message is removed
+                    only by retention (older than ``max_age``, or the oldest while
+                    ``max_messages`` stay); new keys are larger than the room clock's
+                    head, at most `FUTURE_SKEW` ahead of the server's clock, and the
+                    clock is written with them (its head is the newest key, its count
+                    moves by exactly the messages added and removed).
+    ``identity``    a certificate without a single commonName changes nothing.
+    ``presence``    a presence entry added, changed or removed names the writer.
+    ``structure``   in every checked tree, keys are sorted, a child unlinked from a
+                    node is emptied in the same commit or linked elsewhere in the same
+                    tree, a newly linked child is a new object, a surviving child keeps
+                    its separator key (or it rises to the child's first key, as BTrees
+                    does when that key is deleted), the bucket chain skips only emptied
+                    buckets and takes in every new bucket.
+    A key that leaves one bucket and appears, with the same record, in another bucket
+    of the same tree in the same commit has moved (a split), and is no change at all.
+
+Threads: ZEO runs votes and finishes in its asyncio loop thread, so `check_commit`
+and `TrustIndex.apply` run there, one at a time; the storage's loads are thread-safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import pickle
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ZODB.POSException import ConflictError, POSKeyError
+
+from .allowlist import is_allowed
+from .errors import TrustViolation
+
+__all__ = ["TrustIndex", "IndexUpdate", "check_commit", "Ref", "decode", "FUTURE_SKEW"]
+
+Z64 = b"\0" * 8
+ROOT_OID = Z64
+# How far ahead of the server's clock a message key may be, and so how much a
+# writer's clock may run ahead of the server's (seconds). It also widens the age
+# bound of retention by as much.
+FUTURE_SKEW = 300.0
+
+_TREE_KINDS = ("messages", "presence", "rooms", "users", "leases")
+_CLASSES = {
+    "messages": ("BTrees.LOBTree.LOBTree", "BTrees.LOBTree.LOBucket"),
+    "presence": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
+    "rooms": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
+    "users": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
+    "leases": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
+    "session": ("chatzeo.session.ChatSession",),
+    "clock": ("chatzeo.session.RoomClock",),
+    "user": ("chatzeo.realm.User",),
+}
+_MISSING = object()
+
+Role = tuple[str, Any]  # (kind, owner): owner is a session oid, a user name or None
+
+
+# -- decoding ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A persistent reference in a decoded record."""
+
+    oid: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Global:
+    module: str
+    name: str
+
+
+class _Undecodable(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=256)
+def _global(module: str, name: str) -> _Global | None:
+    return _Global(module, name) if is_allowed(module, name) else None
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = _global(module, name)
+        if found is None:
+            raise _Undecodable(f"names {module}.{name}, which is not allowed")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, bytes):
+            return Ref(pid)
+        if isinstance(pid, tuple) and pid and isinstance(pid[0], bytes):
+            return Ref(pid[0])
+        raise _Undecodable("holds a weak or cross-database reference")
+
+
+def decode(data: bytes) -> tuple[str, Any]:
+    """A stored record as ``(dotted class name, state)``, persistent references as `Ref`.
+
+    Globals are checked with `chatzeo.allowlist.is_allowed` and never imported; a
+    record that needs more than plain data raises `_Undecodable`.
+    """
+    try:
+        unpickler = _Unpickler(io.BytesIO(data))
+        meta = unpickler.load()
+        state = unpickler.load()
+    except _Undecodable:
+        raise
+    except Exception as error:
+        raise _Undecodable(f"cannot be decoded ({type(error).__name__})") from None
+    klass = meta[0] if isinstance(meta, tuple) and meta else meta
+    if isinstance(klass, _Global):
+        return f"{klass.module}.{klass.name}", state
+    if (
+        isinstance(klass, tuple)
+        and len(klass) == 2
+        and all(isinstance(part, str) for part in klass)
+        and is_allowed(*klass)
+    ):
+        return f"{klass[0]}.{klass[1]}", state
+    raise _Undecodable("has no class chatzeo knows")
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A BTree node or bucket: its items (bucket or inline tree), children, next link.
+
+    ``link`` is a bucket's next bucket, or a tree node's first bucket.
+    """
+
+    items: dict[Any, Any]
+    keys: tuple[Any, ...]  # the items' keys in stored order
+    children: tuple[bytes, ...]
+    separators: dict[bytes, Any]  # child oid -> the key before it (None for the first)
+    link: bytes | None
+
+    @property
+    def empty(self) -> bool:
+        return not self.items and not self.children
+
+
+_EMPTY = _Shape({}, (), (), {}, None)
+
+
+def _bucket_shape(state: Any) -> _Shape:
+    if state is None:
+        return _EMPTY
+    if not isinstance(state, tuple) or not 1 <= len(state) <= 2:
+        raise _Undecodable("is not a bucket")
+    flat = state[0]
+    if not isinstance(flat, tuple) or len(flat) % 2:
+        raise _Undecodable("is not a bucket")
+    keys = flat[0::2]
+    link = state[1] if len(state) == 2 else None
+    if link is not None and not isinstance(link, Ref):
+        raise _Undecodable("has a bad next bucket")
+    try:
+        items = dict(zip(keys, flat[1::2], strict=True))
+    except TypeError:
+        raise _Undecodable("has unhashable items") from None
+    return _Shape(items, keys, (), {}, link.oid if link else None)
+
+
+def _tree_shape(state: Any) -> _Shape:
+    if state is None:
+        return _EMPTY
+    if not isinstance(state, tuple) or not 1 <= len(state) <= 2:
+        raise _Undecodable("is not a tree")
+    if len(state) == 1:  # one bucket stored inside the tree
+        if not isinstance(state[0], tuple) or len(state[0]) != 1:
+            raise _Undecodable("is not a tree")
+        inline = _bucket_shape(state[0][0])
+        return _Shape(inline.items, inline.keys, (), {}, None)
+    data, first = state
+    if not isinstance(data, tuple) or not isinstance(first, Ref) or len(data) % 2 != 1:
+        raise _Undecodable("is not a tree")
+    children = data[0::2]
+    if not all(isinstance(child, Ref) for child in children):
+        raise _Undecodable("has a child that is not an object")
+    separators = {child.oid: (data[2 * i - 1] if i else None) for i, child in enumerate(children)}
+    return _Shape({}, (), tuple(c.oid for c in children), separators, first.oid)
+
+
+def _shape(class_name: str, state: Any) -> _Shape:
+    if class_name.endswith(("Bucket",)):
+        return _bucket_shape(state)
+    return _tree_shape(state)
+
+
+# -- the index -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    """What the rules need of a room; a ChatSession never changes once committed."""
+
+    name: str
+    max_messages: int | None
+    max_age: float | None
+    messages: bytes
+    clock: bytes
+
+
+@dataclass
+class IndexUpdate:
+    """Roles and rooms a commit adds, applied once the commit is finished."""
+
+    roles: dict[bytes, Role] = field(default_factory=dict)
+    rooms: dict[bytes, RoomInfo] = field(default_factory=dict)
+    # oid -> (class name, state) of the checked records, as the writer sent them
+    states: dict[bytes, tuple[str, Any]] = field(default_factory=dict)
+
+
+class TrustIndex:
+    """The role of every object of chatzeo's graph, and every room's retention."""
+
+    # Decoded states kept so that the next commit of an object need not load and
+    # decode the revision it starts from: posting rewrites the same last bucket.
+    cache_size = 4096
+
+    def __init__(self) -> None:
+        self.roles: dict[bytes, Role] = {}
+        self.rooms: dict[bytes, RoomInfo] = {}
+        self.states: dict[bytes, tuple[bytes, str, Any]] = {}  # oid -> (tid, class, state)
+
+    @classmethod
+    def build(cls, storage: Any) -> TrustIndex:
+        """Walk chatzeo's graph in ``storage`` (a root made by `chatzeo.realm.get_root`)."""
+        index = cls()
+        index.roles[ROOT_OID] = ("root", None)
+        _, root = _load(storage, ROOT_OID)
+        chat_root = root.get("data", {}).get("chatzeo") if isinstance(root, dict) else None
+        if not isinstance(chat_root, Ref):
+            return index
+        index.roles[chat_root.oid] = ("root", None)
+        _, state = _load(storage, chat_root.oid)
+        for name, value in index._walk(storage, state["rooms"].oid, ("rooms", None)):
+            index._add_room(storage, value.oid, name)
+        for name, value in index._walk(storage, state["users"].oid, ("users", None)):
+            index.roles[value.oid] = ("user", name)
+            _, user = _load(storage, value.oid)
+            list(index._walk(storage, user["leases"].oid, ("leases", name)))
+        return index
+
+    def apply(self, update: IndexUpdate, tid: bytes, resolved: Iterable[bytes] = ()) -> None:
+        """Record what a commit finished as ``tid`` added. The states of the records
+        in ``resolved`` were merged by conflict resolution, so they are not kept."""
+        self.roles.update(update.roles)
+        self.rooms.update(update.rooms)
+        merged = set(resolved)
+        states = self.states
+        for oid, (class_name, state) in update.states.items():
+            states.pop(oid, None)
+            if oid not in merged:
+                states[oid] = (tid, class_name, state)
+        while len(states) > self.cache_size:
+            del states[next(iter(states))]
+
+    def current(self, storage: Any, oid: bytes) -> tuple[str, Any]:
+        """The newest committed state of ``oid``, decoded once per revision."""
+        data, tid = storage.load(oid)
+        found = self.cached(oid, tid)
+        if found is None:
+            found = decode(data)
+            self.states[oid] = (tid, *found)
+        return found
+
+    def cached(self, oid: bytes, tid: bytes) -> tuple[str, Any] | None:
+        entry = self.states.get(oid)
+        return (entry[1], entry[2]) if entry is not None and entry[0] == tid else None
+
+    def _add_room(self, storage: Any, oid: bytes, name: str) -> None:
+        _, state = _load(storage, oid)
+        self.roles[oid] = ("session", oid)
+        self.rooms[oid] = _room_info(state)
+        self.roles[state["_clock"].oid] = ("clock", oid)
+        # Message buckets are only named, not walked: the walk costs the tree nodes.
+        list(self._walk(storage, state["_messages"].oid, ("messages", oid), items=False))
+        list(self._walk(storage, state["presence"].oid, ("presence", oid)))
+
+    def _walk(
+        self, storage: Any, oid: bytes, role: Role, items: bool = True
+    ) -> Iterable[tuple[Any, Any]]:
+        """Give ``role`` to the tree at ``oid`` and everything in it; yield its items."""
+        pending = [oid]
+        while pending:
+            current = pending.pop()
+            self.roles[current] = role
+            class_name, state = _load(storage, current)
+            shape = _shape(class_name, state)
+            yield from shape.items.items()
+            # A node's children are all buckets or all nodes: one load tells which.
+            if shape.children and not items and _load(storage, shape.children[0])[
+                0
+            ].endswith("Bucket"):
+                self.roles.update(dict.fromkeys(shape.children, role))
+            else:
+                pending.extend(shape.children)
+
+
+def _load(storage: Any, oid: bytes) -> tuple[str, Any]:
+    data, _ = storage.load(oid)
+    return decode(data)
+
+
+def _room_info(state: Any) -> RoomInfo:
+    max_messages = state.get("max_messages")
+    max_age = state.get("max_age")
+    if max_messages is not None and not isinstance(max_messages, int):
+        raise _Undecodable("has a bad max_messages")
+    if max_age is not None and not isinstance(max_age, int | float):
+        raise _Undecodable("has a bad max_age")
+    return RoomInfo(
+        state["name"], max_messages, max_age, state["_messages"].oid, state["_clock"].oid
+    )
+
+
+# -- checking a commit ---------------------------------------------------------
+
+
+def check_commit(
+    identity: str | None,
+    stores: Iterable[tuple[bytes, bytes, bytes]],
+    storage: Any,
+    index: TrustIndex,
+    now: float | None = None,
+) -> IndexUpdate:
+    """Check the ``(oid, base serial, data)`` records of one commit by ``identity``.
+
+    Returns the index entries the commit adds (apply them when it is finished).
+    Raises `TrustViolation` naming the rule it breaks, or `ConflictError` if a base
+    state is gone (packed away): the writer then retries from a fresh state.
+    """
+    return _Commit(identity, stores, storage, index, time.time() if now is None else now).run()
+
+
+@dataclass
+class _Record:
+    oid: bytes
+    serial: bytes
+    data: bytes
+    role: Role | None = None
+    class_name: str = ""
+    new_state: Any = None
+    old_state: Any = None
+    decoded: bool = False
+
+    @property
+    def is_new(self) -> bool:
+        return self.serial == Z64
+
+
+@dataclass
+class _Group:
+    """The records of one tree (a room's messages, a user's leases, ...) in a commit."""
+
+    records: list[_Record] = field(default_factory=list)
+    removed: dict[Any, Any] = field(default_factory=dict)
+    added: dict[Any, Any] = field(default_factory=dict)
+    changed: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
+
+
+class _Commit:
+    def __init__(
+        self,
+        identity: str | None,
+        stores: Iterable[tuple[bytes, bytes, bytes]],
+        storage: Any,
+        index: TrustIndex,
+        now: float,
+    ) -> None:
+        self.identity = identity
+        self.storage = storage
+        self.index = index
+        self.now = now
+        self.records = {oid: _Record(oid, serial, data) for oid, serial, data in stores}
+        self.update = IndexUpdate()
+        self.shapes: dict[bytes, tuple[_Shape, _Shape]] = {}
+
+    # -- driver
+
+    def run(self) -> IndexUpdate:
+        try:
+            self._assign_roles()
+            if self.identity is None and any(r.role for r in self.records.values()):
+                self.refuse("identity", "the client certificate names no single commonName")
+            groups: dict[Role, _Group] = {}
+            clocks: dict[bytes, _Record] = {}
+            for record in self.records.values():
+                if record.role is None:
+                    continue
+                kind, owner = record.role
+                if kind in _TREE_KINDS:
+                    groups.setdefault(record.role, _Group()).records.append(record)
+                elif kind == "clock":
+                    clocks[owner] = record
+                else:
+                    self._check_object(record)
+            for role, group in groups.items():
+                self._account(role, group)
+            for role, group in groups.items():
+                self._check_group(role, group, clocks)
+            for owner, clock in clocks.items():
+                group = groups.get(("messages", owner), _Group())
+                self._check_clock(clock, tuple(group.added), len(group.removed))
+        except _Undecodable as error:
+            raise TrustViolation(f"structure: a record {error}") from None
+        except TypeError:  # keys of different types met in a comparison
+            raise TrustViolation("structure: a tree holds keys that cannot be compared") from None
+        return self.update
+
+    def refuse(self, rule: str, detail: str) -> None:
+        raise TrustViolation(f"{rule}: {detail}")
+
+    # -- roles
+
+    def _assign_roles(self) -> None:
+        pending: list[_Record] = []
+        for record in self.records.values():
+            role = self.index.roles.get(record.oid)
+            if role is not None:
+                if record.is_new:
+                    self.refuse("structure", "a new object reuses the oid of an existing one")
+                record.role = role
+                pending.append(record)
+        while pending:
+            record = pending.pop()
+            kind, owner = record.role  # type: ignore[misc]
+            self._decode(record)
+            for child, role in self._linked(record, kind, owner):
+                target = self.records.get(child)
+                if target is None or not target.is_new:
+                    continue  # checked by the rules of the record that links it
+                if target.role is not None:
+                    if target.role != role:
+                        self.refuse("structure", "one new object is linked in two places")
+                    continue
+                target.role = role
+                self.update.roles[child] = role
+                pending.append(target)
+
+    def _linked(self, record: _Record, kind: str, owner: Any) -> list[tuple[bytes, Role]]:
+        """New objects ``record`` brings into the graph, with the role each gets."""
+        if kind in _TREE_KINDS:
+            _, new = self._shapes(record)
+            linked = [(child, (kind, owner)) for child in new.children]
+            if kind == "rooms":
+                linked += [(v.oid, ("session", v.oid)) for v in new.items.values()
+                           if isinstance(v, Ref)]
+            elif kind == "users":
+                linked += [(v.oid, ("user", k)) for k, v in new.items.items()
+                           if isinstance(v, Ref)]
+            return linked
+        state = record.new_state
+        if kind == "session" and record.is_new and isinstance(state, dict):
+            return [(_ref(state, "_messages"), ("messages", record.oid)),
+                    (_ref(state, "_clock"), ("clock", record.oid)),
+                    (_ref(state, "presence"), ("presence", record.oid))]
+        if kind == "user" and record.is_new and isinstance(state, dict):
+            return [(_ref(state, "leases"), ("leases", owner))]
+        return []
+
+    # -- decoding
+
+    def _decode(self, record: _Record) -> None:
+        if record.decoded:
+            return
+        record.class_name, record.new_state = decode(record.data)
+        kind = record.role[0] if record.role else ""
+        if kind in _CLASSES and record.class_name not in _CLASSES[kind]:
+            self.refuse("structure", f"a {kind} object was replaced by a {record.class_name}")
+        self.update.states[record.oid] = (record.class_name, record.new_state)
+        if not record.is_new:
+            cached = self.index.cached(record.oid, record.serial)
+            if cached is None:
+                try:
+                    old = self.storage.loadSerial(record.oid, record.serial)
+                except POSKeyError:
+                    raise ConflictError(oid=record.oid, serials=(record.serial,)) from None
+                cached = decode(old)
+            old_class, record.old_state = cached
+            if old_class != record.class_name:
+                self.refuse("structure", f"a {old_class} was replaced by a {record.class_name}")
+        record.decoded = True
+
+    def _shapes(self, record: _Record) -> tuple[_Shape, _Shape]:
+        shapes = self.shapes.get(record.oid)
+        if shapes is None:
+            self._decode(record)
+            old = _EMPTY if record.is_new else _shape(record.class_name, record.old_state)
+            new = _shape(record.class_name, record.new_state)
+            _check_sorted(new)
+            shapes = self.shapes[record.oid] = (old, new)
+        return shapes
+
+    # -- single objects
+
+    def _check_object(self, record: _Record) -> None:
+        kind, owner = record.role  # type: ignore[misc]
+        self._decode(record)
+        state = record.new_state
+        if kind == "root":
+            self.refuse("root", "the ZODB root and chatzeo's root cannot be changed")
+        if kind == "session":
+            if not record.is_new:
+                self.refuse("room", "an existing room cannot be changed or renamed")
+            try:
+                self.update.rooms[record.oid] = _room_info(state)
+            except (KeyError, AttributeError, TypeError):
+                self.refuse("room", "a new room is malformed")
+            info = self.update.rooms[record.oid]
+            for oid in (info.messages, info.clock, _ref(state, "presence")):
+                if oid not in self.records or not self.records[oid].is_new:
+                    self.refuse("room", "a new room must bring new trees and a new clock")
+        if kind == "user":
+            name = state.get("name") if isinstance(state, dict) else None
+            old = record.old_state.get("name") if isinstance(record.old_state, dict) else name
+            if owner != self.identity or name != owner or old != owner:
+                self.refuse("user", f"user {owner!r} can only be changed by {owner!r}")
+            if record.is_new and _ref(state, "leases") not in self.records:
+                self.refuse("user", "a new user must bring new leases")
+
+    # -- trees
+
+    def _account(self, role: Role, group: _Group) -> None:
+        """Sum the item changes of a tree's records; a key that moved is no change."""
+        for record in group.records:
+            old, new = self._shapes(record)
+            if not old.items and not new.items:
+                continue
+            # Set differences of the item views run in C; what differs is a few items.
+            for key, value in old.items.items() - new.items.items():
+                other = new.items.get(key, _MISSING)
+                if other is _MISSING:
+                    group.removed[key] = value
+                else:
+                    group.changed[key] = (value, other)
+            for key, value in new.items.items() - old.items.items():
+                if key not in old.items:
+                    group.added[key] = value
+        for key in list(group.removed.keys() & group.added.keys()):
+            before, after = group.removed.pop(key), group.added.pop(key)
+            if before != after:
+                group.changed[key] = (before, after)
+
+    def _check_group(self, role: Role, group: _Group, clocks: dict[bytes, _Record]) -> None:
+        kind, owner = role
+        self._check_structure(group)
+        if kind == "leases":
+            if owner != self.identity:
+                self.refuse("user", f"the leases of user {owner!r} belong to {owner!r}")
+        elif kind == "presence":
+            for value in (*group.removed.values(), *group.added.values(),
+                          *(v for pair in group.changed.values() for v in pair)):
+                if not (isinstance(value, tuple) and value and value[0] == self.identity):
+                    self.refuse("presence", "a presence entry may only name its writer")
+        elif kind in ("rooms", "users"):
+            self._check_directory(kind, group)
+        elif kind == "messages":
+            self._check_messages(owner, group, clocks.get(owner))
+
+    def _check_structure(self, group: _Group) -> None:
+        dropped: set[bytes] = set()
+        linked: set[bytes] = set()
+        for record in group.records:
+            old, new = self._shapes(record)
+            dropped.update(set(old.children) - set(new.children))
+            linked.update(set(new.children) - set(old.children))
+            for child, key in new.separators.items():
+                before = old.separators.get(child, _MISSING)
+                if before is _MISSING or key is None or key == before:
+                    continue
+                # Deleting the key a node routes by moves it up to the child's new
+                # smallest key (BTrees does so); any other change misroutes lookups.
+                if before is None or not before < key <= self._first_key(child):
+                    self.refuse("structure", "a tree node changed the key of a child it kept")
+        role = group.records[0].role
+        for child in linked - dropped:
+            target = self.records.get(child)
+            if target is None or not target.is_new or target.role != role:
+                self.refuse("structure", "a tree linked an object that is not new to it")
+        emptied = set()
+        for child in dropped - linked:
+            target = self.records.get(child)
+            if target is None or target.role != role or not self._shapes(target)[1].empty:
+                self.refuse("structure", "a tree unlinked a child that still holds items")
+            emptied.add(child)
+        chained: set[bytes] = set()
+        for record in group.records:
+            is_bucket = record.class_name.endswith("Bucket")
+            if record.oid in emptied or (record.is_new and is_bucket):
+                continue
+            old, new = self._shapes(record)
+            if old.link == new.link:
+                continue
+            reached = new.link
+            for _ in range(len(self.records) + 1):
+                target = self.records.get(reached) if reached else None
+                if target is None or not target.is_new or target.role != role:
+                    break
+                chained.add(target.oid)
+                reached = self._shapes(target)[1].link
+            expected = old.link
+            while expected in emptied:
+                expected = self._shapes(self.records[expected])[0].link
+            if reached != expected and not record.is_new:
+                self.refuse("structure", "a bucket chain skips a bucket that still holds items")
+        for record in group.records:
+            if record.is_new and record.class_name.endswith("Bucket") and (
+                record.oid not in chained
+            ):
+                self.refuse("structure", "a new bucket is not in its tree's bucket chain")
+
+    def _check_directory(self, kind: str, group: _Group) -> None:
+        noun = "room" if kind == "rooms" else "user"
+        if group.changed:
+            self.refuse(noun, f"{noun} {next(iter(group.changed))!r} cannot be replaced")
+        if group.removed:
+            self.refuse(noun, f"{noun} {next(iter(group.removed))!r} cannot be removed")
+        for key, value in group.added.items():
+            target = self.records.get(value.oid) if isinstance(value, Ref) else None
+            if target is None or not target.is_new:
+                self.refuse(noun, f"a new {noun} {key!r} must be a new object")
+            assert target is not None
+            self._decode(target)
+            state = target.new_state
+            name = state.get("name") if isinstance(state, dict) else None
+            if name != key:
+                self.refuse(noun, f"{noun} {name!r} is filed under another name, {key!r}")
+            if kind == "users" and key != self.identity:
+                self.refuse("user", f"only {key!r} can create user {key!r}")
+
+    def _check_messages(self, owner: bytes, group: _Group, clock: _Record | None) -> None:
+        if group.changed:
+            self.refuse("history", "an existing message cannot be changed")
+        if not group.added and not group.removed:
+            return
+        room = self.index.rooms.get(owner) or self.update.rooms.get(owner)
+        if room is None or clock is None:
+            self.refuse("history", "messages were added or removed without the room's clock")
+        assert room is not None and clock is not None
+        latest = int((self.now + FUTURE_SKEW) * 1_000_000)
+        for key, record in group.added.items():
+            if key > latest:
+                self.refuse("history", "a message key lies too far in the future")
+            if not _is_message(record):
+                self.refuse("history", "a message record is malformed")
+            if record[1] != self.identity:
+                self.refuse("author", f"{self.identity!r} cannot post as {record[1]!r}")
+        if group.removed:
+            self._check_retention(owner, room, group, clock)
+
+    def _check_retention(
+        self, owner: bytes, room: RoomInfo, group: _Group, clock: _Record
+    ) -> None:
+        removed = sorted(group.removed)
+        if room.max_age is not None:
+            bound = int((self.now + FUTURE_SKEW - room.max_age) * 1_000_000)
+            removed = [key for key in removed if key >= bound]
+        if removed and room.max_messages is not None:
+            self._decode(clock)
+            count = clock.new_state.get("count") if isinstance(clock.new_state, dict) else None
+            first = self._first_key(room.messages)
+            if (
+                isinstance(count, int)
+                and count >= room.max_messages
+                and (first is None or removed[-1] < first)
+            ):
+                removed = []
+        if removed:
+            self.refuse("history", "a message was removed that retention does not remove")
+
+    def _first_key(self, oid: bytes | None) -> Any:
+        """The smallest key of the tree or bucket ``oid`` once this commit is written."""
+        for _ in range(len(self.records) + 2):
+            if oid is None:
+                return None
+            record = self.records.get(oid)
+            if record is not None:
+                shape = self._shapes(record)[1]
+            else:
+                class_name, state = self.index.current(self.storage, oid)
+                shape = _shape(class_name, state)
+            if shape.items:
+                return min(shape.items)
+            oid = shape.link
+        return None
+
+    def _check_clock(self, clock: _Record, added: tuple[int, ...], removed: int) -> None:
+        self._decode(clock)
+        new = clock.new_state
+        old = clock.old_state if not clock.is_new else {"head": 0, "count": 0}
+        if not all(
+            isinstance(state, dict)
+            and type(state.get("head")) is int
+            and type(state.get("count")) is int
+            for state in (old, new)
+        ):
+            self.refuse("history", "a room clock is malformed")
+        if added and min(added) <= old["head"]:
+            self.refuse("history", "a message was inserted before the room's head")
+        if new["head"] != (max(added) if added else old["head"]):
+            self.refuse("history", "a room clock's head must be its newest message's key")
+        if new["count"] - old["count"] != len(added) - removed:
+            self.refuse("history", "a room clock's count does not match its messages")
+
+
+def _ref(state: Any, name: str) -> bytes:
+    value = state.get(name) if isinstance(state, dict) else None
+    if not isinstance(value, Ref):
+        raise _Undecodable(f"has no {name}")
+    return value.oid
+
+
+def _check_sorted(shape: _Shape) -> None:
+    keys = shape.keys
+    try:
+        # Distinct (the items dict is as long) and in order: strictly ascending.
+        if len(shape.items) != len(keys) or list(keys) != sorted(keys):
+            raise _Undecodable("has keys out of order")
+    except TypeError:
+        raise _Undecodable("has keys that cannot be ordered") from None
+
+
+def _is_message(record: Any) -> bool:
+    return (
+        isinstance(record, tuple)
+        and len(record) == 4
+        and isinstance(record[0], str)
+        and (record[1] is None or isinstance(record[1], str))
+        and isinstance(record[2], str)
+        and record[3] in (0, 1)
+    )

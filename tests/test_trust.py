@@ -1,0 +1,513 @@
+"""The commit guard of `chatzeo serve` with TLS client certificates (chatzeo.guard).
+
+One real server process with client authentication, two certificates (alice, bob)
+made by the test's own CA; each test works in rooms of its own. Every refusal is
+checked three ways: the writer gets `TrustViolation` naming the rule, the server
+logs it, and the storage's last transaction did not move.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transaction
+import ZODB
+from conftest import ServerProcess, chatzeo_command, free_port, wait_until
+from ZODB.FileStorage import FileStorage
+
+from benchtrust.certs import Pki, client_context, make_pki, server_conf
+from chatzeo import open_db
+from chatzeo.client import ChatClient
+from chatzeo.errors import TrustViolation
+from chatzeo.guard import identity_of
+from chatzeo.realm import ChatRoot, get_root
+from chatzeo.session import ChatSession
+from chatzeo.trust import TrustIndex, check_commit
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class TlsServer(ServerProcess):
+    """`chatzeo serve` with a TLS config and extra command-line arguments."""
+
+    def __init__(self, data_dir: Path, config: Path, *args: str):
+        super().__init__(data_dir, config=config)
+        self.args = args
+
+    def start(self, timeout: float = 20.0) -> TlsServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                chatzeo_command(
+                    "serve", "--config", str(self.config), "--address", self.address,
+                    "--data-dir", str(self.data_dir), *self.args,
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(f"server on {self.address}", self._answers, timeout)
+        return self
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.skip("making test certificates needs the openssl command")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def guarded(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    directory = tmp_path_factory.mktemp("guarded")
+    server = TlsServer(directory / "data", server_conf(pki, directory / "zeo.conf")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def connect(server: ServerProcess, pki: Pki, name: str) -> Any:
+    return open_db(server.address, ssl=client_context(pki, name))
+
+
+@pytest.fixture(scope="module")
+def alice_db(guarded: TlsServer, pki: Pki) -> Iterator[Any]:
+    db = connect(guarded, pki, "alice")
+    yield db
+    db.close()
+
+
+@pytest.fixture(scope="module")
+def bob_db(guarded: TlsServer, pki: Pki) -> Iterator[Any]:
+    db = connect(guarded, pki, "bob")
+    yield db
+    db.close()
+
+
+def edit(db: Any, change: Callable[[ChatRoot], Any]) -> None:
+    """Apply ``change`` to chatzeo's root in a fresh connection and commit."""
+    manager = transaction.TransactionManager()
+    connection = db.open(transaction_manager=manager)
+    try:
+        change(get_root(connection))
+        manager.commit()
+    finally:
+        manager.abort()
+        connection.close()
+
+
+def read(db: Any, look: Callable[[ChatRoot], Any]) -> Any:
+    manager = transaction.TransactionManager()
+    connection = db.open(transaction_manager=manager)
+    try:
+        return look(get_root(connection))
+    finally:
+        manager.abort()
+        connection.close()
+
+
+def server_last_transaction(db: Any) -> bytes:
+    # Asked of the server: the client's own view lags by the invalidations in flight.
+    return db.storage._call("lastTransaction")
+
+
+def caught_up(db: Any) -> None:
+    """Wait until ``db`` has heard of every commit the server has finished."""
+    wait_until("the client to catch up", lambda: (
+        db.storage.lastTransaction() == server_last_transaction(db)))
+
+
+def refused(server: ServerProcess, db: Any, rule: str, change: Callable[[ChatRoot], Any]) -> str:
+    """``change`` committed by ``db``'s certificate is refused under ``rule``, logged by the
+    server and not written; returns the refusal's message."""
+    last = server_last_transaction(db)
+    logged = len(server.log.read_bytes())
+    with pytest.raises(TrustViolation, match=f"^{rule}:") as refusal:
+        edit(db, change)
+    assert server_last_transaction(db) == last, "the refused commit was written"
+    line = f"refused a commit from {server.address} "
+    wait_until("the refusal in the server log", lambda: line in (
+        text := server.log.read_bytes()[logged:].decode()) and str(refusal.value) in text)
+    return str(refusal.value)
+
+
+def messages(db: Any, room: str) -> list[tuple[int, Any]]:
+    return read(db, lambda root: list(root.rooms[room]._messages.items()))
+
+
+def test_each_user_posts_as_itself(guarded, alice_db, bob_db):
+    alice, bob = ChatClient(alice_db, "alice"), ChatClient(bob_db, "bob")
+    try:
+        alice.join("lobby")
+        bob.join("lobby")
+        alice.send("hi from alice")
+        bob.send("hi from bob")
+        seen: list[Any] = []
+        wait_until("both messages at alice", lambda: seen.extend(alice.receive()) or len(seen) > 1)
+        assert [(m.author, m.text) for m in seen] == [
+            ("alice", "hi from alice"), ("bob", "hi from bob")
+        ]
+        assert alice.who() == ["alice", "bob"]
+        alice.heartbeat()
+        bob.heartbeat()
+        assert bob.who("lobby") == ["alice", "bob"]
+    finally:
+        alice.close()
+        bob.close()
+    assert read(bob_db, lambda root: root.who("lobby", time.time())) == []
+
+
+def test_a_forged_author_is_refused(guarded, alice_db):
+    edit(alice_db, lambda root: root.room("forgery"))
+    before = messages(alice_db, "forgery")
+    connection = alice_db.open()
+    try:
+        session = get_root(connection).rooms["forgery"]
+        with pytest.raises(TrustViolation, match="^author: 'alice' cannot post as 'bob'"):
+            session.add_message("x", author="bob")
+        with pytest.raises(TrustViolation, match="^author:"):
+            session.add_message("anonymous")
+    finally:
+        connection.close()
+    assert messages(alice_db, "forgery") == before == []
+    refused(guarded, alice_db, "author", lambda root: root.rooms["forgery"].post("y", "bob"))
+
+
+def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
+    edit(alice_db, lambda root: root.room("ledger").post("original", "alice"))
+    edit(alice_db, lambda root: root.rooms["ledger"].post("second", "alice"))
+    (key, record), (last_key, last_record) = messages(alice_db, "ledger")
+
+    def rewrite(root: ChatRoot) -> None:
+        root.rooms["ledger"]._messages[key] = (record[0], "alice", "edited", 0)
+
+    def delete(root: ChatRoot) -> None:
+        room = root.rooms["ledger"]
+        del room._messages[key]
+        room._clock.count -= 1  # keeps the count right: the deletion itself is refused
+
+    def backdate(root: ChatRoot) -> None:
+        room = root.rooms["ledger"]
+        room._messages[key + 1] = ("id", "alice", "inserted in the past", 0)
+        room._clock.count += 1
+
+    def rewind(root: ChatRoot) -> None:
+        root.rooms["ledger"]._clock.head = key
+
+    wait_until("bob sees the ledger", lambda: len(read(bob_db, lambda r: list(
+        r.rooms["ledger"]._messages) if "ledger" in r.rooms else [])) == 2)
+    for writer in (alice_db, bob_db):
+        refused(guarded, writer, "history", rewrite)
+        refused(guarded, writer, "history", delete)
+    refused(guarded, alice_db, "history", backdate)
+    refused(guarded, alice_db, "history", rewind)
+
+    # Undo would take the last post back out of the room.
+    last = server_last_transaction(alice_db)
+    alice_db.undo(alice_db.undoLog(0, 1)[0]["id"])
+    with pytest.raises(TrustViolation, match="^history: undo is not accepted"):
+        transaction.commit()
+    transaction.abort()
+    assert server_last_transaction(alice_db) == last
+    assert messages(bob_db, "ledger") == [(key, record), (last_key, last_record)]
+    assert record[2] == "original"
+
+
+def test_rooms_cannot_be_renamed_moved_or_removed(guarded, alice_db):
+    edit(alice_db, lambda root: root.room("stable"))
+
+    def rename(root: ChatRoot) -> None:
+        root.rooms["stable"].name = "renamed"
+
+    def move(root: ChatRoot) -> None:
+        root.rooms["moved"] = root.rooms.pop("stable")
+
+    def recap(root: ChatRoot) -> None:
+        root.rooms["stable"].max_messages = 1
+
+    def alias(root: ChatRoot) -> None:
+        root.rooms["alias"] = root.rooms["stable"]
+
+    for change in (rename, recap):
+        refused(guarded, alice_db, "room", change)
+    for change in (move, alias):
+        refused(guarded, alice_db, "room", change)
+    assert read(alice_db, lambda root: root.rooms["stable"].name) == "stable"
+
+
+def test_another_users_objects_cannot_be_changed(guarded, alice_db, bob_db):
+    bob = ChatClient(bob_db, "bob")
+    try:
+        bob.join("bobs-room")
+
+        def touch(root: ChatRoot) -> None:
+            root.users["bob"].last_connected = 0.0
+
+        def steal_lease(root: ChatRoot) -> None:
+            root.users["bob"].leases[bob.lease_id] = (None, 0.0)
+
+        def evict(root: ChatRoot) -> None:
+            del root.rooms["bobs-room"].presence[bob.lease_id]
+
+        def impersonate(root: ChatRoot) -> None:
+            root.user("mallory")
+
+        wait_until("alice sees bob's lease", lambda: read(alice_db, lambda root: (
+            "bob" in root.users and bob.lease_id in root.users["bob"].leases)))
+        refused(guarded, alice_db, "user", touch)
+        refused(guarded, alice_db, "user", steal_lease)
+        refused(guarded, alice_db, "presence", evict)
+        refused(guarded, alice_db, "user", impersonate)
+        refused(guarded, alice_db, "root", lambda root: setattr(root, "max_connections", 1))
+        assert bob.who() == ["bob"]
+    finally:
+        bob.close()
+
+
+def test_splits_concurrent_posts_retention_pack_and_restart(guarded, alice_db, bob_db):
+    def create(root: ChatRoot) -> None:
+        root.rooms["capped"] = ChatSession("capped", max_messages=40)
+        root.rooms["aged"] = ChatSession("aged", max_age=60.0)
+        root.room("busy")
+
+    edit(alice_db, create)
+    writers = {"alice": alice_db, "bob": bob_db}
+    errors: list[BaseException] = []
+
+    def post_many(name: str) -> None:
+        try:
+            connection = writers[name].open()
+            try:
+                for room in ("busy", "capped"):
+                    session = get_root(connection).rooms[room]
+                    for number in range(100):
+                        session.add_message(f"{name} {number}", name)
+            finally:
+                connection.close()
+        except BaseException as error:
+            errors.append(error)
+
+    wait_until("bob sees the new rooms", lambda: read(bob_db, lambda root: "busy" in root.rooms))
+    threads = [threading.Thread(target=post_many, args=(name,)) for name in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not errors, errors
+    caught_up(alice_db)
+    busy = messages(alice_db, "busy")
+    assert len(busy) == 200 and sorted(m[1][1] for m in busy).count("bob") == 100
+    # (child, key, child, ...): more than one bucket, so buckets were split.
+    tree_state = read(alice_db, lambda root: root.rooms["busy"]._messages.__getstate__())
+    assert len(tree_state[0]) >= 3, "no bucket split"
+    capped = messages(alice_db, "capped")
+    assert len(capped) == 40 == read(alice_db, lambda root: len(root.rooms["capped"]))
+
+    # Retention by age: a message posted an hour ago goes when the next one comes.
+    connection = alice_db.open()
+    try:
+        aged = get_root(connection).rooms["aged"]
+        aged.add_message("old", "alice", clock=lambda: time.time() - 3600)
+        aged.add_message("new", "alice")
+    finally:
+        connection.close()
+    assert [record[2] for _, record in messages(alice_db, "aged")] == ["new"]
+
+    # A capped room still refuses a deletion that is not of its oldest messages.
+    middle = capped[20][0]
+
+    def delete_middle(root: ChatRoot) -> None:
+        session = root.rooms["capped"]
+        del session._messages[middle]
+        session._clock.count -= 1
+
+    wait_until("bob sees the capped room", lambda: messages(bob_db, "capped") == capped)
+    refused(guarded, bob_db, "history", delete_middle)
+
+    alice_db.pack()
+    edit(bob_db, lambda root: root.rooms["busy"].post("after pack", "bob"))
+    wait_until("bob's post at alice", lambda: len(messages(alice_db, "busy")) == 201)
+
+    # A restarted server rebuilds its index from the storage and still guards it.
+    guarded.stop()
+    guarded.start()
+    wait_until("alice reconnected", alice_db.storage.is_connected)
+    wait_until("bob reconnected", bob_db.storage.is_connected)
+    edit(alice_db, lambda root: root.rooms["busy"].post("after restart", "alice"))
+    first_key = busy[0][0]
+
+    def rewrite_first(root: ChatRoot) -> None:
+        root.rooms["busy"]._messages[first_key] = ("x", "alice", "rewritten", 0)
+
+    refused(guarded, bob_db, "history", rewrite_first)
+    refused(guarded, alice_db, "author", lambda root: root.rooms["capped"].post("z", "bob"))
+
+
+def test_tree_surgery_is_refused(guarded, alice_db):
+    edit(alice_db, lambda root: root.room("surgery"))
+    connection = alice_db.open()
+    try:
+        session = get_root(connection).rooms["surgery"]
+        for number in range(150):
+            session.add_message(f"m{number}", "alice")
+    finally:
+        connection.close()
+
+    def unlink_first_bucket(root: ChatRoot) -> None:
+        tree = root.rooms["surgery"]._messages
+        children = tree.__getstate__()[0]
+        tree.__setstate__((children[2:], children[2]))
+        tree._p_changed = True
+
+    def skip_a_bucket(root: ChatRoot) -> None:
+        first, _, second, _, third = root.rooms["surgery"]._messages.__getstate__()[0][:5]
+        first.__setstate__((first.__getstate__()[0], third))
+        first._p_changed = True
+
+    def store_a_foreign_class(root: ChatRoot) -> None:
+        session = root.rooms["surgery"]
+        key = session._clock.head + 1
+        session._messages[key] = Fraction(1, 3)
+        session._clock.head = key
+        session._clock.count += 1
+
+    assert "unlinked a child" in refused(guarded, alice_db, "structure", unlink_first_bucket)
+    assert "chain skips" in refused(guarded, alice_db, "structure", skip_a_bucket)
+    assert "fractions.Fraction" in refused(
+        guarded, alice_db, "structure", store_a_foreign_class
+    )
+    assert [record[2] for _, record in messages(alice_db, "surgery")] == [
+        f"m{number}" for number in range(150)
+    ]
+
+
+def test_an_unguarded_server_accepts_all_of_it(pki, tmp_path):
+    server = TlsServer(
+        tmp_path / "data", server_conf(pki, tmp_path / "zeo.conf"), "--guard", "off"
+    ).start()
+    try:
+        db = connect(server, pki, "alice")
+        try:
+            edit(db, lambda root: root.room("open").post("forged", "bob"))
+            key = messages(db, "open")[0][0]
+            edit(db, lambda root: root.rooms["open"]._messages.pop(key))
+            edit(db, lambda root: setattr(root.rooms["open"], "name", "renamed"))
+            assert read(db, lambda root: root.rooms["open"].name) == "renamed"
+        finally:
+            db.close()
+    finally:
+        server.stop()
+
+
+def test_the_identity_is_the_single_common_name():
+    def cert(*subject: tuple[str, str]) -> dict[str, Any]:
+        return {"subject": tuple((pair,) for pair in subject)}
+
+    assert identity_of(cert(("organizationName", "x"), ("commonName", "alice"))) == "alice"
+    assert identity_of(cert(("commonName", "alice"), ("commonName", "bob"))) is None
+    assert identity_of(cert(("organizationName", "x"))) is None
+    assert identity_of(None) is None
+
+
+class RecordingStorage(FileStorage):
+    """A FileStorage that keeps the records of the commit in progress."""
+
+    records: list[tuple[bytes, bytes, bytes]] | None = None
+
+    def store(self, oid: bytes, serial: bytes, data: bytes, version: str, txn: Any) -> Any:
+        if self.records is not None:
+            self.records.append((oid, serial, data))
+        return super().store(oid, serial, data, version, txn)
+
+
+def test_directory_and_presence_trees_split_and_shrink_unrefused(tmp_path):
+    """In-process: every commit of 80 users joining, moving, leaving and cleaning up
+    stale leases passes `check_commit` as its own user, while the rooms, users and
+    presence trees split into buckets and presence buckets lose their first keys."""
+    storage = RecordingStorage(str(tmp_path / "chat.fs"))
+    db = ZODB.DB(storage)
+    try:
+        manager = transaction.TransactionManager()
+        root = get_root(db.open(transaction_manager=manager))
+        manager.commit()
+        index = TrustIndex.build(storage)
+
+        def commit_as(user: str, change: Callable[..., Any], *args: Any) -> None:
+            storage.records = []
+            change(*args)
+            manager.commit()
+            update = check_commit(user, storage.records, storage, index)
+            index.apply(update, storage.lastTransaction())
+
+        now = time.time()
+        names = [f"user{number:03d}" for number in range(80)]
+        for number, name in enumerate(names):
+            lease = f"lease{number}"
+            commit_as(name, root.connect, name, lease, now)
+            commit_as(name, root.enter, name, lease, "hall", now)
+            commit_as(name, root.enter, name, lease, f"room{number:03d}", now)
+            commit_as(name, root.enter, name, lease, "hall", now)
+        for number in range(0, 80, 3):
+            commit_as(names[number], root.disconnect, names[number], f"lease{number}")
+        for number in range(1, 80, 3):  # much later: stale leases and presence go
+            commit_as(names[number], root.connect, names[number], "again", now + 999)
+        assert len(root.rooms["hall"].presence) == 80 - 27 - 27
+        assert len(root.rooms) == 81 and len(root.users) == 80
+        with pytest.raises(TrustViolation, match="^presence:"):
+            commit_as("user002", root.rooms["hall"].presence.pop, "lease5")
+        manager.abort()
+    finally:
+        db.close()
+
+
+def test_deep_message_trees_split_and_trim_unrefused(tmp_path):
+    """In-process: commits of 1,000 posts each grow a room past a root split (nested
+    tree nodes) while ``max_messages`` trims whole buckets out of those nodes; every
+    commit passes `check_commit`, also after the index is rebuilt from the storage."""
+    storage = RecordingStorage(str(tmp_path / "chat.fs"))
+    db = ZODB.DB(storage)
+    try:
+        manager = transaction.TransactionManager()
+        root = get_root(db.open(transaction_manager=manager))
+        root.rooms["deep"] = ChatSession("deep", max_messages=30_000)
+        manager.commit()
+        index = TrustIndex.build(storage)
+        room = root.rooms["deep"]
+        for batch in range(45):
+            if batch == 40:
+                index = TrustIndex.build(storage)
+            storage.records = []
+            for number in range(1000):
+                room.post(f"{batch} {number}", "alice")
+            manager.commit()
+            index.apply(check_commit("alice", storage.records, storage, index),
+                        storage.lastTransaction())
+        children = room._messages.__getstate__()[0][0::2]
+        assert type(children[0]).__name__ == "LOBTree", "the root never split"
+        assert len(room) == 30_000 == len(room._messages)
+        storage.records = []
+        del room._messages[room._messages.maxKey()]
+        room._clock.count -= 1
+        manager.commit()  # the storage is unguarded here; the check refuses it
+        with pytest.raises(TrustViolation, match="^history:"):
+            check_commit("alice", storage.records, storage, index)
+    finally:
+        db.close()
+
+
+def test_guard_on_needs_client_certificates(tmp_path):
+    result = subprocess.run(
+        chatzeo_command("serve", "--guard", "on", "--data-dir", str(tmp_path),
+                        "--address", f"127.0.0.1:{free_port()}"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--guard on needs TLS client certificates" in result.stderr
