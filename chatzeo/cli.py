@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from transaction.interfaces import TransientError
+
 from .client import ChatClient
 from .database import DEFAULT_ADDRESS, open_db
 from .errors import ChatError
@@ -276,12 +278,26 @@ def _tail(args: argparse.Namespace) -> int:
     def tail(client: ChatClient) -> int:
         for message in client.join(args.room, history=args.history):
             _print(message, args.json)
+        behind = False  # a read failed: try again even without a new push
         while True:
             # The wait only watches a local event set by ZEO's push; the timeout
             # just lets Ctrl-C in promptly and costs the server nothing.
-            if client.wait(1.0):
-                for message in client.receive():
-                    _print(message, args.json)
+            if not (client.wait(1.0) or behind):
+                continue
+            try:
+                messages = client.receive()
+            except TransientError:
+                # The server is away; ZEO reconnects by itself and the cursor has
+                # not moved, so the next read picks up everything missed.
+                if not behind:
+                    print("chatzeo: lost the server; waiting for it", file=sys.stderr)
+                behind = True
+                continue
+            if behind:
+                print("chatzeo: reconnected", file=sys.stderr)
+                behind = False
+            for message in messages:
+                _print(message, args.json)
 
     return _with_client(args, tail)
 
