@@ -159,3 +159,25 @@ client.close()
             dora.wait(30)
     finally:
         limited.stop()
+
+
+def test_tail_keeps_going_across_a_server_crash(cli_env, server, tmp_path):
+    out = open(tmp_path / "tail.out", "wb")
+    tail = subprocess.Popen(chatzeo_command("tail"), env=cli_env, stdout=out)
+    try:
+        def texts():
+            lines = (tmp_path / "tail.out").read_text().splitlines()
+            return [line.split("> ", 1)[1] for line in lines]
+
+        wait_until("tail joined", lambda: "lobby" in run(cli_env, "rooms").stdout.decode())
+        assert run(cli_env, "send", "--name", "ann", "before the crash").returncode == 0
+        wait_until("first line", lambda: texts() == ["before the crash"])
+        server.kill()
+        server.start()
+        assert run(cli_env, "send", "--name", "ann", "after the restart").returncode == 0
+        wait_until("second line", lambda: texts() == ["before the crash", "after the restart"])
+        assert tail.poll() is None
+    finally:
+        tail.kill()
+        tail.wait()
+        out.close()
