@@ -138,3 +138,42 @@ for index in range(5):
 db.close()
 """
     return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_racing_clients_create_a_room_once(backend, tmp_path):
+    code = f"""
+import sys, time
+from pathlib import Path
+from chatzeo import ChatClient, open_db
+start = Path({str(tmp_path / "START")!r})
+client = ChatClient(open_db({backend.target!r}), sys.argv[1])
+Path({str(tmp_path)!r}, sys.argv[1]).touch()
+while not start.exists():
+    time.sleep(0.005)
+client.join("race")
+client.send("first post")
+client.close()
+client.db.close()
+"""
+    names = [f"racer{i}" for i in range(6)]
+    racers = [subprocess.Popen([sys.executable, "-c", code, name]) for name in names]
+    try:
+        wait_until("racers ready", lambda: all((tmp_path / n).exists() for n in names), 60)
+        (tmp_path / "START").touch()
+        for racer in racers:
+            assert racer.wait(120) == 0
+    finally:
+        for racer in racers:
+            racer.kill()
+    db = open_db(backend.target)
+    manager = transaction.TransactionManager()
+    connection = db.open(transaction_manager=manager)
+    try:
+        root = get_root(connection)
+        assert list(root.rooms) == ["race"]
+        messages = root.rooms["race"].history()
+        assert sorted(m.author for m in messages) == names
+        assert sorted(root.users) == names
+    finally:
+        connection.close()
+        db.close()
