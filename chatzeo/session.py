@@ -210,11 +210,14 @@ class ChatSession(Persistent):
         """The messages this connection has not returned before, oldest first.
 
         The first call on a connection returns the whole history (call `skip_to_end`
-        first to start from now). Costs one range search from the cursor, plus nothing
-        at all when the room's clock says nothing is new.
+        first to start from now). Costs one range search from the cursor, and nothing
+        at all when the room's clock, still in the cache, says nothing is new.
         """
         cursor = self._cursor()
-        if self._clock.head <= cursor.key:
+        # A ghost clock was invalidated (something was posted) or evicted: loading it
+        # would cost a round trip to the server just to learn what the range search,
+        # which loads the changed bucket anyway, finds out by itself.
+        if self._clock._p_changed is not None and self._clock.head <= cursor.key:
             return []
         messages = list(self._iter(min_key=cursor.key + 1))
         if messages:
