@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transaction
+
+from chatzeo import get_root, open_db
 
 REPO = Path(__file__).resolve().parent.parent
 ZEO_CONF = REPO / "zeo.conf"
@@ -47,6 +50,24 @@ def wait_until(label: str, condition: Callable[[], Any], timeout: float = 15.0) 
 def chatzeo_command(*args: str) -> list[str]:
     """The argv that runs ``chatzeo ARGS`` with this interpreter."""
     return [sys.executable, "-m", "chatzeo", *args]
+
+
+def stored(target: str, room: str) -> list[tuple[int, Any]]:
+    """Every (key, record) of ``room``, read through a fresh client, after checking the
+    room's clock agrees with them (count and head)."""
+    db = open_db(target, wait=30)
+    try:
+        manager = transaction.TransactionManager()
+        connection = db.open(transaction_manager=manager)
+        session = get_root(connection).rooms[room]
+        items = list(session._messages.items())
+        assert session._clock.count == len(items)
+        assert not items or session._clock.head == items[-1][0]
+        manager.abort()
+        connection.close()
+        return items
+    finally:
+        db.close()
 
 
 class ServerProcess:

@@ -12,11 +12,9 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
-import transaction
-from conftest import ServerProcess, chatzeo_command, wait_until
+from conftest import ServerProcess, chatzeo_command, stored, wait_until
 
 from chatzeo import ChatClient, RetryLimitExceeded, RetryPolicy, get_root, open_db
 from chatzeo.maintenance import StorageDamaged, check_file
@@ -40,22 +38,6 @@ def lines(path: Path) -> list[str]:
     text = path.read_text()
     return text.split("\n")[:-1]
 
-
-def stored(address: str, room: str) -> list[tuple[int, Any]]:
-    """Every (key, record) in ``room``, read through a fresh client."""
-    db = open_db(address, wait=30)
-    try:
-        manager = transaction.TransactionManager()
-        connection = db.open(transaction_manager=manager)
-        session = get_root(connection).rooms[room]
-        items = list(session._messages.items())
-        assert session._clock.count == len(items)
-        assert not items or session._clock.head == items[-1][0]
-        manager.abort()
-        connection.close()
-        return items
-    finally:
-        db.close()
 
 
 def create_room(address: str, room: str) -> None:

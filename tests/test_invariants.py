@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import transaction
-from conftest import REPO, wait_until
+from conftest import REPO, stored, wait_until
 
 from chatzeo import ChatClient, get_root, open_db
 
@@ -34,16 +34,6 @@ def _finish(processes: list[subprocess.Popen[bytes]]) -> None:
             raise
         assert process.returncode == 0, err.decode()[-2000:]
 
-
-def _stored_ids(target: str, room: str) -> list[str]:
-    db = open_db(target)
-    manager = transaction.TransactionManager()
-    connection = db.open(transaction_manager=manager)
-    try:
-        return [m.id for m in get_root(connection).rooms[room].history()]
-    finally:
-        connection.close()
-        db.close()
 
 
 def _run(backend, tmp_path: Path, offsets: list[float], per_writer: int, readers: int):
@@ -71,7 +61,7 @@ def _run(backend, tmp_path: Path, offsets: list[float], per_writer: int, readers
     _finish(processes)
     returned = [f.read_text().split() for f in writer_files]
     seen = [f.read_text().split() for f in reader_files]
-    return _stored_ids(backend.target, room), returned, seen
+    return [record[0] for _, record in stored(backend.target, room)], returned, seen
 
 
 def test_exactly_once_with_concurrent_writers(backend, tmp_path):

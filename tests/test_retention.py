@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import transaction
-from conftest import ServerProcess, chatzeo_command, wait_until
+from conftest import ServerProcess, chatzeo_command, stored, wait_until
 
 from chatzeo import ChatSession, get_root, open_db
 from chatzeo.maintenance import check_file
@@ -30,20 +30,6 @@ def configure_room(address: str, room: str, **caps: float) -> None:
     finally:
         db.close()
 
-
-def stored(address: str, room: str) -> list[tuple[int, tuple[object, ...]]]:
-    db = open_db(address, wait=30)
-    try:
-        manager = transaction.TransactionManager()
-        connection = db.open(transaction_manager=manager)
-        session = get_root(connection).rooms[room]
-        items = list(session._messages.items())
-        assert session._clock.count == len(items)
-        assert not items or session._clock.head == items[-1][0]
-        connection.close()
-        return items
-    finally:
-        db.close()
 
 
 def run_writers(address: str, room: str, tmp_path: Path, writers: int, count: int) -> list[str]:
