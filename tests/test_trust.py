@@ -23,7 +23,7 @@ import ZODB
 from conftest import ServerProcess, chatzeo_command, free_port, wait_until
 from ZODB.FileStorage import FileStorage
 
-from benchtrust.certs import Pki, client_context, make_pki, server_conf
+from bench.trust.certs import Pki, client_context, make_pki, server_conf
 from chatzeo import open_db
 from chatzeo.client import ChatClient
 from chatzeo.errors import TrustViolation

@@ -1,7 +1,7 @@
 """The reading side of the trust benchmark: one process, one `ChatClient` as bob.
 
-``python -m benchtrust.reader ADDRESS PKI_DIR ROOM`` joins ROOM and, for every
-message whose text is ``<phase> <monotonic seconds>`` (posted by `benchtrust.run`),
+``python -m bench.trust.reader ADDRESS PKI_DIR ROOM`` joins ROOM and, for every
+message whose text is ``<phase> <monotonic seconds>`` (posted by `bench.trust.run`),
 records how long after that instant it was received; it prints ``ready`` once it
 listens and, when the message ``stop`` arrives, one JSON object of latencies (seconds)
 by phase. CLOCK_MONOTONIC is shared by all processes of the machine, so the writer's

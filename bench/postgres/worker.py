@@ -1,4 +1,4 @@
-"""One benchmark client process: ``python -m benchpg.worker ROLE JSON-ARGS``.
+"""One benchmark client process: ``python -m bench.postgres.worker ROLE JSON-ARGS``.
 
 writer  post back to back (or paced) for ``seconds`` to ``rooms`` in turn, and write
         each post's latency and the times it started and returned, as JSON, to ``out``.

@@ -1,8 +1,8 @@
 """What the commit guard costs: posting and delivery through a guarded and an
 unguarded `chatzeo serve`, in the same run, on the same TLS setup.
 
-Two servers start from one throwaway CA (`benchtrust.certs`): ``--guard on`` and
-``--guard off``. Against each, a reader process (`benchtrust.reader`, certificate
+Two servers start from one throwaway CA (`bench.trust.certs`): ``--guard on`` and
+``--guard off``. Against each, a reader process (`bench.trust.reader`, certificate
 bob) waits for pushes while this process (certificate alice) posts with
 `ChatSession.add_message`, the path `chatzeo send` takes: one commit per message.
 Each round posts ``--burst`` messages back to back (commit latency, throughput) in
@@ -84,7 +84,7 @@ def _server(config: Path, data: Path, guard: str) -> Iterator[tuple[str, int]]:
 @contextmanager
 def _reader(address: str, pki: Pki, room: str) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchtrust.reader", address, str(pki.directory), room],
+        [sys.executable, "-m", "bench.trust.reader", address, str(pki.directory), room],
         stdout=subprocess.PIPE, text=True,
     )
     try:

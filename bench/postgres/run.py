@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 from pgcluster import PostgresCluster  # noqa: E402
@@ -101,7 +101,7 @@ def _prepare_rooms(target: str, rooms: list[str]) -> None:
 
 def _spawn(role: str, args: dict[str, Any]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "benchpg.worker", role, json.dumps(args)],
+        [sys.executable, "-m", "bench.postgres.worker", role, json.dumps(args)],
         cwd=REPO, stderr=subprocess.PIPE,
     )
 
@@ -200,7 +200,7 @@ BACKENDS = {"ZEO (FileStorage)": zeo_backend, "PostgreSQL (RelStorage)": postgre
 def measure(seconds: float, messages: int) -> dict[str, dict[str, Any]]:
     figures: dict[str, dict[str, Any]] = {}
     for name, backend in BACKENDS.items():
-        with tempfile.TemporaryDirectory(prefix="benchpg-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="bench.postgres-") as scratch:
             work = Path(scratch)
             with backend(work) as target:
                 row: dict[str, Any] = {}
