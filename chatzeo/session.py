@@ -124,8 +124,19 @@ class ChatSession(Persistent):
         text = check_text(text)
         if author is not None:
             author = check_user_name(author)
+        return self._insert(text, author, kind, message_id or new_message_id(), clock)
+
+    def _insert(
+        self,
+        text: str,
+        author: str | None,
+        kind: MessageKind,
+        message_id: str,
+        clock: Callable[[], float],
+    ) -> Message:
+        """Store an already validated message under the next key."""
         message = Message(
-            message_id or new_message_id(),
+            message_id,
             self.name,
             max(int(clock() * 1_000_000), self._clock.head + 1),
             author,
@@ -177,7 +188,7 @@ class ChatSession(Persistent):
                 record = session._messages.get(key)
                 if record is not None and record[0] == message_id:
                     return Message.from_record(session.name, key, record)
-            message = session.post(text, author, kind=kind, message_id=message_id, clock=clock)
+            message = session._insert(text, author, kind, message_id, clock)
             tried.append(message.key)
             return message
 

@@ -7,7 +7,6 @@ message names what was wrong, in one line.
 from __future__ import annotations
 
 import re
-import unicodedata
 
 from .errors import InvalidMessage, InvalidName
 
@@ -26,8 +25,9 @@ MAX_ROOM_NAME = 64
 MAX_USER_NAME = 32
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-# Tab and newline are the only control characters a message may carry.
-_ALLOWED_CONTROLS = frozenset("\t\n")
+# Unicode's control characters (category Cc: C0, DEL, C1) but tab and newline, the
+# only ones a message may carry. One regex search: this runs on every post.
+_FORBIDDEN_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def _check_name(kind: str, name: object, limit: int) -> str:
@@ -77,12 +77,11 @@ def check_text(text: object) -> str:
         ) from None
     if size > MAX_MESSAGE_BYTES:
         raise InvalidMessage(f"message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
-    for position, char in enumerate(text):
-        if char in _ALLOWED_CONTROLS:
-            continue
-        if unicodedata.category(char) == "Cc":
-            what = "a NUL byte" if char == "\0" else f"control character U+{ord(char):04X}"
-            raise InvalidMessage(f"message contains {what} at position {position}")
+    forbidden = _FORBIDDEN_CONTROL.search(text)
+    if forbidden is not None:
+        char = forbidden.group()
+        what = "a NUL byte" if char == "\0" else f"control character U+{ord(char):04X}"
+        raise InvalidMessage(f"message contains {what} at position {forbidden.start()}")
     return text
 
 
