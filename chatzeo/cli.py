@@ -25,7 +25,7 @@ from .client import ChatClient
 from .database import DEFAULT_ADDRESS, open_db
 from .errors import ChatError
 from .message import Message
-from .retry import RetryPolicy
+from .retry import RetryPolicy, is_transient
 from .sanitize import clean
 from .validation import (
     MAX_MESSAGE_BYTES,
@@ -166,12 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChatError as error:
         print(f"chatzeo: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except TransientError as error:
+        # A read that met a lost server or a conflict after the retries gave up.
+        print(f"chatzeo: error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:
         # Reader went away (e.g. `chatzeo tail | head`); not an error of ours.
         sys.stderr.close()
         return EXIT_OK
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 def _quiet_logging(command: str) -> None:
@@ -286,9 +294,11 @@ def _tail(args: argparse.Namespace) -> int:
                 continue
             try:
                 messages = client.receive()
-            except TransientError:
-                # The server is away; ZEO reconnects by itself and the cursor has
-                # not moved, so the next read picks up everything missed.
+            except Exception as error:
+                if not is_transient(client.db, error):
+                    raise
+                # The server is away; ZEO (or RelStorage) reconnects by itself and the
+                # cursor has not moved, so the next read picks up everything missed.
                 if not behind:
                     print("chatzeo: lost the server; waiting for it", file=sys.stderr)
                 behind = True

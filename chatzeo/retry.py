@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import transaction
+from transaction.interfaces import TransientError
 from ZODB.Connection import Connection
 
 from .errors import RetryLimitExceeded
 
-__all__ = ["RetryPolicy", "run_in_transaction"]
+__all__ = ["RetryPolicy", "run_in_transaction", "is_transient"]
 
 T = TypeVar("T")
 
@@ -95,6 +96,12 @@ def run_in_transaction(
                 sleep(min(policy.delay(attempt - 1), max(0.0, policy.max_seconds - elapsed)))
     finally:
         connection.close()
+
+
+def is_transient(db: Any, error: BaseException) -> bool:
+    """True if ``error`` means "try again later": a conflict, or a lost server or
+    database (which reconnects by itself)."""
+    return isinstance(error, TransientError) or _lost_database(db, error)
 
 
 def _lost_database(db: Any, error: BaseException) -> bool:
