@@ -6,22 +6,24 @@ Keys and order
     ``(key, record)`` entries, and an ``LOBTree`` holds the older ones. A post
     appends an entry with the tentative key ``max(now, head + 1)`` to the clock's
     ``pending`` and sets its ``head`` (the largest key) and ``count``, and writes
-    nothing else; the post that makes ``pending`` reach `FLUSH` entries also moves
-    them all into the tree, in the same transaction, and sets the clock's ``flushed``
-    (no key in the tree is above it). The order is made inside the commit: ZODB
-    resolves a conflict on the clock in commit order (ZEO on the server, serially;
-    RelStorage in the committing client), and `RoomClock._p_resolveConflict` appends
-    the entries a post added after the ones that committed first, raising each key
-    to ``max(key, previous + 1)`` from the committed head. So concurrent posts are
-    never refused, and keys are unique and strictly increasing in commit order,
-    whatever the writers' clocks say. A flush is refused (`ConflictError`, the writer
-    retries) if another post committed to the clock meanwhile, one commit in `FLUSH`
-    at most; two concurrent flushes would also insert the same keys into one bucket,
-    which BTrees refuse (it merges inserts of *different* keys only, see BTrees'
-    ``MergeTemplate.c``). Every pending key is above every key in the tree, and
-    a stored state holds each message in exactly one of the two places.
-    `add_message` returns the key the message was stored under, read back after its
-    commit; `post` returns the tentative key, which resolution may raise.
+    nothing else, unless it finds `FLUSH` or more entries pending: then, with chance
+    `FLUSH_CHANCE` (always from ``2 * FLUSH`` on), it first moves those entries, all
+    committed already, into the tree in the same transaction and sets the clock's
+    ``flushed`` (no key in the tree is above it); its own entry stays pending. The
+    order is made inside the commit: ZODB resolves a conflict on the clock in commit
+    order (ZEO on the server, serially; RelStorage in the committing client), and
+    `RoomClock._p_resolveConflict` appends the entries a post added after the ones
+    that committed first, raising each key to ``max(key, previous + 1)`` from the
+    committed head, and drops from the committed entries those a flush moved. So
+    concurrent posts are not refused, and keys are unique and strictly increasing in
+    commit order, whatever the writers' clocks say. Only two flushes of the same
+    entries collide: the later is refused (`ConflictError`, the writer retries), as
+    BTrees would refuse its inserts of the same keys into one bucket anyway (it
+    merges inserts of *different* keys only, see BTrees' ``MergeTemplate.c``).
+    Every pending key is above every key in the tree, and a stored state holds each
+    message in exactly one of the two places. `add_message` returns the key the
+    message was stored under, read back after its commit; `post` returns the
+    tentative key, which resolution may raise.
 
 Cursors
     Because a later commit always has a larger key, "everything after the last key I
@@ -46,6 +48,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -60,17 +63,21 @@ from .message import Message, MessageKind, new_message_id
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .validation import check_room_name, check_text, check_user_name
 
-__all__ = ["ChatSession", "RoomClock", "FLUSH"]
+__all__ = ["ChatSession", "RoomClock", "FLUSH", "FLUSH_CHANCE"]
 
 _CURSORS_ATTRIBUTE = "_chatzeo_cursors"
 
 
 Entry = tuple[int, tuple[Any, ...]]  # (key, message record), as in RoomClock.pending
 
-# How many messages wait in a room's clock before a post moves them into the tree.
-# Larger means fewer refused flushes (one commit in FLUSH) but a bigger clock record
+# How many messages wait in a room's clock before a post may move them into the tree
+# (from 2 * FLUSH on, it must). Larger means fewer flushes but a bigger clock record
 # written by every post.
 FLUSH = 32
+# The chance that a post finding FLUSH or more entries flushes them. Every writer that
+# saw the same entries would flush them at once, and all but the first would be
+# refused; with this chance few try together.
+FLUSH_CHANCE = 0.25
 
 
 class RoomClock(Persistent):
@@ -101,30 +108,50 @@ class RoomClock(Persistent):
         committed_pending = tuple(committed.get("pending", ()))
         resolved = dict(new)
         resolved["count"] = committed["count"] + new["count"] - old["count"]
-        base = len(old_pending)
+        # The writer dropped the first ``dropped`` of the entries it saw (a flush moved
+        # them into the tree, or retention removed them), kept the rest, and appended.
+        dropped = _dropped(old_pending, new_pending)
+        kept = len(old_pending) - dropped
         if (
-            len(new_pending) > base
-            and new_pending[:base] == old_pending
+            len(new_pending) > kept
             and new["head"] == new_pending[-1][0]
+            and committed_pending[:dropped] == old_pending[:dropped]
+            and (not dropped or committed.get("flushed") == old.get("flushed"))
+            and (
+                new.get("flushed") == old.get("flushed")
+                # A flush moved exactly the entries committed before it (not, say,
+                # entries an earlier post of the same transaction appended).
+                or (old_pending and not kept and new.get("flushed") == old_pending[-1][0])
+            )
         ):
-            # An append: order the new entries after everything committed first.
-            # ``committed_pending`` may be shorter than ``old_pending`` (a flush
-            # moved it into the tree): those entries' keys are <= committed head.
+            # Order the new entries after everything committed first. When the writer
+            # did not flush, ``committed_pending`` may be shorter than ``old_pending``
+            # (a flush committed meanwhile): those entries' keys are <= committed head.
             head = committed["head"]
             appended = []
-            for key, record in new_pending[base:]:
+            for key, record in new_pending[kept:]:
                 head = max(key, head + 1)
                 appended.append((head, record))
             resolved["head"] = head
-            resolved["pending"] = committed_pending + tuple(appended)
-            resolved.pop("flushed", None)
-            if "flushed" in committed:
-                resolved["flushed"] = committed["flushed"]
+            resolved["pending"] = committed_pending[dropped:] + tuple(appended)
+            if not dropped:
+                resolved.pop("flushed", None)
+                if "flushed" in committed:
+                    resolved["flushed"] = committed["flushed"]
             return resolved
         if committed_pending == old_pending and committed["head"] == old["head"]:
             return resolved
-        # A flush (or a trim of pending) raced a post: the writer retries.
-        raise ConflictError("the room's newest messages changed while they were moved")
+        # Both moved (or trimmed) the same entries: the later writer retries.
+        raise ConflictError("the room's newest messages were moved by another commit")
+
+
+def _dropped(old: tuple[Entry, ...], new: tuple[Entry, ...]) -> int:
+    """How many leading entries of ``old`` are missing from ``new``, which keeps the
+    others in front (``len(old)`` when it keeps none)."""
+    for dropped in range(len(old)):
+        if new[: len(old) - dropped] == old[dropped:]:
+            return dropped
+    return len(old)
 
 
 class _Cursor:
@@ -202,19 +229,22 @@ class ChatSession(Persistent):
             text,
             kind,
         )
-        pending = (*room_clock.pending, (message.key, message.to_record()))
         # The clock is changed first so that it is stored first: when its conflict
         # resolution refuses a flush, the server has not yet spent time merging the
         # (much bigger) bucket.
         room_clock.head = message.key
         room_clock.count += 1
-        if len(pending) >= FLUSH:
-            room_clock.pending = ()
-            room_clock.flushed = message.key
+        pending = room_clock.pending
+        if len(pending) >= FLUSH and (
+            len(pending) >= 2 * FLUSH or random.random() < FLUSH_CHANCE
+        ):
+            # Only entries that are already committed move, under their final keys;
+            # this post's own entry stays pending, so resolution can still order it.
+            room_clock.flushed = pending[-1][0]
             for key, record in pending:
                 self._messages[key] = record
-        else:
-            room_clock.pending = pending
+            pending = ()
+        room_clock.pending = (*pending, (message.key, message.to_record()))
         self._trim(message.key)
         return message
 

@@ -144,16 +144,23 @@ def test_room_clock_orders_a_concurrent_append_after_the_committed_one():
         "head": 30, "count": 3, "pending": ((30, c),)}
 
 
-def test_room_clock_refuses_a_flush_that_raced_a_post():
+def test_room_clock_orders_a_flush_after_a_post_and_refuses_a_second_flush():
     clock = RoomClock()
-    a, b = ("a", None, "a", 0), ("b", None, "b", 0)
-    old = {"head": 10, "count": 1, "pending": ((10, a),)}
-    committed = {"head": 20, "count": 2, "pending": ((10, a), (20, b))}
+    a, b, c, d = (("a", None, t, 0) for t in "abcd")
+    old = {"head": 10, "count": 1, "pending": ((10, a),), "flushed": 0}
+    appended = {"head": 20, "count": 2, "pending": ((10, a), (20, b)), "flushed": 0}
+    # This writer moved (10, a) into the tree and appended its own entry.
+    flush = {"head": 15, "count": 2, "pending": ((15, c),), "flushed": 10}
+    assert clock._p_resolveConflict(old, appended, flush) == {
+        "head": 21, "count": 3, "pending": ((20, b), (21, c)), "flushed": 10}
+    # Two writers moved the same entries: the later one retries.
+    other = {"head": 12, "count": 2, "pending": ((12, d),), "flushed": 10}
     with pytest.raises(ConflictError):
-        clock._p_resolveConflict(old, committed, {"head": 30, "count": 2, "pending": ()})
-    # Nothing else was committed to the clock's entries: the flush stands.
-    assert clock._p_resolveConflict(old, dict(old), {"head": 30, "count": 2, "pending": ()}) == {
-        "head": 30, "count": 2, "pending": ()}
+        clock._p_resolveConflict(old, other, flush)
+    # A flush that moved more than what was committed before it is not merged.
+    own = {"head": 16, "count": 3, "pending": ((16, d),), "flushed": 15}
+    with pytest.raises(ConflictError):
+        clock._p_resolveConflict(old, appended, own)
 
 
 def test_add_message_returns_the_key_conflict_resolution_gave_it(tmp_path):

@@ -186,15 +186,16 @@ def test_a_forged_author_is_refused(guarded, alice_db):
 def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
     def fill(root: ChatRoot) -> None:
         room = root.room("ledger")
-        for number in range(FLUSH + 1):
+        for number in range(2 * FLUSH + 1):  # from 2 * FLUSH pending on, a post flushes
             room.post("original" if number == 0 else f"m{number}", "alice")
 
     edit(alice_db, fill)
     ledger = messages(alice_db, "ledger")
     (key, record), (last_key, last_record) = ledger[0], ledger[-1]
-    # The first FLUSH messages were moved into the tree, the last one waits in the clock.
-    assert read(alice_db, lambda root: root.rooms["ledger"]._clock.pending) == (
-        (last_key, last_record),)
+    # The first message was moved into the tree, the last one waits in the clock.
+    assert read(alice_db, lambda root: (
+        key in root.rooms["ledger"]._messages
+        and root.rooms["ledger"]._clock.pending[-1] == (last_key, last_record)))
     edited = (last_record[0], "alice", "edited", 0)
 
     def rewrite(root: ChatRoot) -> None:
@@ -206,18 +207,21 @@ def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
         room._clock.count -= 1  # keeps the count right: the deletion itself is refused
 
     def rewrite_pending(root: ChatRoot) -> None:
-        root.rooms["ledger"]._clock.pending = ((last_key, edited),)
+        clock = root.rooms["ledger"]._clock
+        clock.pending = (*clock.pending[:-1], (last_key, edited))
 
     def delete_pending(root: ChatRoot) -> None:
         clock = root.rooms["ledger"]._clock
-        clock.pending = ()
+        clock.pending = clock.pending[:-1]
         clock.count -= 1
 
     def flush_edited(root: ChatRoot) -> None:
         room = root.rooms["ledger"]
+        for pending_key, pending_record in room._clock.pending:
+            room._messages[pending_key] = pending_record
+        room._messages[last_key] = edited
         room._clock.pending = ()
         room._clock.flushed = last_key
-        room._messages[last_key] = edited
 
     def backdate(root: ChatRoot) -> None:
         room = root.rooms["ledger"]
@@ -233,7 +237,7 @@ def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
         root.rooms["ledger"]._clock.head = key
 
     wait_until("bob sees the ledger", lambda: len(read(bob_db, lambda r: list(
-        r.rooms["ledger"].history()) if "ledger" in r.rooms else [])) == FLUSH + 1)
+        r.rooms["ledger"].history()) if "ledger" in r.rooms else [])) == 2 * FLUSH + 1)
     for writer in (alice_db, bob_db):
         for change in (rewrite, delete, rewrite_pending, delete_pending, flush_edited):
             refused(guarded, writer, "history", change)
