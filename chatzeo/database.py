@@ -111,7 +111,7 @@ def _open_zeo(
         lambda _name, args: TrustViolation(*args),
     )
     try:
-        storage = ClientStorage(address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None)
+        storage = _ClientStorage(address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None)
     except ClientDisconnected:
         raise ServerUnavailable(shown, wait) from None
     return _db(storage, db_options, shown=shown, wait=wait)
@@ -208,3 +208,18 @@ def _is_socket(path: str) -> bool:
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+class _ClientStorage(ClientStorage):
+    """ZEO's client, forgetting on disconnect the oids it fetched in advance.
+
+    ZEO keeps them across a reconnect, but a server that died never recorded them as
+    allocated (FileStorage does at commit), so once restarted it hands the same oids
+    to other clients: two new objects would share an oid, and the connection that
+    loaded one refuses to store the other ("A different object already has the same
+    oid"). Runs in ZEO's IO thread; ``new_oid`` then fetches a fresh batch.
+    """
+
+    def notify_disconnected(self) -> None:
+        self._oids.clear()
+        super().notify_disconnected()

@@ -7,9 +7,11 @@ live server (it then sees the file as of the moment it opened it). It checks, in
    has a consistent length, status and back pointer);
 2. references, as ``fsrefs`` does: every object the current records refer to exists;
 3. chatzeo's invariants, loading only allowlisted classes: in each room the message
-   keys are strictly increasing (``BTrees.check``), the clock's ``count`` is the number
-   of keys and its ``head`` is at least the largest key (equal unless retention removed
-   every message), and every message record is a well-formed ``(id, author, text, kind)``.
+   tree is sound (``BTrees.check``) and the clock's pending entries have strictly
+   increasing keys, all above the tree's; the clock's ``count`` is the number of
+   messages in both places, its ``head`` is at least the largest key (equal unless
+   retention removed every message), its ``flushed`` at least the tree's largest key,
+   and every message record is a well-formed ``(id, author, text, kind)``.
 
 It stops at the first framing error (nothing after it can be trusted) and otherwise
 collects every problem. Runs in the calling thread.
@@ -125,18 +127,37 @@ def _check_room(room: Any, counts: dict[str, int]) -> list[str]:
     except AssertionError as error:
         problems.append(f"message tree is damaged: {error}")
     keys = list(tree.keys())
-    counts["messages"] += len(keys)
-    if any(later <= earlier for earlier, later in zip(keys, keys[1:], strict=False)):
-        problems.append("message keys are not strictly increasing")
     clock = room._clock
-    if clock.count != len(keys):
-        problems.append(f"clock counts {clock.count} messages but the room holds {len(keys)}")
-    if keys and clock.head < keys[-1]:
-        problems.append(f"clock head {clock.head} is below the largest key {keys[-1]}")
-    for key, record in tree.items():
+    pending = clock.pending
+    if not (isinstance(pending, tuple) and all(
+        isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], int)
+        for entry in pending
+    )):
+        return [*problems, f"clock's pending entries are malformed: {pending!r:.80}"]
+    pending_keys = [key for key, _ in pending]
+    counts["messages"] += len(keys) + len(pending_keys)
+    if not _increasing(keys):
+        problems.append("message keys are not strictly increasing")
+    if not _increasing(pending_keys):
+        problems.append("pending message keys are not strictly increasing")
+    if keys and pending_keys and pending_keys[0] <= keys[-1]:
+        problems.append(f"pending key {pending_keys[0]} is not above the tree's {keys[-1]}")
+    held = len(keys) + len(pending_keys)
+    if clock.count != held:
+        problems.append(f"clock counts {clock.count} messages but the room holds {held}")
+    newest = max(keys[-1:] + pending_keys[-1:], default=None)
+    if newest is not None and clock.head < newest:
+        problems.append(f"clock head {clock.head} is below the largest key {newest}")
+    if keys and clock.flushed is not None and clock.flushed < keys[-1]:
+        problems.append(f"clock flushed {clock.flushed} is below the tree's largest key {keys[-1]}")
+    for key, record in [*tree.items(), *pending]:
         if not _well_formed(record):
             problems.append(f"message at key {key} is malformed: {record!r:.80}")
     return problems
+
+
+def _increasing(keys: list[int]) -> bool:
+    return all(earlier < later for earlier, later in zip(keys, keys[1:], strict=False))
 
 
 def _well_formed(record: Any) -> bool:

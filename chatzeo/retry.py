@@ -58,6 +58,7 @@ def run_in_transaction(
     policy: RetryPolicy = DEFAULT_POLICY,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    then: Callable[[Connection, T], T] | None = None,
 ) -> T:
     """Call ``work(connection)`` in a fresh transaction of a private connection to
     ``db`` and commit; on a retryable error abort, back off and call it again.
@@ -66,6 +67,11 @@ def run_in_transaction(
     lost server the commit may have landed anyway). Returns what the successful call
     returned. Raises `RetryLimitExceeded` when the policy's bound is reached, and any
     non-retryable error at once.
+
+    ``then(connection, result)``, if given, runs after the commit in a fresh
+    transaction of the same connection, so it reads what was committed (conflict
+    resolution may have changed it); its result is returned instead. Its failures
+    are not retried: the commit stands, and ``result`` is returned.
     """
     manager = transaction.TransactionManager(explicit=True)
     connection = db.open(transaction_manager=manager)
@@ -80,7 +86,7 @@ def run_in_transaction(
                 manager.begin()
                 result = work(connection)
                 manager.commit()
-                return result
+                break
             except Exception as error:
                 # As in transaction's own attempts(): ask before aborting, so the
                 # data managers can still say whether their error is retryable.
@@ -94,6 +100,15 @@ def run_in_transaction(
                 if policy.on_retry is not None:
                     policy.on_retry(error)
                 sleep(min(policy.delay(attempt - 1), max(0.0, policy.max_seconds - elapsed)))
+        if then is None:
+            return result
+        try:
+            manager.begin()
+            return then(connection, result)
+        except Exception:
+            return result
+        finally:
+            manager.abort()
     finally:
         connection.close()
 

@@ -1,23 +1,39 @@
 """`ChatSession`: where a room's messages are stored, and how each reader finds the new ones.
 
 Keys and order
-    Messages live in an ``LOBTree`` keyed by a hybrid logical clock in microseconds:
-    a new message's key is ``max(now, head + 1)``, where ``head`` is the largest key
-    committed so far, kept in the room's `RoomClock`. Every post writes the clock, and
-    the clock's conflict resolution accepts a concurrent post only if its key is larger
-    than the one that committed first; otherwise the writer gets a `ConflictError` and
-    retries with a fresh head. So keys are unique and strictly increasing in commit
-    order, whatever the writers' clocks say; a writer whose clock lags gets ``head + 1``.
-    (BTrees merge concurrent inserts of *different* keys into one bucket and refuse two
-    inserts of the same key, see BTrees' ``MergeTemplate.c``; the clock adds the order.)
+    Messages are keyed by a hybrid logical clock in microseconds and live in two
+    places: the room's `RoomClock` holds the newest ones in ``pending``, a tuple of
+    ``(key, record)`` entries, and an ``LOBTree`` holds the older ones. A post
+    appends an entry with the tentative key ``max(now, head + 1)`` to the clock's
+    ``pending`` and sets its ``head`` (the largest key) and ``count``, and writes
+    nothing else, unless it finds `FLUSH` or more entries pending: then, with chance
+    `FLUSH_CHANCE` (always from ``2 * FLUSH`` on), it first moves those entries, all
+    committed already, into the tree in the same transaction and sets the clock's
+    ``flushed`` (no key in the tree is above it); its own entry stays pending. The
+    order is made inside the commit: ZODB resolves a conflict on the clock in commit
+    order (ZEO on the server, serially; RelStorage in the committing client), and
+    `RoomClock._p_resolveConflict` appends the entries a post added after the ones
+    that committed first, raising each key to ``max(key, previous + 1)`` from the
+    committed head, and drops from the committed entries those a flush moved. So
+    concurrent posts are not refused, and keys are unique and strictly increasing in
+    commit order, whatever the writers' clocks say. Only two flushes of the same
+    entries collide: the later is refused (`ConflictError`, the writer retries), as
+    BTrees would refuse its inserts of the same keys into one bucket anyway (it
+    merges inserts of *different* keys only, see BTrees' ``MergeTemplate.c``).
+    Every pending key is above every key in the tree, and a stored state holds each
+    message in exactly one of the two places. `add_message` returns the key the
+    message was stored under, read back after its commit; `post` returns the
+    tentative key, which resolution may raise.
 
 Cursors
     Because a later commit always has a larger key, "everything after the last key I
-    returned" is exactly what a reader has not seen: ``new_messages`` is one range
-    search from the cursor, never a scan. The cursor is per connection and never
-    stored: ``_v_cursor`` holds it, and the connection keeps the same object in a
-    registry keyed by the session's oid, so ghosting the session (cache GC,
-    ``cacheMinimize()``, an invalidation) loses nothing.
+    returned" is exactly what a reader has not seen: ``new_messages`` is a range
+    search from the cursor, in the tree and then in the clock's pending entries, never
+    a scan; when the clock's ``flushed`` is at or below the cursor (the common case)
+    the clock alone answers, so delivering a post loads one small record. The cursor
+    is per connection and never stored: ``_v_cursor`` holds it, and the connection
+    keeps the same object in a registry keyed by the session's oid, so ghosting the
+    session (cache GC, ``cacheMinimize()``, an invalidation) loses nothing.
 
 Transactions
     `ChatSession.post` adds a message to the caller's transaction. `ChatSession.add_message`
@@ -29,7 +45,10 @@ A session object and its cursor belong to the thread that owns its connection.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -44,30 +63,95 @@ from .message import Message, MessageKind, new_message_id
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .validation import check_room_name, check_text, check_user_name
 
-__all__ = ["ChatSession", "RoomClock"]
+__all__ = ["ChatSession", "RoomClock", "FLUSH", "FLUSH_CHANCE"]
 
 _CURSORS_ATTRIBUTE = "_chatzeo_cursors"
 
 
-class RoomClock(Persistent):
-    """The largest key committed in a room and the number of messages it holds.
+Entry = tuple[int, tuple[Any, ...]]  # (key, message record), as in RoomClock.pending
 
-    Written by every post. Its conflict resolution is what orders the room: see the
-    module docstring.
+# How many messages wait in a room's clock before a post may move them into the tree
+# (from 2 * FLUSH on, it must). Larger means fewer flushes but a bigger clock record
+# written by every post.
+FLUSH = 32
+# The chance that a post finding FLUSH or more entries flushes them. Every writer that
+# saw the same entries would flush them at once, and all but the first would be
+# refused; with this chance few try together.
+FLUSH_CHANCE = 0.25
+
+
+class RoomClock(Persistent):
+    """The newest messages of a room, their largest key and how many messages it holds.
+
+    Written by every post, and the only object most posts write. Its conflict
+    resolution is what orders the room: see the module docstring.
     """
+
+    # Rooms stored before ``pending`` existed load without it, and without
+    # ``flushed``: no key in the tree is above it, None while that is not known.
+    pending: tuple[Entry, ...] = ()
+    flushed: int | None = None
 
     def __init__(self) -> None:
         self.head = 0
         self.count = 0
+        self.pending = ()
+        self.flushed = 0
 
     def _p_resolveConflict(  # noqa: N802 (ZODB's name)
-        self, old: dict[str, int], committed: dict[str, int], new: dict[str, int]
-    ) -> dict[str, int]:
-        if new["head"] <= committed["head"]:
-            raise ConflictError("a message with a later key committed first")
+        self, old: dict[str, Any], committed: dict[str, Any], new: dict[str, Any]
+    ) -> dict[str, Any]:
+        # Runs on the ZEO server (or in a RelStorage client), one commit at a time in
+        # commit order, on plain states: tuples, ints and strs only.
+        old_pending = tuple(old.get("pending", ()))
+        new_pending = tuple(new.get("pending", ()))
+        committed_pending = tuple(committed.get("pending", ()))
         resolved = dict(new)
         resolved["count"] = committed["count"] + new["count"] - old["count"]
-        return resolved
+        # The writer dropped the first ``dropped`` of the entries it saw (a flush moved
+        # them into the tree, or retention removed them), kept the rest, and appended.
+        dropped = _dropped(old_pending, new_pending)
+        kept = len(old_pending) - dropped
+        if (
+            len(new_pending) > kept
+            and new["head"] == new_pending[-1][0]
+            and committed_pending[:dropped] == old_pending[:dropped]
+            and (not dropped or committed.get("flushed") == old.get("flushed"))
+            and (
+                new.get("flushed") == old.get("flushed")
+                # A flush moved exactly the entries committed before it (not, say,
+                # entries an earlier post of the same transaction appended).
+                or (old_pending and not kept and new.get("flushed") == old_pending[-1][0])
+            )
+        ):
+            # Order the new entries after everything committed first. When the writer
+            # did not flush, ``committed_pending`` may be shorter than ``old_pending``
+            # (a flush committed meanwhile): those entries' keys are <= committed head.
+            head = committed["head"]
+            appended = []
+            for key, record in new_pending[kept:]:
+                head = max(key, head + 1)
+                appended.append((head, record))
+            resolved["head"] = head
+            resolved["pending"] = committed_pending[dropped:] + tuple(appended)
+            if not dropped:
+                resolved.pop("flushed", None)
+                if "flushed" in committed:
+                    resolved["flushed"] = committed["flushed"]
+            return resolved
+        if committed_pending == old_pending and committed["head"] == old["head"]:
+            return resolved
+        # Both moved (or trimmed) the same entries: the later writer retries.
+        raise ConflictError("the room's newest messages were moved by another commit")
+
+
+def _dropped(old: tuple[Entry, ...], new: tuple[Entry, ...]) -> int:
+    """How many leading entries of ``old`` are missing from ``new``, which keeps the
+    others in front (``len(old)`` when it keeps none)."""
+    for dropped in range(len(old)):
+        if new[: len(old) - dropped] == old[dropped:]:
+            return dropped
+    return len(old)
 
 
 class _Cursor:
@@ -134,21 +218,33 @@ class ChatSession(Persistent):
         message_id: str,
         clock: Callable[[], float],
     ) -> Message:
-        """Store an already validated message under the next key."""
+        """Append an already validated message to the clock's pending entries under a
+        tentative key (the server's conflict resolution may raise it)."""
+        room_clock = self._clock
         message = Message(
             message_id,
             self.name,
-            max(int(clock() * 1_000_000), self._clock.head + 1),
+            max(int(clock() * 1_000_000), room_clock.head + 1),
             author,
             text,
             kind,
         )
         # The clock is changed first so that it is stored first: when its conflict
-        # resolution refuses the commit, the server has not yet spent time merging
-        # the (much bigger) bucket.
-        self._clock.head = message.key
-        self._clock.count += 1
-        self._messages[message.key] = message.to_record()
+        # resolution refuses a flush, the server has not yet spent time merging the
+        # (much bigger) bucket.
+        room_clock.head = message.key
+        room_clock.count += 1
+        pending = room_clock.pending
+        if len(pending) >= FLUSH and (
+            len(pending) >= 2 * FLUSH or random.random() < FLUSH_CHANCE
+        ):
+            # Only entries that are already committed move, under their final keys;
+            # this post's own entry stays pending, so resolution can still order it.
+            room_clock.flushed = pending[-1][0]
+            for key, record in pending:
+                self._messages[key] = record
+            pending = ()
+        room_clock.pending = (*pending, (message.key, message.to_record()))
         self._trim(message.key)
         return message
 
@@ -170,8 +266,13 @@ class ChatSession(Persistent):
         committed yet, and `RetryLimitExceeded` when conflicts or a lost server outlast
         the policy's bound.
 
+        Returns the message as stored: its key is the one conflict resolution gave it,
+        read back after the commit (if that read fails, the key the commit proposed,
+        which is never larger).
+
         A commit cut off by a lost server may have landed; each retry first looks for
-        the message (by id) at the keys earlier attempts used, so it is stored once.
+        the message (by id) at or after the keys earlier attempts proposed (resolution
+        only raises keys), so it is stored once.
         """
         text = check_text(text)
         if author is not None:
@@ -184,36 +285,67 @@ class ChatSession(Persistent):
 
         def attempt(connection: Any) -> Message:
             session: ChatSession = connection.get(oid)
-            for key in tried:
-                record = session._messages.get(key)
-                if record is not None and record[0] == message_id:
-                    return Message.from_record(session.name, key, record)
+            if tried:
+                found = session._find(message_id, min(tried))
+                if found is not None:
+                    return found
             message = session._insert(text, author, kind, message_id, clock)
             tried.append(message.key)
             return message
 
+        def stored(connection: Any, message: Message) -> Message:
+            found = connection.get(oid)._find(message_id, message.key)
+            return message if found is None else found
+
         return run_in_transaction(
-            self._p_jar.db(), attempt, what=f"posting to room {self.name!r}", policy=policy
+            self._p_jar.db(),
+            attempt,
+            what=f"posting to room {self.name!r}",
+            policy=policy,
+            then=stored,
         )
 
+    def _find(self, message_id: str, min_key: int) -> Message | None:
+        """The message ``message_id`` if it is stored at ``min_key`` or later.
+
+        Looks in the clock first, where a message stays until a flush; the tree holds
+        keys from ``min_key`` on only if the first pending key is above it."""
+        pending = self._clock.pending
+        tree = self._messages.items(min=min_key) if not pending or pending[0][0] > min_key else ()
+        for key, record in itertools.chain(pending, tree):
+            if key >= min_key and record[0] == message_id:
+                return Message.from_record(self.name, key, record)
+        return None
+
     def _trim(self, now_key: int) -> None:
-        """Remove the oldest messages beyond ``max_messages`` or older than ``max_age``."""
+        """Remove the oldest messages beyond ``max_messages`` or older than ``max_age``.
+
+        The oldest are in the tree; only a room holding fewer than about `FLUSH`
+        messages trims its clock's pending entries.
+        """
         doomed: list[int] = []
         if self.max_age is not None:
             cutoff = now_key - int(self.max_age * 1_000_000)
-            doomed.extend(self._messages.keys(max=cutoff, excludemax=True))
+            doomed.extend(key for key, _ in self._entries(0, cutoff - 1))
         if self.max_messages is not None:
             excess = self._clock.count - len(doomed) - self.max_messages
             if excess > 0:
-                skip = len(doomed)
-                for index, key in enumerate(self._messages.keys()):
-                    if index >= skip + excess:
+                start = doomed[-1] + 1 if doomed else 0
+                for key, _ in self._entries(start):
+                    if excess <= 0:
                         break
-                    if index >= skip:
-                        doomed.append(key)
+                    doomed.append(key)
+                    excess -= 1
+        if not doomed:
+            return
+        room_clock = self._clock
+        gone = set(doomed)
+        kept = tuple(entry for entry in room_clock.pending if entry[0] not in gone)
+        if len(kept) != len(room_clock.pending):
+            room_clock.pending = kept
         for key in doomed:
-            del self._messages[key]
-        self._clock.count -= len(doomed)
+            self._messages.pop(key, None)
+        room_clock.count -= len(doomed)
 
     # -- reading ---------------------------------------------------------------
 
@@ -225,15 +357,21 @@ class ChatSession(Persistent):
         at all when the room's clock, still in the cache, says nothing is new.
         """
         cursor = self._cursor()
-        # A ghost clock was invalidated (something was posted) or evicted: loading it
-        # would cost a round trip to the server just to learn what the range search,
-        # which loads the changed bucket anyway, finds out by itself.
-        if self._clock._p_changed is not None and self._clock.head <= cursor.key:
+        room_clock = self._clock
+        # A ghost clock was invalidated (something was posted) or evicted; one still
+        # in the cache answers "nothing new" without a round trip.
+        if room_clock._p_changed is not None and room_clock.head <= cursor.key:
             return []
-        messages = list(self._iter(min_key=cursor.key + 1))
-        if messages:
-            cursor.key = messages[-1].key
-        return messages
+        flushed = room_clock.flushed
+        if flushed is not None and flushed <= cursor.key:
+            # No key in the tree is above the cursor: the clock alone holds what is new.
+            entries = [entry for entry in room_clock.pending if entry[0] > cursor.key]
+        else:
+            entries = list(self._entries(cursor.key + 1))
+        if entries:
+            cursor.key = entries[-1][0]
+        name = self.name
+        return [Message.from_record(name, key, record) for key, record in entries]
 
     def skip_to_end(self) -> None:
         """Mark everything in this connection's current view as returned."""
@@ -270,32 +408,51 @@ class ChatSession(Persistent):
         return self._newest(limit, low, high)
 
     def _newest(self, limit: int, low: int, high: int | None) -> list[Message]:
+        if limit == 0:
+            return []
+        newest = [
+            entry
+            for entry in self._clock.pending
+            if entry[0] >= low and (high is None or entry[0] <= high)
+        ][-limit:]
         # BTrees iterate forwards only; walking back with maxKey(max=...) costs a
         # descent per message through nodes that are already in the cache.
-        keys: list[int] = []
         bound = high
         tree = self._messages
-        while len(keys) < limit:
+        for _ in range(limit):
             try:
                 key = tree.maxKey() if bound is None else tree.maxKey(bound)
             except ValueError:
                 break
             if key < low:
                 break
-            keys.append(key)
+            newest.append((key, tree[key]))
             bound = key - 1
-        keys.reverse()
-        return [Message.from_record(self.name, key, tree[key]) for key in keys]
+        newest.sort(key=_entry_key)
+        return [Message.from_record(self.name, key, record) for key, record in newest[-limit:]]
 
     def _iter(self, min_key: int = 0, max_key: int | None = None) -> Iterator[Message]:
         name = self.name
+        for key, record in self._entries(min_key, max_key):
+            yield Message.from_record(name, key, record)
+
+    def _entries(self, min_key: int = 0, max_key: int | None = None) -> Iterator[Entry]:
+        """The ``(key, record)`` pairs from ``min_key`` to ``max_key`` (inclusive), in
+        key order, from the tree and the clock's pending entries (all newer, unless a
+        client bypassing chatzeo wrote the tree directly: merging keeps order anyway)."""
         items = (
             self._messages.items(min=min_key)
             if max_key is None
             else self._messages.items(min=min_key, max=max_key)
         )
-        for key, record in items:
-            yield Message.from_record(name, key, record)
+        pending = [
+            entry
+            for entry in self._clock.pending
+            if entry[0] >= min_key and (max_key is None or entry[0] <= max_key)
+        ]
+        if not pending:
+            return iter(items)
+        return heapq.merge(items, pending, key=_entry_key)
 
     def _cursor(self) -> _Cursor:
         try:
@@ -309,6 +466,10 @@ class ChatSession(Persistent):
             cursor = registry.setdefault(self._p_oid, cursor)
         self._v_cursor = cursor
         return cursor
+
+
+def _entry_key(entry: Entry) -> int:
+    return entry[0]
 
 
 def _key_after(point: float | Message | None) -> int:

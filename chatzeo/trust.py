@@ -15,7 +15,8 @@ What is checked
     the state the writer started from (``loadSerial(oid, serial)``). Comparing with
     that base, not with the newest state, is what makes the checks hold under
     conflict resolution: BTrees and `RoomClock` merge a writer's *change* into the
-    newest state, and it is that change which is checked.
+    newest state (the clock also raises the keys of the entries it appends), and it
+    is that change which is checked.
 
 The rules (each refusal names one; docs/security.md explains them)
     ``root``        the ZODB root and the ChatRoot are never changed by a client.
@@ -24,13 +25,18 @@ The rules (each refusal names one; docs/security.md explains them)
                     its key, with new trees and a new clock of its own.
     ``user``        a User and its leases are changed only by the certificate of the
                     same name; ChatRoot.users only gains the writer's own new User.
-    ``author``      a new message is ``(id, author, text, kind)`` with author = identity.
-    ``history``     an existing message keeps its key and record; a message is removed
-                    only by retention (older than ``max_age``, or the oldest while
-                    ``max_messages`` stay); new keys are larger than the room clock's
-                    head, at most `FUTURE_SKEW` ahead of the server's clock, and the
-                    clock is written with them (its head is the newest key, its count
-                    moves by exactly the messages added and removed).
+    ``author``      a new message is ``(id, author, text, kind)`` with author = identity;
+                    new messages arrive as entries appended to the room clock's
+                    ``pending`` (or, in a flush, straight into the tree with the rest).
+    ``history``     an existing message keeps its key and record: a pending entry stays
+                    as it is, or a flush moves it unchanged into the tree; a message is
+                    removed only by retention (older than ``max_age``, or the oldest
+                    while ``max_messages`` stay); new keys are larger than the room
+                    clock's head, at most `FUTURE_SKEW` ahead of the server's clock, and
+                    the clock is written with them (pending keys in order and above the
+                    tree's, its head the newest key, its count moving by exactly the
+                    messages added and removed, its ``flushed`` mark moving only with a
+                    flush and never below a key put in the tree).
     ``identity``    a certificate without a single commonName changes nothing.
     ``presence``    a presence entry added, changed or removed names the writer.
     ``structure``   in every checked tree, keys are sorted, a child unlinked from a
@@ -433,8 +439,7 @@ class _Commit:
             for role, group in groups.items():
                 self._check_group(role, group, clocks)
             for owner, clock in clocks.items():
-                group = groups.get(("messages", owner), _Group())
-                self._check_clock(clock, tuple(group.added), len(group.removed))
+                self._check_clock(owner, clock, groups.get(("messages", owner), _Group()))
         except _Undecodable as error:
             raise TrustViolation(f"structure: a record {error}") from None
         except TypeError:  # keys of different types met in a comparison
@@ -663,41 +668,82 @@ class _Commit:
                 self.refuse("user", f"only {key!r} can create user {key!r}")
 
     def _check_messages(self, owner: bytes, group: _Group, clock: _Record | None) -> None:
+        """A room's tree changes only with its clock, which `_check_clock` checks."""
         if group.changed:
             self.refuse("history", "an existing message cannot be changed")
-        if not group.added and not group.removed:
-            return
-        room = self.index.rooms.get(owner) or self.update.rooms.get(owner)
-        if room is None or clock is None:
+        if (group.added or group.removed) and clock is None:
             self.refuse("history", "messages were added or removed without the room's clock")
-        assert room is not None and clock is not None
+
+    def _check_clock(self, owner: bytes, clock: _Record, group: _Group) -> None:
+        """A room clock and its tree: the clock's pending entries only grow, except
+        that a flush moves them unchanged into the tree and retention removes the
+        oldest; new messages are the writer's, above the old head and not too far
+        ahead; head, count and flushed follow."""
+        self._decode(clock)
+        room = self.index.rooms.get(owner) or self.update.rooms.get(owner)
+        if room is None:
+            self.refuse("history", "a room clock was written without its room")
+        assert room is not None
+        new = clock.new_state
+        old: dict[str, Any] = (
+            clock.old_state if not clock.is_new else {"head": 0, "count": 0, "flushed": 0}
+        )
+        if not all(_is_clock(state) for state in (old, new)):
+            self.refuse("history", "a room clock is malformed")
+        old_pending = dict(old.get("pending", ()))
+        new_entries = new.get("pending", ())
+        new_pending = dict(new_entries)
+        if len(new_pending) != len(new_entries) or list(new_pending) != sorted(new_pending):
+            self.refuse("history", "a room clock's pending messages are out of order")
+        moved: set[int] = set()
+        removed = dict(group.removed)
+        for key, record in old_pending.items():
+            after = new_pending.get(key, group.added.get(key, _MISSING))
+            if after is _MISSING:
+                removed[key] = record
+            elif after != record:
+                self.refuse("history", "an existing message cannot be changed")
+            elif key not in new_pending:
+                moved.add(key)
+        added = {k: r for k, r in group.added.items() if k not in moved}
+        added.update((k, r) for k, r in new_pending.items() if k not in old_pending)
         latest = int((self.now + FUTURE_SKEW) * 1_000_000)
-        for key, record in group.added.items():
+        for key, record in added.items():
+            if key <= old["head"]:
+                self.refuse("history", "a message was inserted before the room's head")
             if key > latest:
                 self.refuse("history", "a message key lies too far in the future")
             if not _is_message(record):
                 self.refuse("history", "a message record is malformed")
             if record[1] != self.identity:
                 self.refuse("author", f"{self.identity!r} cannot post as {record[1]!r}")
-        if group.removed:
-            self._check_retention(owner, room, group, clock)
+        if group.added:
+            top = max(group.added)
+            flushed = new.get("flushed")
+            if new_pending and min(new_pending) <= top:
+                self.refuse("history", "a message was put in the tree above pending ones")
+            if not isinstance(flushed, int) or flushed < top:
+                self.refuse("history", "a room clock's flushed mark is below its tree's keys")
+        elif new.get("flushed") != old.get("flushed"):
+            self.refuse("history", "a room clock's flushed mark moved without a flush")
+        if removed:
+            self._check_retention(room, sorted(removed), new["count"], new_pending)
+        if new["head"] != (max(added) if added else old["head"]):
+            self.refuse("history", "a room clock's head must be its newest message's key")
+        if new["count"] - old["count"] != len(added) - len(removed):
+            self.refuse("history", "a room clock's count does not match its messages")
 
     def _check_retention(
-        self, owner: bytes, room: RoomInfo, group: _Group, clock: _Record
+        self, room: RoomInfo, removed: list[int], count: int, pending: dict[int, Any]
     ) -> None:
-        removed = sorted(group.removed)
         if room.max_age is not None:
             bound = int((self.now + FUTURE_SKEW - room.max_age) * 1_000_000)
             removed = [key for key in removed if key >= bound]
         if removed and room.max_messages is not None:
-            self._decode(clock)
-            count = clock.new_state.get("count") if isinstance(clock.new_state, dict) else None
             first = self._first_key(room.messages)
-            if (
-                isinstance(count, int)
-                and count >= room.max_messages
-                and (first is None or removed[-1] < first)
-            ):
+            if first is None and pending:
+                first = min(pending)
+            if count >= room.max_messages and (first is None or removed[-1] < first):
                 removed = []
         if removed:
             self.refuse("history", "a message was removed that retention does not remove")
@@ -718,25 +764,6 @@ class _Commit:
             oid = shape.link
         return None
 
-    def _check_clock(self, clock: _Record, added: tuple[int, ...], removed: int) -> None:
-        self._decode(clock)
-        new = clock.new_state
-        old = clock.old_state if not clock.is_new else {"head": 0, "count": 0}
-        if not all(
-            isinstance(state, dict)
-            and type(state.get("head")) is int
-            and type(state.get("count")) is int
-            for state in (old, new)
-        ):
-            self.refuse("history", "a room clock is malformed")
-        if added and min(added) <= old["head"]:
-            self.refuse("history", "a message was inserted before the room's head")
-        if new["head"] != (max(added) if added else old["head"]):
-            self.refuse("history", "a room clock's head must be its newest message's key")
-        if new["count"] - old["count"] != len(added) - removed:
-            self.refuse("history", "a room clock's count does not match its messages")
-
-
 def _ref(state: Any, name: str) -> bytes:
     value = state.get(name) if isinstance(state, dict) else None
     if not isinstance(value, Ref):
@@ -752,6 +779,21 @@ def _check_sorted(shape: _Shape) -> None:
             raise _Undecodable("has keys out of order")
     except TypeError:
         raise _Undecodable("has keys that cannot be ordered") from None
+
+
+def _is_clock(state: Any) -> bool:
+    if not (
+        isinstance(state, dict)
+        and type(state.get("head")) is int
+        and type(state.get("count")) is int
+        and (state.get("flushed") is None or type(state.get("flushed")) is int)
+    ):
+        return False
+    pending = state.get("pending", ())
+    return isinstance(pending, tuple) and all(
+        isinstance(entry, tuple) and len(entry) == 2 and type(entry[0]) is int
+        for entry in pending
+    )
 
 
 def _is_message(record: Any) -> bool:

@@ -133,7 +133,7 @@ def stored_ids(address: str) -> list[str]:
         manager = transaction.TransactionManager()
         connection = db.open(transaction_manager=manager)
         room = get_root(connection).rooms[ROOM]
-        ids = [record[0] for record in room._messages.values()]
+        ids = [message.id for message in room.history()]
         assert room._clock.count == len(ids), "clock count differs from the stored messages"
         connection.close()
         return ids

@@ -53,16 +53,20 @@ def chatzeo_command(*args: str) -> list[str]:
 
 
 def stored(target: str, room: str) -> list[tuple[int, Any]]:
-    """Every (key, record) of ``room``, read through a fresh client, after checking the
-    room's clock agrees with them (count and head)."""
+    """Every (key, record) of ``room`` (its tree, then its clock's pending entries),
+    read through a fresh client, after checking they are in key order and the room's
+    clock agrees with them (count, head and flushed)."""
     db = open_db(target, wait=30)
     try:
         manager = transaction.TransactionManager()
         connection = db.open(transaction_manager=manager)
         session = get_root(connection).rooms[room]
-        items = list(session._messages.items())
+        tree, pending = list(session._messages.items()), list(session._clock.pending)
+        items = tree + pending
+        assert [key for key, _ in items] == sorted({key for key, _ in items})
         assert session._clock.count == len(items)
         assert not items or session._clock.head == items[-1][0]
+        assert not tree or session._clock.flushed >= tree[-1][0]
         manager.abort()
         connection.close()
         return items

@@ -27,10 +27,12 @@ def post_unchecked(db: ZODB.DB, room: str, author: str, text: str) -> None:
     try:
         with manager:
             session = get_root(connection).room(room)
-            key = session._clock.head + 1
-            session._messages[key] = (new_message_id(), author, text, 0)
-            session._clock.head = key
-            session._clock.count += 1
+            clock = session._clock
+            key = clock.head + 1
+            # Where chatzeo's own posts go: the room clock's pending entries.
+            clock.pending = (*clock.pending, (key, (new_message_id(), author, text, 0)))
+            clock.head = key
+            clock.count += 1
     finally:
         connection.close()
 

@@ -7,6 +7,7 @@ import pickle
 import pytest
 import transaction
 import ZODB
+from ZODB.FileStorage import FileStorage
 from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import ConflictError
 
@@ -127,15 +128,72 @@ def test_keys_grow_in_commit_order_even_when_the_writer_clock_lags(room):
     assert [m.text for m in room.new_messages()] == ["from the future", "from the past"]
 
 
-def test_room_clock_resolves_only_a_later_key():
+def test_room_clock_orders_a_concurrent_append_after_the_committed_one():
     clock = RoomClock()
-    old, committed = {"head": 10, "count": 1}, {"head": 20, "count": 2}
-    assert clock._p_resolveConflict(old, committed, {"head": 30, "count": 2}) == {
-        "head": 30,
-        "count": 3,
-    }
+    a, b, c = ("a", None, "a", 0), ("b", None, "b", 0), ("c", None, "c", 0)
+    old = {"head": 10, "count": 1, "pending": ((10, a),)}
+    committed = {"head": 20, "count": 2, "pending": ((10, a), (20, b))}
+    # The later commit proposed a smaller key: it is raised, never refused.
+    assert clock._p_resolveConflict(old, committed, {"head": 15, "count": 2,
+                                                     "pending": ((10, a), (15, c))}) == {
+        "head": 21, "count": 3, "pending": ((10, a), (20, b), (21, c))}
+    # After a commit that moved the pending entries into the tree.
+    flushed = {"head": 20, "count": 2, "pending": ()}
+    assert clock._p_resolveConflict(old, flushed, {"head": 30, "count": 2,
+                                                   "pending": ((10, a), (30, c))}) == {
+        "head": 30, "count": 3, "pending": ((30, c),)}
+
+
+def test_room_clock_orders_a_flush_after_a_post_and_refuses_a_second_flush():
+    clock = RoomClock()
+    a, b, c, d = (("a", None, t, 0) for t in "abcd")
+    old = {"head": 10, "count": 1, "pending": ((10, a),), "flushed": 0}
+    appended = {"head": 20, "count": 2, "pending": ((10, a), (20, b)), "flushed": 0}
+    # This writer moved (10, a) into the tree and appended its own entry.
+    flush = {"head": 15, "count": 2, "pending": ((15, c),), "flushed": 10}
+    assert clock._p_resolveConflict(old, appended, flush) == {
+        "head": 21, "count": 3, "pending": ((20, b), (21, c)), "flushed": 10}
+    # Two writers moved the same entries: the later one retries.
+    other = {"head": 12, "count": 2, "pending": ((12, d),), "flushed": 10}
     with pytest.raises(ConflictError):
-        clock._p_resolveConflict(old, committed, {"head": 15, "count": 2})
+        clock._p_resolveConflict(old, other, flush)
+    # A flush that moved more than what was committed before it is not merged.
+    own = {"head": 16, "count": 3, "pending": ((16, d),), "flushed": 15}
+    with pytest.raises(ConflictError):
+        clock._p_resolveConflict(old, appended, own)
+
+
+def test_add_message_returns_the_key_conflict_resolution_gave_it(tmp_path):
+    """A post commits between another post's key choice and its commit: resolution
+    (FileStorage resolves conflicts, as ZEO's server does) raises the later one's key,
+    and add_message returns the raised key, the one readers get."""
+    database = ZODB.DB(FileStorage(str(tmp_path / "chat.fs")))
+    try:
+        manager = transaction.TransactionManager()
+        connection = database.open(transaction_manager=manager)
+        session = get_root(connection).room("race")
+        manager.commit()
+        other = database.open(transaction_manager=transaction.TransactionManager())
+        other_session = other.get(session._p_oid)
+        first: list[Message] = []
+
+        def clock_that_lets_another_post_in() -> float:
+            if not first:  # only in the first attempt: the other post commits first
+                first.append(other_session.add_message("first", clock=lambda: 2e9))
+            return 1e9
+
+        retries: list[BaseException] = []
+        second = session.add_message("second", clock=clock_that_lets_another_post_in,
+                                     policy=RetryPolicy(on_retry=retries.append))
+        assert retries == [], "resolved, not retried"
+        assert second.key == first[0].key + 1 > 1e9 * 1e6
+        manager.begin()
+        stored = [(m.text, m.key) for m in session.history()]
+        assert stored == [("first", first[0].key), ("second", second.key)]
+        other.close()
+        connection.close()
+    finally:
+        database.close()
 
 
 def test_history_pages_by_point_and_limit(room):

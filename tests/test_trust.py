@@ -29,7 +29,7 @@ from chatzeo.client import ChatClient
 from chatzeo.errors import TrustViolation
 from chatzeo.guard import identity_of
 from chatzeo.realm import ChatRoot, get_root
-from chatzeo.session import ChatSession
+from chatzeo.session import FLUSH, ChatSession
 from chatzeo.trust import TrustIndex, check_commit
 
 pytestmark = pytest.mark.timeout(120)
@@ -140,7 +140,9 @@ def refused(server: ServerProcess, db: Any, rule: str, change: Callable[[ChatRoo
 
 
 def messages(db: Any, room: str) -> list[tuple[int, Any]]:
-    return read(db, lambda root: list(root.rooms[room]._messages.items()))
+    """Every (key, record) of ``room``: its tree's, then its clock's pending ones."""
+    return read(db, lambda root: list(root.rooms[room]._messages.items())
+                + list(root.rooms[room]._clock.pending))
 
 
 def test_each_user_posts_as_itself(guarded, alice_db, bob_db):
@@ -182,9 +184,19 @@ def test_a_forged_author_is_refused(guarded, alice_db):
 
 
 def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
-    edit(alice_db, lambda root: root.room("ledger").post("original", "alice"))
-    edit(alice_db, lambda root: root.rooms["ledger"].post("second", "alice"))
-    (key, record), (last_key, last_record) = messages(alice_db, "ledger")
+    def fill(root: ChatRoot) -> None:
+        room = root.room("ledger")
+        for number in range(2 * FLUSH + 1):  # from 2 * FLUSH pending on, a post flushes
+            room.post("original" if number == 0 else f"m{number}", "alice")
+
+    edit(alice_db, fill)
+    ledger = messages(alice_db, "ledger")
+    (key, record), (last_key, last_record) = ledger[0], ledger[-1]
+    # The first message was moved into the tree, the last one waits in the clock.
+    assert read(alice_db, lambda root: (
+        key in root.rooms["ledger"]._messages
+        and root.rooms["ledger"]._clock.pending[-1] == (last_key, last_record)))
+    edited = (last_record[0], "alice", "edited", 0)
 
     def rewrite(root: ChatRoot) -> None:
         root.rooms["ledger"]._messages[key] = (record[0], "alice", "edited", 0)
@@ -194,21 +206,43 @@ def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
         del room._messages[key]
         room._clock.count -= 1  # keeps the count right: the deletion itself is refused
 
+    def rewrite_pending(root: ChatRoot) -> None:
+        clock = root.rooms["ledger"]._clock
+        clock.pending = (*clock.pending[:-1], (last_key, edited))
+
+    def delete_pending(root: ChatRoot) -> None:
+        clock = root.rooms["ledger"]._clock
+        clock.pending = clock.pending[:-1]
+        clock.count -= 1
+
+    def flush_edited(root: ChatRoot) -> None:
+        room = root.rooms["ledger"]
+        for pending_key, pending_record in room._clock.pending:
+            room._messages[pending_key] = pending_record
+        room._messages[last_key] = edited
+        room._clock.pending = ()
+        room._clock.flushed = last_key
+
     def backdate(root: ChatRoot) -> None:
         room = root.rooms["ledger"]
         room._messages[key + 1] = ("id", "alice", "inserted in the past", 0)
         room._clock.count += 1
 
+    def backdate_pending(root: ChatRoot) -> None:
+        clock = root.rooms["ledger"]._clock
+        clock.pending = ((ledger[-2][0] + 1, ("id", "alice", "in the past", 0)), *clock.pending)
+        clock.count += 1
+
     def rewind(root: ChatRoot) -> None:
         root.rooms["ledger"]._clock.head = key
 
     wait_until("bob sees the ledger", lambda: len(read(bob_db, lambda r: list(
-        r.rooms["ledger"]._messages) if "ledger" in r.rooms else [])) == 2)
+        r.rooms["ledger"].history()) if "ledger" in r.rooms else [])) == 2 * FLUSH + 1)
     for writer in (alice_db, bob_db):
-        refused(guarded, writer, "history", rewrite)
-        refused(guarded, writer, "history", delete)
-    refused(guarded, alice_db, "history", backdate)
-    refused(guarded, alice_db, "history", rewind)
+        for change in (rewrite, delete, rewrite_pending, delete_pending, flush_edited):
+            refused(guarded, writer, "history", change)
+    for change in (backdate, backdate_pending, rewind):
+        refused(guarded, alice_db, "history", change)
 
     # Undo would take the last post back out of the room.
     last = server_last_transaction(alice_db)
@@ -217,7 +251,7 @@ def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
         transaction.commit()
     transaction.abort()
     assert server_last_transaction(alice_db) == last
-    assert messages(bob_db, "ledger") == [(key, record), (last_key, last_record)]
+    assert messages(bob_db, "ledger") == ledger
     assert record[2] == "original"
 
 
@@ -321,16 +355,31 @@ def test_splits_concurrent_posts_retention_pack_and_restart(guarded, alice_db, b
         connection.close()
     assert [record[2] for _, record in messages(alice_db, "aged")] == ["new"]
 
-    # A capped room still refuses a deletion that is not of its oldest messages.
-    middle = capped[20][0]
+    # A capped room still refuses a deletion that is not of its oldest messages,
+    # from its tree or from its clock's pending entries.
+    if len(read(alice_db, lambda root: root.rooms["capped"]._clock.pending)) < 3:
+        # Three more stay pending (no flush): there is a middle one to delete.
+        edit(alice_db, lambda root: [root.rooms["capped"].post(f"extra {n}", "alice")
+                                     for n in range(3)])
+        capped = messages(alice_db, "capped")
+    tree_keys = read(alice_db, lambda root: list(root.rooms["capped"]._messages.keys()))
+    pending = read(alice_db, lambda root: root.rooms["capped"]._clock.pending)
+    assert len(tree_keys) >= 3 and len(pending) >= 3
+    middle = tree_keys[len(tree_keys) // 2]
 
     def delete_middle(root: ChatRoot) -> None:
         session = root.rooms["capped"]
         del session._messages[middle]
         session._clock.count -= 1
 
+    def delete_middle_pending(root: ChatRoot) -> None:
+        clock = root.rooms["capped"]._clock
+        clock.pending = clock.pending[:1] + clock.pending[2:]
+        clock.count -= 1
+
     wait_until("bob sees the capped room", lambda: messages(bob_db, "capped") == capped)
     refused(guarded, bob_db, "history", delete_middle)
+    refused(guarded, bob_db, "history", delete_middle_pending)
 
     alice_db.pack()
     edit(bob_db, lambda root: root.rooms["busy"].post("after pack", "bob"))
@@ -397,8 +446,7 @@ def test_an_unguarded_server_accepts_all_of_it(pki, tmp_path):
         db = connect(server, pki, "alice")
         try:
             edit(db, lambda root: root.room("open").post("forged", "bob"))
-            key = messages(db, "open")[0][0]
-            edit(db, lambda root: root.rooms["open"]._messages.pop(key))
+            edit(db, lambda root: setattr(root.rooms["open"]._clock, "pending", ()))
             edit(db, lambda root: setattr(root.rooms["open"], "name", "renamed"))
             assert read(db, lambda root: root.rooms["open"].name) == "renamed"
         finally:
@@ -492,7 +540,7 @@ def test_deep_message_trees_split_and_trim_unrefused(tmp_path):
                         storage.lastTransaction())
         children = room._messages.__getstate__()[0][0::2]
         assert type(children[0]).__name__ == "LOBTree", "the root never split"
-        assert len(room) == 30_000 == len(room._messages)
+        assert len(room) == 30_000 == len(room._messages) + len(room._clock.pending)
         storage.records = []
         del room._messages[room._messages.maxKey()]
         room._clock.count -= 1
