@@ -26,6 +26,17 @@ REPO = Path(__file__).resolve().parent.parent
 ZEO_CONF = REPO / "zeo.conf"
 
 
+def require(thing: str, missing: str | None) -> None:
+    """Skip the calling test when ``missing`` says why ``thing`` cannot run here, or fail
+    when ``CHATZEO_REQUIRE_<THING>=1`` (CI sets it: there the real tests must run)."""
+    if missing is None:
+        return
+    variable = f"CHATZEO_REQUIRE_{thing.upper()}"
+    if os.environ.get(variable) == "1":
+        pytest.fail(f"{variable}=1 but {missing}", pytrace=False)
+    pytest.skip(missing)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:

@@ -74,14 +74,9 @@ def missing_reason() -> str | None:
 
 def require_or_skip() -> None:
     """Skip the calling test if PostgreSQL cannot run here, or fail if it must."""
-    import pytest
+    from conftest import require
 
-    reason = missing_reason()
-    if reason is None:
-        return
-    if os.environ.get("CHATZEO_REQUIRE_POSTGRES") == "1":
-        pytest.fail(f"CHATZEO_REQUIRE_POSTGRES=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
+    require("postgres", missing_reason())
 
 
 def _run_as_user() -> str | None:

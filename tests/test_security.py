@@ -4,6 +4,7 @@ that would run code when unpickled, on clients and in the server's conflict reso
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 import transaction
 import ZODB
-from conftest import REPO, ServerProcess, chatzeo_command, free_port, wait_until
+from conftest import REPO, ServerProcess, chatzeo_command, free_port, require, wait_until
 from hostile import Payload, Trojan
 from ZEO.ClientStorage import ClientStorage
 from ZODB.POSException import ConflictError
 
+from bench.trust.certs import Pki, make_pki
 from chatzeo import get_root
 from chatzeo.database import DEFAULT_ADDRESS, parse_address
 from chatzeo.server import load_config
@@ -36,63 +38,24 @@ def test_server_binds_loopback_by_default(tmp_path: Path) -> None:
 # -- TLS -----------------------------------------------------------------------------
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_ca(directory: Path, name: str) -> None:
-    openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=directory,
-    )
-
-
-def make_leaf(directory: Path, name: str, ca: str) -> None:
-    (directory / f"{name}.ext").write_text(
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "subjectAltName=IP:127.0.0.1\n"
-        "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid\n"
-    )
-    openssl(
-        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
-        cwd=directory,
-    )
-    openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-        "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext",
-        cwd=directory,
-    )
-
-
 @pytest.fixture
-def tls_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    make_ca(pki, "ca")
-    make_leaf(pki, "server", "ca")
-    make_leaf(pki, "client", "ca")
-    make_ca(pki, "rogue-ca")
-    make_leaf(pki, "rogue", "rogue-ca")
+def tls_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Pki, Pki]]:
+    require("openssl", None if shutil.which("openssl") else "the openssl command is missing")
+    pki = make_pki(tmp_path / "pki", clients=("client",))
+    rogue = make_pki(tmp_path / "rogue", clients=("rogue",))  # another CA altogether
     # The repo's zeo.conf with its <ssl> section switched on.
     text = (REPO / "zeo.conf").read_text()
     sketch = text[text.index("  # <ssl>"):text.index("  # </ssl>") + len("  # </ssl>")]
     enabled = "\n".join(line.replace("# ", "", 1) for line in sketch.splitlines())
-    enabled = enabled.replace("$DATA_DIR/server.pem", str(pki / "server.pem"))
-    enabled = enabled.replace("$DATA_DIR/server.key", str(pki / "server.key"))
-    enabled = enabled.replace("$DATA_DIR/clients.pem", str(pki / "ca.pem"))
+    enabled = enabled.replace("$DATA_DIR/server.pem", str(pki.cert("server")))
+    enabled = enabled.replace("$DATA_DIR/server.key", str(pki.key("server")))
+    enabled = enabled.replace("$DATA_DIR/clients.pem", str(pki.ca))
     config = tmp_path / "zeo-tls.conf"
     config.write_text(text.replace(sketch, enabled))
     assert "<ssl>" in config.read_text() and "# <ssl>" not in config.read_text()
     server = ServerProcess(tmp_path / "server", config=config).start()
     try:
-        yield server, pki
+        yield server, pki, rogue
     finally:
         server.stop()
 
@@ -110,31 +73,32 @@ def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str, f
     )
 
 
-def test_tls_client_certificates(tls_server: tuple[ServerProcess, Path]) -> None:
-    server, pki = tls_server
+def test_tls_client_certificates(tls_server: tuple[ServerProcess, Pki, Pki]) -> None:
+    server, pki, rogue = tls_server
 
-    def tls(name: str, ca: str = "ca") -> list[str]:
-        return ["--tls-cert", str(pki / f"{name}.pem"), "--tls-key", str(pki / f"{name}.key"),
-                "--tls-ca", str(pki / f"{ca}.pem")]
+    def tls(owner: Pki, name: str, ca: Pki) -> list[str]:
+        return ["--tls-cert", str(owner.cert(name)), "--tls-key", str(owner.key(name)),
+                "--tls-ca", str(ca.ca)]
 
     base = ["--server", server.address, "--room", "lobby"]
     # The guard (on with TLS) requires the author to be the certificate's name.
-    status, _, err, _ = cli("send", *base, *tls("client"), "--name", "client", "signed by the CA")
+    signed = tls(pki, "client", pki)
+    status, _, err, _ = cli("send", *base, *signed, "--name", "client", "signed by the CA")
     assert status == 0, err
-    for refused in ([], tls("rogue"), tls("rogue", "rogue-ca")):
+    for refused in ([], tls(rogue, "rogue", pki), tls(rogue, "rogue", rogue)):
         status, _, err, elapsed = cli("send", *base, "--wait", "3", *refused, "intruder")
         assert status == 1, (refused, err)
         assert err.count("\n") == 1 and "Traceback" not in err
         assert "no chatzeo server answered" in err
         assert elapsed < 3 + 30  # refused within the bound, never a hang
     # Environment variables work as the options do; only the signed message is there.
-    env = {**os.environ, "CHATZEO_TLS_CERT": str(pki / "client.pem"),
-           "CHATZEO_TLS_KEY": str(pki / "client.key"), "CHATZEO_TLS_CA": str(pki / "ca.pem")}
+    env = {**os.environ, "CHATZEO_TLS_CERT": str(pki.cert("client")),
+           "CHATZEO_TLS_KEY": str(pki.key("client")), "CHATZEO_TLS_CA": str(pki.ca)}
     status, out, err, _ = cli("history", *base, env=env)
     assert status == 0, err
     assert out.count("\n") == 1 and "signed by the CA" in out
     # A certificate without a CA is a usage mistake, caught before connecting.
-    status, _, err, _ = cli("send", *base, "--tls-cert", str(pki / "client.pem"), "x")
+    status, _, err, _ = cli("send", *base, "--tls-cert", str(pki.cert("client")), "x")
     assert status == 1 and "--tls-ca" in err
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, ServerProcess, free_port, wait_until
+from conftest import REPO, ServerProcess, free_port, require, wait_until
 from hostile import post_unchecked
 
 from chatzeo.client import ChatClient
@@ -125,10 +125,7 @@ class Tmux:
 
 @pytest.fixture
 def tmux(tmp_path: Path) -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        if os.environ.get("CHATZEO_REQUIRE_TMUX") == "1":
-            pytest.fail("tmux is not installed, and CHATZEO_REQUIRE_TMUX=1 requires these tests")
-        pytest.skip("tmux is not installed (the terminal tests need it)")
+    require("tmux", None if shutil.which("tmux") else "tmux is not installed")
     env = {key: value for key, value in os.environ.items() if not key.startswith("TMUX")}
     server = Tmux(f"chatzeo-test-{uuid.uuid4().hex[:12]}", env)
     try:

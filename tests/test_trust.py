@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import transaction
 import ZODB
-from conftest import ServerProcess, chatzeo_command, free_port, wait_until
+from conftest import ServerProcess, chatzeo_command, free_port, require, wait_until
 from ZODB.FileStorage import FileStorage
 
 from bench.trust.certs import Pki, client_context, make_pki, server_conf
@@ -59,8 +59,7 @@ class TlsServer(ServerProcess):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if shutil.which("openssl") is None:
-        pytest.skip("making test certificates needs the openssl command")
+    require("openssl", None if shutil.which("openssl") else "the openssl command is missing")
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
