@@ -4,6 +4,6 @@ VENV="${CHATZEO_VENV:-.venv}"
 if [ ! -x "$VENV/bin/chatzeo" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --upgrade pip
-    "$VENV/bin/pip" install --quiet -e ".[test,bench,pg]"
+    "$VENV/bin/pip" install --quiet -e ".[test,bench,pg,web]"
     touch "$VENV/.installed"
 fi
