@@ -1,4 +1,4 @@
-"""The ``chatzeo`` command: serve, chat, send, tail, history, rooms, who, check, pack.
+"""The ``chatzeo`` command: serve, chat, send, tail, history, unread, rooms, who, check, pack.
 
 Exit status: 0 on success, 2 for a usage error (bad options, unknown command), 1 with
 a one-line ``chatzeo: error: ...`` on standard error for anything else (server
@@ -118,10 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--history", type=_count, default=0, metavar="N", help="print the last N first"
     )
     tail.add_argument("--json", action="store_true", help="print JSON lines")
+    tail.add_argument(
+        "--after", type=_count, metavar="KEY",
+        help="first print every message after KEY (a message's \"key\" in --json output)",
+    )
 
     history = command("history", "print a room's latest messages", room=True)
     history.add_argument("--limit", type=_count, default=50, metavar="N")
     history.add_argument("--json", action="store_true", help="print JSON lines")
+    history.add_argument(
+        "--after", type=_count, metavar="KEY",
+        help="the first N messages after KEY instead of the latest (page on from the last key)",
+    )
+
+    unread = command("unread", "list a user's joined rooms with unread messages and mentions")
+    unread.add_argument("--name", default=_default_name(), help="the user (default: $USER)")
+    unread.add_argument("--json", action="store_true", help="print JSON lines")
 
     init_db = command("init-db", "prepare a database (PostgreSQL: schema and trigger)", False)
     init_db.add_argument(
@@ -284,7 +296,10 @@ def _print(message: Message, as_json: bool) -> None:
 
 def _tail(args: argparse.Namespace) -> int:
     def tail(client: ChatClient) -> int:
-        for message in client.join(args.room, history=args.history):
+        # With --after, everything after KEY: a script resumes exactly where it stopped.
+        count = None if args.after is not None else args.history
+        first = client.join(args.room, history=count, after=args.after)
+        for message in first:
             _print(message, args.json)
         behind = False  # a read failed: try again even without a new push
         while True:
@@ -314,11 +329,30 @@ def _tail(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     def history(client: ChatClient) -> int:
-        for message in client.join(args.room, history=args.limit, create=False):
+        page = client.join(args.room, history=args.limit, create=False, after=args.after)
+        for message in page:
             _print(message, args.json)
         return EXIT_OK
 
     return _with_client(args, history)
+
+
+def _unread(args: argparse.Namespace) -> int:
+    name = check_user_name(args.name)
+
+    def unread(client: ChatClient) -> int:
+        for room in client.unread(name):
+            if args.json:
+                print(json.dumps(room.as_json(), ensure_ascii=False), flush=True)
+                continue
+            line = f"#{room.room}\t{room.unread} unread\t{room.mentions} mentions"
+            if room.lost:
+                line += f"\t{room.lost} lost to retention"
+            print(line, flush=True)
+        return EXIT_OK
+
+    # An anonymous client: reading someone's counts neither connects nor writes.
+    return _with_client(args, unread)
 
 
 def _init_db(args: argparse.Namespace) -> int:
@@ -353,6 +387,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "send": _send,
     "tail": _tail,
     "history": _history,
+    "unread": _unread,
     "init-db": _init_db,
     "rooms": _rooms,
     "who": _who,

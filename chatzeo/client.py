@@ -1,7 +1,16 @@
 """`ChatClient`: one participant's view of the chat, as the command line and the terminal use it.
 
 It owns one ZODB connection with its own transaction manager, a `ChangeFeed` on
-the current room, and (for a named user) a presence lease renewed by `heartbeat`.
+the rooms it has open, and (for a named user) a presence lease renewed by
+`heartbeat`. Several rooms may be open at once (`join` adds one, `part` closes one,
+`switch` picks the current one); `remember=True` also records the room in the
+user's joined rooms, so the next start reopens it (`joined_rooms`).
+
+Read markers: `mark_read` notes in memory where the user stopped reading; the note
+is written (one commit for every room) by `flush_marks` at most every `MARK_EVERY`
+seconds, or at once with ``force=True`` (on switching, parting, leaving), so reading
+does not cost a commit per message. Several connections of one user merge their
+markers on the server (`chatzeo.markers`).
 Every write (joining, posting, renewing) runs in its own retried transaction
 (`chatzeo.retry`); reads happen in the client's connection, refreshed by `receive`.
 
@@ -14,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import transaction
@@ -25,9 +35,27 @@ from .message import Message, MessageKind, new_message_id
 from .realm import ChatRoot, get_root
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .session import ChatSession
-from .validation import check_room_name, check_user_name
+from .unread import RoomUnread, latest_mentions, unread_rooms
+from .validation import check_room_name, check_topic, check_user_name
 
-__all__ = ["ChatClient", "RoomInfo"]
+__all__ = ["ChatClient", "RoomInfo", "CatchUp", "MARK_EVERY"]
+
+# The shortest time between two marker writes while reading (seconds).
+MARK_EVERY = 5.0
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """What a user missed in a room since their marker.
+
+    ``unread`` messages are new since they left, of which ``messages`` are the newest
+    (all of them unless more than asked for); ``lost`` more were removed by retention
+    before they were read."""
+
+    room: str
+    unread: int
+    lost: int
+    messages: tuple[Message, ...]
 
 RoomInfo = tuple[str, int]
 T = TypeVar("T")
@@ -53,6 +81,10 @@ class ChatClient:
         self.clock = clock
         self.policy = policy
         self.room: ChatSession | None = None
+        # Rooms open in this client, by name, in the order opened.
+        self.open_rooms: dict[str, ChatSession] = {}
+        self._marks: dict[str, int] = {}  # room name -> key read, not yet written
+        self._marked_at = -MARK_EVERY
         self._manager = transaction.TransactionManager()
         self._connection = db.open(transaction_manager=self._manager)
         self.feed = ChangeFeed(db, notify)
@@ -71,12 +103,23 @@ class ChatClient:
 
     # -- rooms -----------------------------------------------------------------
 
-    def join(self, room_name: str, history: int = 50, create: bool = True) -> list[Message]:
-        """Enter ``room_name``, leaving the current room.
+    def join(
+        self,
+        room_name: str,
+        history: int | None = 50,
+        create: bool = True,
+        *,
+        remember: bool = False,
+        after: int | None = None,
+    ) -> list[Message]:
+        """Open ``room_name`` and make it the current room; rooms already open stay.
 
-        Returns its latest ``history`` messages; `receive` then returns only what
-        comes after them. A missing room is created, or with ``create=False``
-        refused with `NoSuchRoom`.
+        Returns its latest ``history`` messages, or with ``after`` (a key) the
+        messages after it (the oldest ``history`` of them; all if None); `receive`
+        then returns only what comes after the newest message. A missing room is
+        created, or with ``create=False`` refused with `NoSuchRoom`. With
+        ``remember`` (a named user), the room joins the user's joined rooms, and a first join sets its read marker to the
+        newest message: what came before is history, not unread.
         """
         name = check_room_name(room_name)
         if not create:
@@ -85,19 +128,84 @@ class ChatClient:
                 raise NoSuchRoom(name)
         user = self.user
         if user is not None:
-            self._write(
-                lambda root: root.enter(user, self.lease_id, name, self.clock()),
-                f"joining room {name!r}",
-            )
+
+            def enter(root: ChatRoot) -> None:
+                room = root.enter(user, self.lease_id, name, self.clock(), stay=True)
+                if remember:
+                    member = root.users[user]
+                    member.join(name)
+                    if not member.own_markers().get(room):
+                        member.own_markers().mark(room, room.last_key)
+
+            self._write(enter, f"joining room {name!r}")
         elif name not in self._root().rooms:
             self._write(lambda root: root.room(name), f"creating room {name!r}")
         self._manager.begin()
         room = self._root().rooms[name]
         self.room = room
-        self.feed.watch([room._clock])
-        page = room.latest(history)
-        room.skip_to_end()
+        self.open_rooms[name] = room
+        self._watch()
+        if after is not None:
+            page = room.messages_after(after, limit=history)
+            if history is None or len(page) < history:
+                room.skip_to_end()
+            elif page:  # paging: `receive` goes on from the last message returned
+                room._cursor().key = page[-1].key
+        else:
+            page = room.latest(history or 0)
+            room.skip_to_end()
         return page
+
+    def switch(self, room_name: str) -> ChatSession:
+        """Make the open room ``room_name`` the current one; `NoSuchRoom` if not open."""
+        name = check_room_name(room_name)
+        room = self.open_rooms.get(name)
+        if room is None:
+            raise NoSuchRoom(name)
+        self.room = room
+        return room
+
+    def part(self, room_name: str, *, remember: bool = True) -> None:
+        """Close the open room ``room_name``: its marker is written, this connection
+        is no longer present there and (with ``remember``) the user's joined rooms
+        forget it. The current room becomes the last one opened, or None."""
+        name = check_room_name(room_name)
+        if name not in self.open_rooms:
+            raise NoSuchRoom(name)
+        self.flush_marks(force=True)
+        user = self.user
+        if user is not None:
+
+            def leave(root: ChatRoot) -> None:
+                root.leave(user, self.lease_id, name)
+                if remember and user in root.users:
+                    root.users[user].part(name)
+
+            self._write(leave, f"leaving room {name!r}")
+        del self.open_rooms[name]
+        if self.room is not None and self.room.name == name:
+            self.room = next(reversed(self.open_rooms.values()), None)
+        self._watch()
+
+    def joined_rooms(self) -> list[str]:
+        """The rooms this user joined (and did not part), in the order joined."""
+        user = self.user
+        if user is None:
+            return []
+
+        def joined() -> list[str]:
+            member = self._root().users.get(user)
+            return list(member.joined) if member is not None else []
+
+        return self._read(joined)
+
+    def _watch(self) -> None:
+        # A room's clock changes with every post, the room itself with its topic,
+        # its presence tree when someone comes or goes (or renews a lease).
+        watched: list[Any] = []
+        for room in self.open_rooms.values():
+            watched += [room._clock, room, room.presence]
+        self.feed.watch(watched)
 
     def rooms(self) -> list[RoomInfo]:
         """Every room's name and message count, by name."""
@@ -120,6 +228,143 @@ class ChatClient:
         """Messages committed to the current room since the last call, oldest first."""
         return self._read(lambda: self._current().new_messages())
 
+    def receive_all(self) -> dict[str, list[Message]]:
+        """New messages of every open room since the last call, by room; rooms with
+        nothing new are left out. One transaction for all."""
+
+        def read() -> dict[str, list[Message]]:
+            found = {}
+            for name, room in self.open_rooms.items():
+                messages = room.new_messages()
+                if messages:
+                    found[name] = messages
+            return found
+
+        return self._read(read)
+
+    def catch_up(self, room_name: str, limit: int = 200) -> CatchUp:
+        """What this user missed in the open room ``room_name`` since their marker,
+        with the newest ``limit`` of those messages; `receive` then returns only
+        later ones."""
+        user = self.user
+        room = self.open_rooms.get(room_name)
+        if room is None:
+            raise NoSuchRoom(room_name)
+
+        def read() -> CatchUp:
+            member = self._root().users.get(user) if user is not None else None
+            markers = member.markers if member is not None else None
+            if markers is None or not markers.get(room):
+                room.skip_to_end()
+                return CatchUp(room.name, 0, 0, ())
+            marker = max(markers.get(room), self._marks.get(room.name, 0))
+            unread = markers.unread_count(room) if marker == markers.get(room) else len(
+                room.messages_after(marker)
+            )
+            lost = markers.lost(room) if marker == markers.get(room) else 0
+            if unread <= limit:
+                messages = room.messages_after(marker, limit=limit)
+            else:
+                messages = room._newest(limit, marker + 1, None)
+            room.skip_to_end()
+            return CatchUp(room.name, unread, lost, tuple(messages))
+
+        return self._read(read)
+
+    def unread(self, user_name: str | None = None) -> list[RoomUnread]:
+        """Unread counts, losses and mentions in every room ``user_name`` (default:
+        this client's user) joined, as stored: marks not yet written do not count."""
+        user = check_user_name(user_name) if user_name is not None else self.user
+        if user is None:
+            return []
+        return self._read(lambda: unread_rooms(self._root(), user))
+
+    def mentions(self, limit: int = 20) -> list[Message]:
+        """The newest ``limit`` messages mentioning this user in the rooms they joined
+        or have open, oldest first."""
+        user = self.user
+        if user is None:
+            return []
+
+        def read() -> list[Message]:
+            root = self._root()
+            member = root.users.get(user)
+            names = dict.fromkeys([*(member.joined if member else ()), *self.open_rooms])
+            rooms = [root.rooms[name] for name in names if name in root.rooms]
+            return latest_mentions(rooms, user, limit=limit)
+
+        return self._read(read)
+
+    # -- read markers ----------------------------------------------------------
+
+    def mark_read(self, room_name: str, key: int) -> None:
+        """Note that the user read ``room_name`` up to ``key``; written by `flush_marks`."""
+        if key > self._marks.get(room_name, 0):
+            self._marks[room_name] = key
+
+    def flush_marks(self, *, force: bool = False) -> bool:
+        """Write the noted markers in one commit, if there are any and `MARK_EVERY`
+        seconds have passed since the last write (or ``force``). True if written.
+        A marker never moves back, and one that did not move writes nothing."""
+        user = self.user
+        if user is None or not self._marks:
+            return False
+        now = time.monotonic()
+        if not force and now - self._marked_at < MARK_EVERY:
+            return False
+        marks = dict(self._marks)
+
+        def write(root: ChatRoot) -> None:
+            markers = root.user(user).own_markers()
+            for name, key in marks.items():
+                if name in root.rooms:
+                    markers.mark(root.rooms[name], key)
+
+        self._write(write, "writing read markers")
+        for name, key in marks.items():
+            if self._marks.get(name) == key:
+                del self._marks[name]
+        self._marked_at = now
+        return True
+
+    # -- topics and presence ---------------------------------------------------
+
+    def set_topic(self, text: str) -> None:
+        """Set (``""``: clear) the current room's topic as this user."""
+        user = self.user
+        if user is None:
+            raise NoSuchRoom("an anonymous reader cannot set a topic")
+        text = check_topic(text)
+        name = self._current().name
+        self._write(
+            lambda root: root.rooms[name].set_topic(text, user, clock=self.clock),
+            f"setting the topic of {name!r}",
+        )
+
+    def topic(self, room_name: str | None = None) -> tuple[str, str, float] | None:
+        """An open room's topic as ``(text, set by, when)`` (text "" if cleared), or None."""
+        room = self.open_rooms.get(room_name) if room_name else self._current()
+        if room is None:
+            raise NoSuchRoom(str(room_name))
+        return self._read(lambda: room.topic)
+
+    def presence(self) -> dict[str, frozenset[str]]:
+        """Who is present in each open room now, by room."""
+        now = self.clock()
+        return self._read(
+            lambda: {name: frozenset(self._root().who(name, now)) for name in self.open_rooms}
+        )
+
+    def online(self, user_name: str) -> bool:
+        """Whether ``user_name`` holds any live connection now."""
+        now = self.clock()
+
+        def read() -> bool:
+            member = self._root().users.get(user_name)
+            return member is not None and member.connections(now) > 0
+
+        return self._read(read)
+
     def history(self, limit: int, before: Message | None = None) -> list[Message]:
         """The ``limit`` messages before ``before`` (default: the latest), oldest first."""
         return self._read(lambda: self._current().history(before=before, limit=limit))
@@ -140,12 +385,14 @@ class ChatClient:
             return
         user = self.user
 
+        others = [name for name in self.open_rooms if self.room is None or name != self.room.name]
+
         def renew(root: ChatRoot) -> None:
             now = self.clock()
-            if not root.renew(user, self.lease_id, now):
+            if not root.renew(user, self.lease_id, now, also=others):
                 root.connect(user, self.lease_id, now)
-                if self.room is not None:
-                    root.enter(user, self.lease_id, self.room.name, now)
+                for name in [*others, *([self.room.name] if self.room else [])]:
+                    root.enter(user, self.lease_id, name, now, stay=True)
 
         self._write(renew, "renewing presence")
 
@@ -162,11 +409,15 @@ class ChatClient:
             if self._connected and user is not None and self.is_connected():
                 # Without a server, waiting to count out only delays leaving.
                 self._connected = False
-                self._write(
-                    lambda root: root.disconnect(user, self.lease_id),
-                    "disconnecting",
-                    policy=RetryPolicy(max_seconds=2.0),
-                )
+                try:
+                    self.flush_marks(force=True)
+                finally:
+                    rooms = list(self.open_rooms)
+                    self._write(
+                        lambda root: root.disconnect(user, self.lease_id, also=rooms),
+                        "disconnecting",
+                        policy=RetryPolicy(max_seconds=2.0),
+                    )
         except Exception as error:  # the lease expires by itself
             log.info("could not count connection out: %s", error)
         finally:

@@ -15,7 +15,19 @@ dict of ``str -> int``; any other state is refused with `ConflictError`.
 
 `mark` writes only when the marker moves, so reading what was already read costs no
 commit; how often to mark (on leaving a room, every few seconds at most) is the
-application's choice. Not linked into chatzeo's own realm (`chatzeo.realm.User`) yet.
+application's choice (chatzeo's own clients: `chatzeo.client.ChatClient.mark_read`).
+chatzeo's realm keeps one on each `chatzeo.realm.User`.
+
+Counting without scanning
+    Beside each key the marker keeps the room's *position* there: how many messages
+    had ever been posted to the room up to and including that key
+    (`chatzeo.session.RoomClock.posted`). The room clock knows how many were ever
+    posted and how many it still holds, so `unread_count` and `lost` are arithmetic
+    on one small record, whatever the room's size, and retention is accounted for:
+    the ``posted - count`` oldest messages are gone, and those among them above the
+    marker were lost to it before they were read. A marker stored without a position
+    (an older `ReadMarkers`, or a key marked for a room given by name) counts by a
+    range search of what is unread instead.
 
 Belongs to the thread of the connection it was loaded from, like any persistent object.
 """
@@ -37,10 +49,16 @@ Room = Any  # a ChatSession or a room name
 class ReadMarkers(Persistent):
     """See `IReadMarkers`."""
 
+    # Markers stored before positions existed load without them. Never changed in
+    # place: `mark` gives the instance a dict of its own.
+    _positions: dict[str, int] = {}  # noqa: RUF012 (replaced, never mutated)
+
     def __init__(self) -> None:
         # room name -> key of the last message read. A plain dict in this object's own
         # record, so that conflict resolution sees all of it.
         self._keys: dict[str, int] = {}
+        # room name -> the room's `posted` count at that key (see "Counting").
+        self._positions: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<ReadMarkers for {len(self._keys)} rooms>"
@@ -56,8 +74,39 @@ class ReadMarkers(Persistent):
         if key <= self._keys.get(name, 0):
             return False
         self._keys[name] = key
+        positions = dict(self._positions)
+        position = None if isinstance(room, str) else _position(room, key)
+        if position is None:
+            positions.pop(name, None)
+        else:
+            positions[name] = position
+        self._positions = positions
         self._p_changed = True  # a plain dict: persistent does not see inside it
         return True
+
+    def position(self, room: Room) -> int | None:
+        """The room's posted count at the marker (see "Counting"), None if unknown."""
+        return self._positions.get(_name(room))
+
+    def unread_count(self, room: Any) -> int:
+        """How many messages of ``room`` (a `ChatSession`) above the marker it still
+        holds. Arithmetic on the room's clock when the marker has a position; else a
+        range search of the unread messages."""
+        clock = room._clock
+        position = self._positions.get(room.name)
+        if position is None:
+            return len(room.messages_after(self.get(room)))
+        gone = clock.posted - clock.count  # the oldest, removed by retention
+        return max(0, clock.posted - max(position, gone))
+
+    def lost(self, room: Any) -> int:
+        """How many messages above the marker retention removed before they were
+        read (0 when the marker has no position: they cannot be told apart)."""
+        clock = room._clock
+        position = self._positions.get(room.name)
+        if position is None:
+            return 0
+        return max(0, clock.posted - clock.count - position)
 
     def mark_all_read(self, room: Any) -> bool:
         """See `IReadMarkers`."""
@@ -69,6 +118,10 @@ class ReadMarkers(Persistent):
         if name not in self._keys:
             return False
         del self._keys[name]
+        if name in self._positions:
+            positions = dict(self._positions)
+            del positions[name]
+            self._positions = positions
         self._p_changed = True
         return True
 
@@ -88,7 +141,11 @@ class ReadMarkers(Persistent):
         self, old: dict[str, Any], committed: dict[str, Any], new: dict[str, Any]
     ) -> dict[str, Any]:
         old_keys, committed_keys, new_keys = (_keys_of(state) for state in (old, committed, new))
+        committed_positions, new_positions = (
+            _keys_of(state, "_positions") for state in (committed, new)
+        )
         merged: dict[str, int] = {}
+        positions: dict[str, int] = {}
         for name in committed_keys.keys() | new_keys.keys():
             before = old_keys.get(name)
             theirs, ours = committed_keys.get(name), new_keys.get(name)
@@ -100,20 +157,39 @@ class ReadMarkers(Persistent):
                 value = theirs if ours is None else ours  # moved beats dropped
             else:
                 value = max(theirs, ours)
-            if value is not None:
-                merged[name] = value
+            if value is None:
+                continue
+            merged[name] = value
+            # The position goes with the key it was taken at.
+            source = new_positions if value == ours else committed_positions
+            if name in source:
+                positions[name] = source[name]
         resolved = dict(committed)
         resolved["_keys"] = merged
+        if positions or "_positions" in committed or "_positions" in new:
+            resolved["_positions"] = positions
         return resolved
 
 
-def _keys_of(state: dict[str, Any]) -> dict[str, int]:
-    keys = state.get("_keys", {}) if isinstance(state, dict) else None
+def _keys_of(state: dict[str, Any], attribute: str = "_keys") -> dict[str, int]:
+    keys = state.get(attribute, {}) if isinstance(state, dict) else None
     if not isinstance(keys, dict) or not all(
         isinstance(name, str) and type(key) is int for name, key in keys.items()
     ):
         raise ConflictError("read markers hold something other than room names and keys")
     return keys
+
+
+def _position(room: Any, key: int) -> int | None:
+    """``room``'s posted count at ``key``: the clock's count minus the messages above
+    ``key`` (none in the usual case of marking the newest). None for an object that
+    is not a chatzeo room."""
+    clock = getattr(room, "_clock", None)
+    if clock is None or not hasattr(clock, "posted"):
+        return None
+    if key >= clock.head:
+        return int(clock.posted)
+    return int(clock.posted) - len(room.messages_after(key))
 
 
 def _name(room: Room) -> str:

@@ -53,6 +53,7 @@ class Message:
         """The fields `chatzeo tail --json` prints."""
         return {
             "id": self.id,
+            "key": self.key,
             "time": self.time,
             "author": self.author,
             "room": self.room,

@@ -7,6 +7,11 @@ a connection is a *lease* with an expiry that its client renews by heartbeat, so
 client that crashes without disconnecting drops out of `who` and out of the count
 once its lease runs out, instead of staying "online" for ever.
 
+Each user also keeps, on their own objects, the rooms they joined (`User.joined`,
+rejoined at the next start) and where they stopped reading (`User.markers`, a
+`chatzeo.markers.ReadMarkers`): never on the room, so reading never writes what
+posting writes. Users stored before these existed load with none of either.
+
 Everything here changes objects in the caller's transaction; `chatzeo.client` runs
 each operation in its own retried transaction. Creating a room or user twice at once
 is safe: both insert the same key into one BTree bucket, which conflicts, and the
@@ -15,12 +20,14 @@ loser's retry finds the winner's object.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 
 from .errors import TooManyConnections
+from .markers import ReadMarkers
 from .session import ChatSession
 from .validation import check_room_name, check_user_name
 
@@ -30,13 +37,42 @@ ROOT_KEY = "chatzeo"
 
 
 class User(Persistent):
-    """One chat user: the name, and the leases of the connections it holds now."""
+    """One chat user: the name, the leases of the connections it holds now, the rooms
+    it joined and its read markers."""
+
+    # Users stored before these existed load with the defaults: no rooms remembered,
+    # no markers (created by the first `join`).
+    joined: tuple[str, ...] = ()
+    markers: ReadMarkers | None = None
 
     def __init__(self, name: str) -> None:
         self.name = check_user_name(name)
         # lease id -> (room name or None, expiry in epoch seconds)
         self.leases = OOBTree()
         self.last_connected = 0.0
+
+    def join(self, room_name: str) -> bool:
+        """Remember ``room_name`` among the joined rooms (last); True if it was not.
+        Creates the user's markers on first use, so a join is what writes them."""
+        name = check_room_name(room_name)
+        self.own_markers()
+        if name in self.joined:
+            return False
+        self.joined = (*self.joined, name)
+        return True
+
+    def own_markers(self) -> ReadMarkers:
+        """The user's read markers, created (in the caller's transaction) if missing."""
+        if self.markers is None:
+            self.markers = ReadMarkers()
+        return self.markers
+
+    def part(self, room_name: str) -> bool:
+        """Forget ``room_name`` (its marker stays, for a later rejoin); True if joined."""
+        if room_name not in self.joined:
+            return False
+        self.joined = tuple(name for name in self.joined if name != room_name)
+        return True
 
     def __repr__(self) -> str:
         return f"<User {self.name!r}>"
@@ -94,38 +130,56 @@ class ChatRoot(Persistent):
         user.last_connected = now
         return user
 
-    def disconnect(self, user_name: str, lease_id: str) -> None:
-        """Count a connection out: drop its lease and its presence in its room."""
+    def disconnect(self, user_name: str, lease_id: str, also: Iterable[str] = ()) -> None:
+        """Count a connection out: drop its lease and its presence in its room (and
+        in the rooms named in ``also``, where a client of several rooms is present)."""
         user = self.users.get(user_name)
         if user is None:
             return
         entry = user.leases.pop(lease_id, None)
-        if entry is not None and entry[0] in self.rooms:
-            self.rooms[entry[0]].presence.pop(lease_id, None)
+        rooms = set(also)
+        if entry is not None and entry[0] is not None:
+            rooms.add(entry[0])
+        for room_name in rooms:
+            if room_name in self.rooms:
+                self.rooms[room_name].presence.pop(lease_id, None)
 
-    def enter(self, user_name: str, lease_id: str, room_name: str, now: float) -> ChatSession:
-        """Move a connection into ``room_name`` (leaving its previous room)."""
+    def leave(self, user_name: str, lease_id: str, room_name: str) -> None:
+        """End a connection's presence in one room (it stays in its others)."""
+        room = self.rooms.get(room_name)
+        if room is not None:
+            room.presence.pop(lease_id, None)
+
+    def enter(
+        self, user_name: str, lease_id: str, room_name: str, now: float, *, stay: bool = False
+    ) -> ChatSession:
+        """Move a connection into ``room_name`` (leaving its previous room, unless
+        ``stay``: a client of several rooms is present in each of them)."""
         user = self.user(user_name)
         previous = user.leases.get(lease_id, (None, 0.0))[0]
         room = self.room(room_name)
-        if previous not in (None, room.name) and previous in self.rooms:
+        if not stay and previous not in (None, room.name) and previous in self.rooms:
             self.rooms[previous].presence.pop(lease_id, None)
         expiry = now + self.lease_seconds
         user.leases[lease_id] = (room.name, expiry)
         room.presence[lease_id] = (user.name, expiry)
         return room
 
-    def renew(self, user_name: str, lease_id: str, now: float) -> bool:
-        """Extend a live lease; False if it expired or was never granted."""
+    def renew(
+        self, user_name: str, lease_id: str, now: float, also: Iterable[str] = ()
+    ) -> bool:
+        """Extend a live lease, and its presence in its room and the rooms in
+        ``also``; False if it expired or was never granted."""
         user = self.users.get(user_name)
         entry = user.leases.get(lease_id) if user is not None else None
-        if entry is None:
+        if user is None or entry is None:
             return False
         room_name, _ = entry
         expiry = now + self.lease_seconds
         user.leases[lease_id] = (room_name, expiry)
-        if room_name in self.rooms:
-            self.rooms[room_name].presence[lease_id] = (user.name, expiry)
+        for name in {room_name, *also}:
+            if name in self.rooms:
+                self.rooms[name].presence[lease_id] = (user.name, expiry)
         return True
 
     def who(self, room_name: str, now: float) -> list[str]:

@@ -62,7 +62,7 @@ from .errors import NotInDatabase
 from .events import announce_after_commit
 from .message import Message, MessageKind, new_message_id
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
-from .validation import check_room_name, check_text, check_user_name
+from .validation import check_room_name, check_text, check_topic, check_user_name
 
 __all__ = ["ChatSession", "RoomClock", "FLUSH", "FLUSH_CHANCE"]
 
@@ -92,12 +92,22 @@ class RoomClock(Persistent):
     # ``flushed``: no key in the tree is above it, None while that is not known.
     pending: tuple[Entry, ...] = ()
     flushed: int | None = None
+    # How many messages were ever posted here (``count`` less those retention
+    # removed). Clocks stored before it existed load with None: `posted` then
+    # takes ``count``, as if retention had removed nothing until the next post.
+    total: int | None = None
 
     def __init__(self) -> None:
         self.head = 0
         self.count = 0
         self.pending = ()
         self.flushed = 0
+        self.total = 0
+
+    @property
+    def posted(self) -> int:
+        """How many messages were ever posted to the room; see ``total``."""
+        return self.count if self.total is None else self.total
 
     def _p_resolveConflict(  # noqa: N802 (ZODB's name)
         self, old: dict[str, Any], committed: dict[str, Any], new: dict[str, Any]
@@ -109,6 +119,9 @@ class RoomClock(Persistent):
         committed_pending = tuple(committed.get("pending", ()))
         resolved = dict(new)
         resolved["count"] = committed["count"] + new["count"] - old["count"]
+        if "total" in new or "total" in committed:
+            # A state without it (written by older code) counts ``count`` instead.
+            resolved["total"] = _posted(committed) + _posted(new) - _posted(old)
         # The writer dropped the first ``dropped`` of the entries it saw (a flush moved
         # them into the tree, or retention removed them), kept the rest, and appended.
         dropped = _dropped(old_pending, new_pending)
@@ -146,6 +159,10 @@ class RoomClock(Persistent):
         raise ConflictError("the room's newest messages were moved by another commit")
 
 
+def _posted(state: dict[str, Any]) -> int:
+    return state.get("total", state["count"])  # type: ignore[no-any-return]
+
+
 def _dropped(old: tuple[Entry, ...], new: tuple[Entry, ...]) -> int:
     """How many leading entries of ``old`` are missing from ``new``, which keeps the
     others in front (``len(old)`` when it keeps none)."""
@@ -172,6 +189,11 @@ class ChatSession(Persistent):
     """
 
     _v_cursor: _Cursor
+    # ``(text, set by, epoch seconds)`` (text "" once cleared), or None: rooms
+    # stored before topics existed load without one. Anyone may set it (as on IRC
+    # without +t, or in Slack); the setter is stored with it and shown, and a
+    # guarded server checks that it names them.
+    topic: tuple[str, str, float] | None = None
 
     def __init__(
         self, name: str, *, max_messages: int | None = None, max_age: float | None = None
@@ -191,6 +213,17 @@ class ChatSession(Persistent):
         return self._clock.count
 
     # -- writing ---------------------------------------------------------------
+
+    def set_topic(self, text: str, by: str, *, clock: Callable[[], float] = time.time) -> None:
+        """Set the room's topic (``""`` clears it) in the caller's transaction.
+
+        Raises `InvalidInput` for a bad topic or user name, changing nothing. Writes
+        the room's own record, which posts do not write, so it conflicts only with
+        another topic change (the later one is retried and wins)."""
+        text = check_topic(text)
+        by = check_user_name(by)
+        # A cleared topic keeps who cleared it: others are told who did.
+        self.topic = (text, by, float(clock()))
 
     def post(
         self,
@@ -234,6 +267,7 @@ class ChatSession(Persistent):
         # resolution refuses a flush, the server has not yet spent time merging the
         # (much bigger) bucket.
         room_clock.head = message.key
+        room_clock.total = room_clock.posted + 1
         room_clock.count += 1
         pending = room_clock.pending
         if len(pending) >= FLUSH and (

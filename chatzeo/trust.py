@@ -686,7 +686,9 @@ class _Commit:
         assert room is not None
         new = clock.new_state
         old: dict[str, Any] = (
-            clock.old_state if not clock.is_new else {"head": 0, "count": 0, "flushed": 0}
+            clock.old_state
+            if not clock.is_new
+            else {"head": 0, "count": 0, "flushed": 0, "total": 0}
         )
         if not all(_is_clock(state) for state in (old, new)):
             self.refuse("history", "a room clock is malformed")
@@ -732,6 +734,11 @@ class _Commit:
             self.refuse("history", "a room clock's head must be its newest message's key")
         if new["count"] - old["count"] != len(added) - len(removed):
             self.refuse("history", "a room clock's count does not match its messages")
+        if "total" in new and not (
+            type(new["total"]) is int
+            and new["total"] - old.get("total", old["count"]) == len(added)
+        ):
+            self.refuse("history", "a room clock's total does not match the messages posted")
 
     def _check_retention(
         self, room: RoomInfo, removed: list[int], count: int, pending: dict[int, Any]

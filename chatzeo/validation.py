@@ -17,12 +17,16 @@ __all__ = [
     "check_room_name",
     "check_user_name",
     "check_text",
+    "check_topic",
     "decode_text",
+    "MAX_TOPIC_BYTES",
 ]
 
 MAX_MESSAGE_BYTES = 4096
 MAX_ROOM_NAME = 64
 MAX_USER_NAME = 32
+# IRC servers commonly allow 390 bytes (TOPICLEN); a topic is one line of a status bar.
+MAX_TOPIC_BYTES = 390
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 # Unicode's control characters (category Cc: C0, DEL, C1) but tab and newline, the
@@ -82,6 +86,21 @@ def check_text(text: object) -> str:
         char = forbidden.group()
         what = "a NUL byte" if char == "\0" else f"control character U+{ord(char):04X}"
         raise InvalidMessage(f"message contains {what} at position {forbidden.start()}")
+    return text
+
+
+def check_topic(text: object) -> str:
+    """Return a room topic that may be stored (``""`` clears it), or raise
+    `InvalidMessage`: one line of at most `MAX_TOPIC_BYTES` bytes, with the rules of
+    `check_text` otherwise."""
+    if isinstance(text, str) and not text.strip():
+        return ""
+    text = check_text(text)
+    if "\n" in text:
+        raise InvalidMessage("a topic is one line")
+    size = len(text.encode("utf-8"))
+    if size > MAX_TOPIC_BYTES:
+        raise InvalidMessage(f"topic is {size} bytes; the limit is {MAX_TOPIC_BYTES}")
     return text
 
 

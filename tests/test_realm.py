@@ -60,7 +60,9 @@ def test_who_lists_present_users_and_forgets_crashed_ones(db):
     alice.join("general")
     bob.join("general")
     assert alice.who() == ["alice", "bob"]
-    bob.join("random")
+    bob.join("random")  # joining adds a room: bob is present in both now
+    assert alice.who() == ["alice", "bob"]
+    bob.part("general")
     assert alice.who() == ["alice"]
     assert alice.who("random") == ["bob"]
     # Bob's process dies: no close(), no more heartbeats. Alice keeps renewing.
