@@ -118,8 +118,9 @@ class ChatClient:
         messages after it (the oldest ``history`` of them; all if None); `receive`
         then returns only what comes after the newest message. A missing room is
         created, or with ``create=False`` refused with `NoSuchRoom`. With
-        ``remember`` (a named user), the room joins the user's joined rooms, and a first join sets its read marker to the
-        newest message: what came before is history, not unread.
+        ``remember`` (a named user), the room joins the user's joined rooms, and a
+        first join sets its read marker to the newest message: what came before is
+        history, not unread.
         """
         name = check_room_name(room_name)
         if not create:

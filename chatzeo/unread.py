@@ -43,7 +43,7 @@ MENTION_SCAN = 5000
 
 # Characters of a user name (see chatzeo.validation); a '.' ends a name when no
 # other name character follows it ("thanks @bob." mentions bob).
-_NAME_CHAR = "A-Za-z0-9._-"
+_NAME_CHAR = "A-Za-z0-9._\\-"
 
 
 def mention_pattern(name: str) -> re.Pattern[str]:

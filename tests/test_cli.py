@@ -181,3 +181,59 @@ def test_tail_keeps_going_across_a_server_crash(cli_env, server, tmp_path):
         tail.kill()
         tail.wait()
         out.close()
+
+
+def test_history_and_tail_resume_after_a_key_and_unread_counts(cli_env, server, tmp_path):
+    from chatzeo import ChatClient, open_db
+
+    def as_alice(work):
+        db = open_db(server.address, wait=30)
+        try:
+            alice = ChatClient(db, "alice")
+            work(alice)
+            alice.close()
+        finally:
+            db.close()
+
+    def join(alice):
+        alice.join("lobby", history=0, remember=True)
+        alice.join("empty", history=0, remember=True)
+
+    as_alice(join)  # before anything was said: all of it will be unread
+    for index in range(4):
+        assert run(cli_env, "send", "--name", "bob", f"m{index}").returncode == 0
+    keys = [json.loads(x)["key"] for x in run(cli_env, "history", "--json").stdout.splitlines()]
+    assert len(keys) == 4 and keys == sorted(keys)
+    page = run(cli_env, "history", "--json", "--after", str(keys[0]), "--limit", "2")
+    assert [json.loads(x)["text"] for x in page.stdout.splitlines()] == ["m1", "m2"]
+    out = open(tmp_path / "tail.out", "wb")
+    tail = subprocess.Popen(
+        chatzeo_command("tail", "--json", "--after", str(keys[1])), env=cli_env, stdout=out
+    )
+    try:
+        def texts():
+            return [json.loads(x)["text"] for x in (tmp_path / "tail.out").read_text().splitlines()]
+
+        wait_until("the messages after the key", lambda: texts() == ["m2", "m3"])
+        assert run(cli_env, "send", "--name", "bob", "m4 @alice").returncode == 0
+        wait_until("a live one after them", lambda: texts() == ["m2", "m3", "m4 @alice"])
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(15) == 0
+    finally:
+        tail.kill()
+        out.close()
+
+    # alice reads up to m2 (as her terminal would mark it) and leaves.
+    as_alice(lambda alice: alice.mark_read("lobby", keys[2]))
+    listed = run(cli_env, "unread", "--name", "alice", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(x) for x in listed.stdout.splitlines()]
+    assert [(r["room"], r["unread"], r["mentions"], r["lost"]) for r in rows] == [
+        ("lobby", 2, 1, 0),
+        ("empty", 0, 0, 0),
+    ]
+    plain = run(cli_env, "unread", "--name", "alice").stdout.decode()
+    assert plain.splitlines()[0] == "#lobby\t2 unread\t1 mentions"
+    bad = run(cli_env, "unread", "--name", "no body")
+    assert bad.returncode == 1 and bad.stderr.decode().count("\n") == 1
+    assert run(cli_env, "history", "--after", "-3").returncode == 2
