@@ -20,11 +20,18 @@ What is checked
 
 The rules (each refusal names one; docs/security.md explains them)
     ``root``        the ZODB root and the ChatRoot are never changed by a client.
-    ``room``        an existing ChatSession is never changed (no rename, no new caps);
+    ``room``        an existing ChatSession is never changed (no rename, no new caps)
+                    but for its ``topic``, ``(text, setter, time)``: anyone may set
+                    it, naming themselves, with a valid one-line text and a time not
+                    ahead of the server's by more than `FUTURE_SKEW`;
                     ChatRoot.rooms only gains keys, each a new ChatSession named like
                     its key, with new trees and a new clock of its own.
-    ``user``        a User and its leases are changed only by the certificate of the
-                    same name; ChatRoot.users only gains the writer's own new User.
+    ``user``        a User, its leases and its read markers are changed only by the
+                    certificate of the same name; ChatRoot.users only gains the
+                    writer's own new User; ``joined`` is a tuple of distinct room
+                    names (at most `MAX_JOINED`), ``markers`` a `ReadMarkers` whose
+                    ``_keys``/``_positions`` map at most `MAX_JOINED` room names to
+                    ints >= 0.
     ``author``      a new message is ``(id, author, text, kind)`` with author = identity;
                     new messages arrive as entries appended to the room clock's
                     ``pending`` (or, in a flush, straight into the tree with the rest).
@@ -65,9 +72,12 @@ from typing import Any
 from ZODB.POSException import ConflictError, POSKeyError
 
 from .allowlist import is_allowed
-from .errors import TrustViolation
+from .errors import InvalidInput, TrustViolation
+from .validation import check_room_name, check_topic
 
-__all__ = ["TrustIndex", "IndexUpdate", "check_commit", "Ref", "decode", "FUTURE_SKEW"]
+__all__ = [
+    "TrustIndex", "IndexUpdate", "check_commit", "Ref", "decode", "FUTURE_SKEW", "MAX_JOINED",
+]
 
 Z64 = b"\0" * 8
 ROOT_OID = Z64
@@ -86,7 +96,10 @@ _CLASSES = {
     "session": ("chatzeo.session.ChatSession",),
     "clock": ("chatzeo.session.RoomClock",),
     "user": ("chatzeo.realm.User",),
+    "markers": ("chatzeo.markers.ReadMarkers",),
 }
+# How many rooms one user may remember as joined, and keep markers for.
+MAX_JOINED = 512
 _MISSING = object()
 
 Role = tuple[str, Any]  # (kind, owner): owner is a session oid, a user name or None
@@ -278,6 +291,8 @@ class TrustIndex:
             index.roles[value.oid] = ("user", name)
             _, user = _load(storage, value.oid)
             list(index._walk(storage, user["leases"].oid, ("leases", name)))
+            if isinstance(user.get("markers"), Ref):
+                index.roles[user["markers"].oid] = ("markers", name)
         return index
 
     def apply(self, update: IndexUpdate, tid: bytes, resolved: Iterable[bytes] = ()) -> None:
@@ -493,8 +508,11 @@ class _Commit:
             return [(_ref(state, "_messages"), ("messages", record.oid)),
                     (_ref(state, "_clock"), ("clock", record.oid)),
                     (_ref(state, "presence"), ("presence", record.oid))]
-        if kind == "user" and record.is_new and isinstance(state, dict):
-            return [(_ref(state, "leases"), ("leases", owner))]
+        if kind == "user" and isinstance(state, dict):
+            linked = [(_ref(state, "leases"), ("leases", owner))] if record.is_new else []
+            if isinstance(state.get("markers"), Ref):
+                linked.append((state["markers"].oid, ("markers", owner)))
+            return linked
         return []
 
     # -- decoding
@@ -540,7 +558,8 @@ class _Commit:
             self.refuse("root", "the ZODB root and chatzeo's root cannot be changed")
         if kind == "session":
             if not record.is_new:
-                self.refuse("room", "an existing room cannot be changed or renamed")
+                self._check_topic_change(record.old_state, state)
+                return
             try:
                 self.update.rooms[record.oid] = _room_info(state)
             except (KeyError, AttributeError, TypeError):
@@ -556,6 +575,52 @@ class _Commit:
                 self.refuse("user", f"user {owner!r} can only be changed by {owner!r}")
             if record.is_new and _ref(state, "leases") not in self.records:
                 self.refuse("user", "a new user must bring new leases")
+            self._check_joined(state)
+        if kind == "markers":
+            if owner != self.identity:
+                self.refuse("user", f"the read markers of {owner!r} belong to {owner!r}")
+            for attribute in ("_keys", "_positions"):
+                _check_room_ints(self, state, attribute)
+
+    def _check_joined(self, state: Any) -> None:
+        joined = state.get("joined", ()) if isinstance(state, dict) else None
+        if not (
+            isinstance(joined, tuple)
+            and len(joined) <= MAX_JOINED
+            and len(set(joined)) == len(joined)
+            and all(_is_room_name(name) for name in joined)
+        ):
+            self.refuse("user", "joined rooms must be distinct room names")
+        markers = state.get("markers")
+        if markers is not None and not (
+            isinstance(markers, Ref)
+            and (self.index.roles.get(markers.oid) == ("markers", state.get("name"))
+                 or (markers.oid in self.records and self.records[markers.oid].is_new))
+        ):
+            self.refuse("user", "a user's markers must be their own ReadMarkers")
+
+    def _check_topic_change(self, old: Any, new: Any) -> None:
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            self.refuse("room", "a room is malformed")
+        if {k: v for k, v in old.items() if k != "topic"} != {
+            k: v for k, v in new.items() if k != "topic"
+        }:
+            self.refuse("room", "an existing room cannot be changed or renamed")
+        topic = new.get("topic")
+        if topic == old.get("topic"):
+            return
+        if not (isinstance(topic, tuple) and len(topic) == 3):
+            self.refuse("room", "a topic is (text, setter, time)")
+        text, by, when = topic
+        if by != self.identity:
+            self.refuse("author", f"{self.identity!r} cannot set a topic as {by!r}")
+        if not isinstance(when, float) or not when <= self.now + FUTURE_SKEW:
+            self.refuse("room", "a topic's time must be a number not in the future")
+        try:
+            if check_topic(text) != text:
+                raise InvalidInput("not normalised")
+        except InvalidInput:
+            self.refuse("room", "a topic must be one line of valid text")
 
     # -- trees
 
@@ -786,6 +851,26 @@ def _check_sorted(shape: _Shape) -> None:
             raise _Undecodable("has keys out of order")
     except TypeError:
         raise _Undecodable("has keys that cannot be ordered") from None
+
+
+def _is_room_name(name: Any) -> bool:
+    try:
+        return check_room_name(name) == name
+    except InvalidInput:
+        return False
+
+
+def _check_room_ints(commit: _Commit, state: Any, attribute: str) -> None:
+    values = state.get(attribute, {}) if isinstance(state, dict) else None
+    if not (
+        isinstance(values, dict)
+        and len(values) <= MAX_JOINED
+        and all(
+            _is_room_name(name) and type(key) is int and key >= 0
+            for name, key in values.items()
+        )
+    ):
+        commit.refuse("user", "read markers map room names to keys")
 
 
 def _is_clock(state: Any) -> bool:

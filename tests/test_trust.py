@@ -558,3 +558,96 @@ def test_guard_on_needs_client_certificates(tmp_path):
     )
     assert result.returncode != 0
     assert "--guard on needs TLS client certificates" in result.stderr
+
+
+# -- issue 15: joined rooms, read markers, topics ---------------------------------------
+
+
+def test_daily_use_passes_the_guard(guarded, alice_db, bob_db):
+    """Joining several rooms, marking, a topic, parting, a restart's catch-up: all of
+    a day's writes by their owners are accepted."""
+    alice, bob = ChatClient(alice_db, "alice"), ChatClient(bob_db, "bob")
+    try:
+        for name in ("day-1", "day-2", "day-3"):
+            alice.join(name, history=0, remember=True)
+        bob.join("day-2")
+        key = bob.send("hello @alice").key
+        alice.switch("day-2")
+        alice.set_topic("standup at ten")
+        wait_until("alice sees bob's post", lambda: alice.receive_all().get("day-2"))
+        alice.mark_read("day-2", key)
+        assert alice.flush_marks(force=True)
+        alice.part("day-3")
+        bob.send("after the mark")
+    finally:
+        alice.close()
+        bob.close()
+    again = ChatClient(alice_db, "alice")
+    try:
+        caught_up(alice_db)
+        assert again.joined_rooms() == ["day-1", "day-2"]
+        rows = {row.room: row for row in again.unread()}
+        assert (rows["day-2"].unread, rows["day-2"].mentions) == (1, 0)
+        again.join("day-2", history=0)
+        assert again.topic()[:2] == ("standup at ten", "alice")
+    finally:
+        again.close()
+
+
+def test_markers_joined_rooms_and_topics_are_guarded(guarded, alice_db, bob_db):
+    alice = ChatClient(alice_db, "alice")
+    try:
+        alice.join("guarded-day", history=0, remember=True)
+        alice.mark_read("guarded-day", alice.send("a message to mark").key)
+        alice.flush_marks(force=True)
+    finally:
+        alice.close()
+    wait_until("bob sees alice's markers", lambda: read(bob_db, lambda root: (
+        root.users["alice"].markers is not None
+        and root.users["alice"].markers.get("guarded-day"))))
+    room = "guarded-day"
+
+    def rewind(root: ChatRoot) -> None:  # make alice re-read everything
+        markers = root.users["alice"].markers
+        markers._keys = {room: 1}
+        markers._p_changed = True
+
+    def unjoin(root: ChatRoot) -> None:
+        root.users["alice"].joined = ()
+
+    def forge_topic(root: ChatRoot) -> None:
+        root.rooms[room].topic = ("alice says: free pizza", "alice", time.time())
+
+    def rename(root: ChatRoot) -> None:
+        root.rooms[room].name = "elsewhere"
+
+    def future_topic(root: ChatRoot) -> None:
+        root.rooms[room].topic = ("soon", "bob", time.time() + 10_000)
+
+    def escape_topic(root: ChatRoot) -> None:
+        root.rooms[room].topic = ("\x1b]0;pwned\x07", "bob", time.time())
+
+    def steal_markers(root: ChatRoot) -> None:
+        root.user("bob").markers = root.users["alice"].markers
+
+    def junk_markers(root: ChatRoot) -> None:
+        markers = root.user("bob").own_markers()
+        markers._keys = {"a room": -1}
+        markers._p_changed = True
+
+    def bad_joined(root: ChatRoot) -> None:
+        root.user("bob").joined = ("ok", "ok")
+
+    refused(guarded, bob_db, "user", rewind)
+    refused(guarded, bob_db, "user", unjoin)
+    refused(guarded, bob_db, "author", forge_topic)
+    refused(guarded, bob_db, "room", rename)
+    refused(guarded, bob_db, "room", future_topic)
+    refused(guarded, bob_db, "room", escape_topic)
+    refused(guarded, bob_db, "user", steal_markers)
+    refused(guarded, bob_db, "user", junk_markers)
+    refused(guarded, bob_db, "user", bad_joined)
+    # bob's own, well-formed ones pass.
+    edit(bob_db, lambda root: root.rooms[room].set_topic("bob's topic", "bob"))
+    edit(bob_db, lambda root: root.user("bob").join(room))
+    assert read(alice_db, lambda root: root.users["alice"].markers.get(room)) > 1
