@@ -8,8 +8,9 @@ Threads
     The worker thread runs `ClientWorker._run`. It sleeps in ``client.wait(timeout)``,
     which returns as soon as ZEO pushes a commit to the watched room (`ChangeFeed`),
     when `submit` wakes it, or at the timeout: the next heartbeat, or while the
-    server is away a short poll of the *local* connection flag (no request to the
-    server). It hands every result to the UI through ``deliver``, which it calls
+    server is away a poll of the *local* connection flag (no request to the
+    server) that backs off from ``poll`` to ``away_poll_max`` seconds; ZEO's
+    reconnection wakes it at once anyway, through the feed. It hands every result to the UI through ``deliver``, which it calls
     from the worker thread, so ``deliver`` must be thread-safe (the terminal passes
     a function that uses ``loop.call_soon_threadsafe``).
 
@@ -158,6 +159,7 @@ class ClientWorker:
         heartbeat_every: float = 20.0,
         give_up_after: float = 120.0,
         poll: float = 0.25,
+        away_poll_max: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._open_client = open_client
@@ -166,6 +168,7 @@ class ClientWorker:
         self._heartbeat_every = heartbeat_every
         self._give_up_after = give_up_after
         self._poll = poll
+        self._away_poll_max = away_poll_max
         self._clock = clock
         self._requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._outbox: deque[tuple[Outgoing, float]] = deque()
@@ -236,10 +239,20 @@ class ClientWorker:
         next_beat = self._clock() + self._heartbeat_every
         was_connected = True
         behind = False  # the room changed and we have not read it yet
+        away_wait = self._poll  # grows while the server stays away
         while not self._stopping.is_set():
-            timeout = max(0.0, next_beat - self._clock())
-            if not was_connected or behind:
-                timeout = min(timeout, self._poll)
+            if was_connected:
+                away_wait = self._poll
+                timeout = max(0.0, next_beat - self._clock())
+                if behind:
+                    timeout = min(timeout, self._poll)
+            else:
+                # No heartbeat can go out now, so a beat that fell due must not make
+                # the wait zero (that spun a core for the whole outage). ZEO's
+                # reconnection fires the feed (invalidateCache), which ends this wait
+                # at once; the timeout only bounds how late a lost wake-up is seen.
+                timeout = away_wait
+                away_wait = min(away_wait * 2, self._away_poll_max)
             behind = client.wait(timeout) or behind
             if self._stopping.is_set():
                 return

@@ -504,3 +504,33 @@ def test_chat_refuses_to_run_without_a_terminal(tmp_path: Path) -> None:
     assert done.stderr == (
         "chatzeo: error: chatzeo chat needs a terminal; scripts can use chatzeo send and tail\n"
     )
+
+
+def test_worker_costs_no_cpu_while_the_server_is_away_and_comes_back_quickly(
+    server: ServerProcess, zeo_db: ZODB.DB
+) -> None:
+    # A heartbeat that falls due during the outage once made the worker spin; with
+    # heartbeat_every=0.2 several fall due inside the measured window.
+    worker, events, _ = start_worker(lambda: ChatClient(zeo_db, "alice"), heartbeat_every=0.2)
+    restarted: ServerProcess | None = None
+    try:
+        server.stop()
+        wait_until("the client to notice", lambda: not worker.is_connected())
+        worker.submit(Outgoing(1, "written while the server is away"))
+        time.sleep(0.5)  # let the heartbeat fall due (the condition under test)
+        cpu, wall = time.process_time(), time.monotonic()
+        time.sleep(3.0)  # the measured window: this process, every thread, is idle
+        share = (time.process_time() - cpu) / (time.monotonic() - wall)
+        print(f"client CPU while the server is away: {share:.2%} of a core")
+        assert share < 0.02
+        restarted = ServerProcess(server.data_dir, port=server.port).start()
+        back = time.monotonic()
+        landed = events.next(Landed, timeout=30)
+        waited = time.monotonic() - back
+        print(f"reconnected and sent {waited:.2f}s after the server answered")
+        assert landed.id == 1 and worker.is_connected()
+        assert waited < 5.0, waited  # ~0.5 s here; the bound allows a loaded machine
+    finally:
+        assert worker.stop()
+        if restarted is not None:
+            restarted.stop()
