@@ -10,9 +10,10 @@ Threads
     when `submit` wakes it, or at the timeout: the next heartbeat, or while the
     server is away a poll of the *local* connection flag (no request to the
     server) that backs off from ``poll`` to ``away_poll_max`` seconds; ZEO's
-    reconnection wakes it at once anyway, through the feed. It hands every result to the UI through ``deliver``, which it calls
-    from the worker thread, so ``deliver`` must be thread-safe (the terminal passes
-    a function that uses ``loop.call_soon_threadsafe``).
+    reconnection wakes it at once anyway, through the feed. It hands every result
+    to the UI through ``deliver``, which it calls from the worker thread, so
+    ``deliver`` must be thread-safe (the terminal passes a function that uses
+    ``loop.call_soon_threadsafe``).
 
     `start`, `submit`, `is_connected` and `stop` are called from the UI thread.
 
