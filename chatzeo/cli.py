@@ -270,7 +270,7 @@ def _quiet_logging(command: str) -> None:
 
 
 def _client(args: argparse.Namespace, user: str | None = None) -> ChatClient:
-    db = open_for_command(args.server, args.wait, _tls(args))
+    db = open_for_command(args.server, args.wait, _tls(args), _cert(args))
     try:
         return ChatClient(db, user, policy=RetryPolicy(max_seconds=args.wait))
     except BaseException:
@@ -287,6 +287,12 @@ def _with_client(
     finally:
         client.close()
         client.db.close()
+
+
+def _cert(args: argparse.Namespace) -> str | None:
+    from .tls import TLS_ENVIRONMENT
+
+    return args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"]) or None
 
 
 def _tls(args: argparse.Namespace) -> Any:
@@ -323,7 +329,7 @@ def _check(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from .maintenance import pack
 
-    db = open_for_command(args.server, args.wait, _tls(args))
+    db = open_for_command(args.server, args.wait, _tls(args), _cert(args))
     try:
         pack(db, args.days)
     finally:

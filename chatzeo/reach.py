@@ -120,12 +120,13 @@ def is_server_address(target: str | None) -> bool:
 
 
 def probe(target: str, ssl: ssl_module.SSLContext | None = None,
-          timeout: float = ATTEMPT_TIMEOUT) -> dict[str, Any]:
+          timeout: float = ATTEMPT_TIMEOUT, cert: str | None = None) -> dict[str, Any]:
     """One attempt at the server ``target`` names; its ``ruok`` status on success.
 
     Raises `HostNotFound`, `CertificateRefused`, `ServerNotTrusted` or
     `NotAZEOServer` for what waiting cannot mend, and `OSError` (refused, timed
-    out, reset) for what a server that is starting would mend.
+    out, reset) for what a server that is starting would mend. ``cert``, the
+    client certificate's file, lets a refusal say what is wrong with it.
     """
     address = parse_address(target)
     if isinstance(address, str):
@@ -148,11 +149,11 @@ def probe(target: str, ssl: ssl_module.SSLContext | None = None,
         sock.connect(where)
         if ssl is not None:
             sock = _handshake(sock, ssl, hostname, target)
-        greeting = _receive(sock, target, ssl is not None)
+        greeting = _receive(sock, target, ssl is not None, cert)
         if greeting[:1] not in (b"Z", b"M"):
             raise NotAZEOServer(target, f"it greeted with {greeting[:20]!r}")
         sock.sendall(struct.pack(">I", 4) + b"ruok")
-        answer = _receive(sock, target, ssl is not None)
+        answer = _receive(sock, target, ssl is not None, cert)
         try:
             status: dict[str, Any] = json.loads(answer)
         except ValueError:
@@ -172,7 +173,7 @@ def _handshake(sock: socket.socket, context: ssl_module.SSLContext, hostname: st
         raise CertificateRefused(target, _alert(error)) from None
 
 
-def _receive(sock: socket.socket, target: str, tls: bool) -> bytes:
+def _receive(sock: socket.socket, target: str, tls: bool, cert: str | None) -> bytes:
     """One of ZEO's sized messages (a 4-byte big-endian length, then the bytes)."""
     try:
         header = _exactly(sock, 4)
@@ -184,10 +185,38 @@ def _receive(sock: socket.socket, target: str, tls: bool) -> bytes:
         # With TLS 1.3 the server judges the client's certificate after the
         # handshake has completed on this side: its refusal arrives as an alert here.
         raise CertificateRefused(target, _alert(error)) from None
-    except (TimeoutError, ConnectionResetError, EOFError) as error:
+    except (ConnectionResetError, EOFError) as error:
+        if tls:
+            # With TLS 1.3 the server judges the client's certificate after this
+            # side's handshake is done; Python's server then closes without an alert.
+            raise CertificateRefused(target, _what_is_wrong(cert)) from error
+        raise NotAZEOServer(target, "it hung up") from None
+    except TimeoutError as error:
         hint = "" if tls else "; does it need TLS (--tls-cert, --tls-key, --tls-ca)?"
         what = "it said nothing" if isinstance(error, TimeoutError) else "it hung up"
         raise NotAZEOServer(target, f"{what}{hint}") from None
+
+
+def _what_is_wrong(cert: str | None) -> str:
+    """Why a server may have refused the certificate in ``cert``, read from the
+    certificate itself (the server does not say)."""
+    generic = "it closed the connection after the TLS handshake"
+    if cert is None:
+        return generic
+    try:
+        # The stdlib's only certificate parser; private, hence the fallback.
+        decoded = ssl_module._ssl._test_decode_cert(cert)  # type: ignore[attr-defined]
+        expires = ssl_module.cert_time_to_seconds(decoded["notAfter"])
+        starts = ssl_module.cert_time_to_seconds(decoded["notBefore"])
+    except Exception:
+        return generic
+    if expires < time.time():
+        return f"it expired on {decoded['notAfter']}"
+    if starts > time.time():
+        return f"it is not valid before {decoded['notBefore']}"
+    if decoded.get("issuer") == decoded.get("subject"):
+        return "it is self-signed, not signed by a CA the server trusts"
+    return "it is not signed by a CA the server trusts"
 
 
 def _exactly(sock: socket.socket, size: int) -> bytes:
@@ -216,7 +245,8 @@ def _alert(error: ssl_module.SSLError) -> str:
 
 
 def wait_for_server(target: str, ssl: ssl_module.SSLContext | None, wait: float,
-                    clock: Any = time.monotonic, sleep: Any = time.sleep) -> float:
+                    clock: Any = time.monotonic, sleep: Any = time.sleep,
+                    cert: str | None = None) -> float:
     """Probe ``target`` until its server answers or ``wait`` seconds pass; return
     the seconds left. Errors that waiting cannot mend are raised at once; a refused
     or unanswered connection is retried, then raised as `NothingListens`."""
@@ -225,7 +255,7 @@ def wait_for_server(target: str, ssl: ssl_module.SSLContext | None, wait: float,
     while True:
         left = deadline - clock()
         try:
-            probe(target, ssl, timeout=max(0.5, min(ATTEMPT_TIMEOUT, left)))
+            probe(target, ssl, timeout=max(0.5, min(ATTEMPT_TIMEOUT, left)), cert=cert)
             return max(0.0, deadline - clock())
         except OSError as error:
             reason = _why(error)
@@ -245,11 +275,11 @@ def _why(error: OSError) -> str:
 
 
 def open_for_command(target: str | None, wait: float,
-                     ssl: ssl_module.SSLContext | None = None) -> Any:
+                     ssl: ssl_module.SSLContext | None = None, cert: str | None = None) -> Any:
     """Open ``target`` for a command: see the module docstring. Raises `ChatError`s
     with one line for the user."""
     if target is not None and is_server_address(target):
-        left = wait_for_server(target, ssl, wait)
+        left = wait_for_server(target, ssl, wait, cert=cert)
         # The server answered just now; give ZEO's own connection a moment even
         # when the probe used up the bound.
         wait = max(left, min(wait, 1.0), 0.5)
