@@ -340,13 +340,9 @@ def _pack(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    for given, what in ((args.data_dir, "--data-dir"), (args.config, "--config")):
-        if given is None:
-            continue
-        if what == "--data-dir" and given.exists() and not given.is_dir():
-            raise ChatError(f"--data-dir {given} is a file; it must be a directory")
-        if what == "--config" and not given.is_file():
-            raise ChatError(f"--config {given}: no such file")
+    data_dir: Path | None = args.data_dir
+    if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        raise ChatError(f"--data-dir {data_dir} is a file; it must be a directory")
     try:
         return serve(args.config, args.address, args.data_dir, args.guard, args.max_connections)
     except OSError as error:  # e.g. a data directory that cannot be created
