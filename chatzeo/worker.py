@@ -109,10 +109,12 @@ class Arrived:
 
 @dataclass(frozen=True)
 class Landed:
-    """Outgoing message ``id`` is stored; ``messages`` are what arrived up to it."""
+    """Outgoing message ``id`` is stored, as the message whose id is ``stored``;
+    ``messages`` are what arrived up to it."""
 
     id: int
     messages: tuple[Message, ...]
+    stored: str | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ class ClientWorker:
             assert client.room is not None
             self._client = client
             self._ready.set_result(Joined(client.room.name, tuple(page)))
+            self._tell_about_other_connections(client)
         except BaseException as error:
             client.close()
             self._ready.set_exception(error)
@@ -235,6 +238,21 @@ class ClientWorker:
                 outgoing, _ = self._outbox.popleft()
                 self._deliver(NotSent(outgoing.id, "the chat closed before it was sent"))
             client.close()
+
+    def _tell_about_other_connections(self, client: ChatClient) -> None:
+        try:
+            others = client.other_connections()
+        except Exception:  # only a courtesy: never a reason not to chat
+            log.info("counting other connections failed", exc_info=True)
+            return
+        if others:
+            name = client.user
+            where = "another connection" if others == 1 else f"{others} other connections"
+            self._deliver(Notice((
+                f"the name {name} is also in use by {where} right now: another terminal "
+                "of yours, or someone else (without TLS client certificates a name "
+                "proves nothing); only what you send here is marked as yours",
+            )))
 
     def _serve(self, client: ChatClient) -> None:
         next_beat = self._clock() + self._heartbeat_every
@@ -256,6 +274,7 @@ class ClientWorker:
                 away_wait = min(away_wait * 2, self._away_poll_max)
             behind = client.wait(timeout) or behind
             if self._stopping.is_set():
+                self._send_before_stopping(client)
                 return
             connected = client.is_connected()
             if connected and not was_connected:
@@ -273,6 +292,19 @@ class ClientWorker:
             else:
                 self._expire()
             was_connected = connected
+
+    def _send_before_stopping(self, client: ChatClient) -> None:
+        """What the user typed before leaving (a ``/quit`` message too) goes out if
+        the server is there; requests to read are dropped, nobody awaits them."""
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(request, Outgoing):
+                self._outbox.append((request, self._clock()))
+        if client.is_connected():
+            self._flush(client)
 
     def _handle_requests(self, client: ChatClient, connected: bool) -> None:
         while True:
@@ -316,7 +348,7 @@ class ClientWorker:
         while self._outbox and client.is_connected():
             outgoing, _ = self._outbox[0]
             try:
-                client.send(outgoing.text, outgoing.kind)
+                stored = client.send(outgoing.text, outgoing.kind)
             except RetryLimitExceeded as error:
                 self._outbox.popleft()
                 self._deliver(NotSent(outgoing.id, f"gave up after {error.seconds:.0f}s"))
@@ -328,7 +360,7 @@ class ClientWorker:
                 continue
             self._outbox.popleft()
             messages = self._read(client)
-            self._deliver(Landed(outgoing.id, tuple(messages or ())))
+            self._deliver(Landed(outgoing.id, tuple(messages or ()), stored.id))
 
     def _expire(self) -> None:
         """Give up the messages that have waited too long for the server."""
