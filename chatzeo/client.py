@@ -30,7 +30,7 @@ import transaction
 from ZODB.POSException import ReadConflictError
 
 from .delivery import ChangeFeed
-from .errors import NoSuchRoom
+from .errors import InvalidInput, NoSuchRoom
 from .message import Message, MessageKind, new_message_id
 from .realm import ChatRoot, get_root
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
@@ -38,7 +38,7 @@ from .session import ChatSession
 from .unread import RoomUnread, latest_mentions, unread_rooms
 from .validation import check_room_name, check_topic, check_user_name
 
-__all__ = ["ChatClient", "RoomInfo", "CatchUp", "MARK_EVERY"]
+__all__ = ["ChatClient", "RoomInfo", "AmbiguousRoom", "CatchUp", "MARK_EVERY"]
 
 # The shortest time between two marker writes while reading (seconds).
 MARK_EVERY = 5.0
@@ -61,6 +61,18 @@ RoomInfo = tuple[str, int]
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+class AmbiguousRoom(InvalidInput):
+    """A room name matches, without regard to case, several rooms and none exactly
+    (a database from before names were matched so may hold ``Dev`` and ``dev``)."""
+
+    def __init__(self, name: str, matches: list[str]):
+        self.name = name
+        self.matches = matches
+        super().__init__(
+            f"{name!r} matches several rooms: {', '.join(matches)}; type the exact name"
+        )
 
 
 class ChatClient:
@@ -114,8 +126,9 @@ class ChatClient:
     ) -> list[Message]:
         """Open ``room_name`` and make it the current room; rooms already open stay.
 
-        Returns its latest ``history`` messages, or with ``after`` (a key) the
-        messages after it (the oldest ``history`` of them; all if None); `receive`
+        Room names match without regard to case (``Dev`` finds ``dev``; `find_room`
+        says how). Returns its latest ``history`` messages, or with ``after`` (a key)
+        the messages after it (the oldest ``history`` of them; all if None); `receive`
         then returns only what comes after the newest message. A missing room is
         created, or with ``create=False`` refused with `NoSuchRoom`. With
         ``remember`` (a named user), the room joins the user's joined rooms, and a
@@ -123,10 +136,11 @@ class ChatClient:
         history, not unread.
         """
         name = check_room_name(room_name)
-        if not create:
-            self._manager.begin()
-            if name not in self._root().rooms:
-                raise NoSuchRoom(name)
+        found = self.find_room(name)
+        if found is not None:
+            name = found
+        elif not create:
+            raise NoSuchRoom(name)
         user = self.user
         if user is not None:
 
@@ -208,14 +222,62 @@ class ChatClient:
             watched += [room._clock, room, room.presence]
         self.feed.watch(watched)
 
+    def find_room(self, room_name: str) -> str | None:
+        """The stored spelling of the room ``room_name`` names, or None if none does.
+
+        An exact match wins; otherwise the one room whose name differs only in case.
+        Raises `AmbiguousRoom` when several do and none matches exactly. The exact
+        look-up is one BTree search; only a miss scans the room names.
+        """
+        name = check_room_name(room_name)
+
+        def find() -> str | None:
+            rooms = self._root().rooms
+            if name in rooms:
+                return name
+            wanted = name.casefold()
+            matches = [stored for stored in rooms.keys() if stored.casefold() == wanted]
+            if len(matches) > 1:
+                raise AmbiguousRoom(name, matches)
+            return matches[0] if matches else None
+
+        return self._read(find)
+
     def rooms(self) -> list[RoomInfo]:
         """Every room's name and message count, by name."""
         return self._read(lambda: [(name, len(room)) for name, room in self._root().rooms.items()])
 
     def who(self, room_name: str | None = None) -> list[str]:
-        """Users present in a room now (the current one by default)."""
-        name = room_name or self._current().name
+        """Users present in a room now (the current one by default). Raises
+        `NoSuchRoom` for a named room that does not exist (never creates it)."""
+        if room_name is None:
+            name = self._current().name
+        else:
+            found = self.find_room(room_name)
+            if found is None:
+                raise NoSuchRoom(check_room_name(room_name))
+            name = found
         return self._read(lambda: self._root().who(name, self.clock()))
+
+    def other_connections(self) -> int:
+        """How many live connections this client's user holds besides this one (the
+        same name used in another terminal, or by someone else: without TLS client
+        certificates a name proves nothing)."""
+        user = self.user
+        if user is None:
+            return 0
+
+        def count() -> int:
+            record = self._root().users.get(user)
+            if record is None:
+                return 0
+            now = self.clock()
+            return sum(
+                1 for lease, (_, expiry) in record.leases.items()
+                if expiry > now and lease != self.lease_id
+            )
+
+        return self._read(count)
 
     # -- messages --------------------------------------------------------------
 

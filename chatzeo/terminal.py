@@ -29,24 +29,46 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from prompt_toolkit import PromptSession, print_formatted_text
-from prompt_toolkit.application import get_app, get_app_or_none
+from prompt_toolkit.application import Application, get_app, get_app_or_none
 from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.data_structures import Point
+from prompt_toolkit.filters import Condition
 from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
+from prompt_toolkit.key_binding import (
+    KeyBindings,
+    KeyBindingsBase,
+    KeyPressEvent,
+    merge_key_bindings,
+)
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.renderer import print_formatted_text as render_text
 
 from .client import ChatClient
 from .commands import HELP, Help, History, Join, Quit, Rooms, Say, Who, parse
-from .database import open_db
-from .display import STYLE, error_line, info_line, message_line, prompt_text, stamp, status_text
+from .display import (
+    STYLE,
+    day_line,
+    error_line,
+    info_line,
+    message_lines,
+    plural,
+    prompt_text,
+    stamp,
+    status_text,
+)
+from .editing import GraphemeWidths, grapheme_bindings
 from .errors import ChatError, InvalidInput
 from .message import Message
-from .tls import context_from_options
+from .reach import open_for_command
+from .sanitize import clean
+from .tls import TLS_ENVIRONMENT, context_from_options
 from .validation import check_room_name, check_user_name
 from .worker import (
     Arrived,
@@ -105,6 +127,19 @@ def _redraw() -> None:
         app.invalidate()
 
 
+def _columns() -> int:
+    app = get_app_or_none()
+    if app is not None:
+        return app.output.get_size().columns
+    import shutil
+
+    return shutil.get_terminal_size().columns
+
+
+def _same_day(one: float, other: float) -> bool:
+    return time.localtime(one)[:3] == time.localtime(other)[:3]
+
+
 class ChatScreen:
     """What the user sees and what their typing does; lives in the UI thread.
 
@@ -123,11 +158,18 @@ class ChatScreen:
         show: Callable[[Sequence[FormattedText]], None] = print_lines,
         redraw: Callable[[], None] = _redraw,
         clock: Callable[[], float] = time.time,
+        columns: Callable[[], int] = _columns,
     ) -> None:
         self.user = user
         self.server = server
         self.room = ""
         self.pending: dict[int, Outgoing] = {}
+        # Ids of the messages this connection stored: only those are marked as
+        # one's own (a name proves nothing: anyone may connect under any name).
+        self.own: set[str] = set()
+        # Set when the last line was refused, so the input keeps it to be fixed.
+        self.keep_input = False
+        self._leave_asked = False
         # The oldest message on screen in this room: `/history` pages back from it.
         self.oldest: Message | None = None
         self._submit = submit
@@ -135,6 +177,7 @@ class ChatScreen:
         self._show = show
         self._redraw = redraw
         self._clock = clock
+        self._columns = columns
         self._next_id = 0
 
     # -- drawn by the prompt every refresh ---------------------------------------
@@ -146,29 +189,51 @@ class ChatScreen:
 
     def status(self) -> FormattedText:
         """The status bar under the input."""
-        return status_text(self.user, self.room, self.server, self._connected(), len(self.pending))
+        return status_text(
+            self.user, self.room, self.server, self._connected(), len(self.pending),
+            width=self._columns() - 1,  # the renderer never fills the last column
+        )
+
+    def may_leave(self) -> bool:
+        """Whether leaving now loses nothing, or the user was already told it would.
+
+        Messages still pending while the server is connected are sent before the
+        worker stops; while it is away they would be lost, so the first request to
+        leave only says so, and a second one leaves.
+        """
+        if not self.pending or self._connected() or self._leave_asked:
+            return True
+        self._leave_asked = True
+        count = len(self.pending)
+        self._show([error_line(
+            f"{plural(count, 'message')} not sent yet: the server is away. Quit again "
+            "(Ctrl-C, Ctrl-D or /quit) to leave without "
+            f"{'it' if count == 1 else 'them'}, or wait for the server"
+        )])
+        return False
 
     # -- typed lines ---------------------------------------------------------------
 
     def on_line(self, line: str) -> bool:
-        """Act on one typed line; False when the user asked to leave."""
+        """Act on one typed line; False when the user asked to leave. A refused line
+        sets `keep_input`, so it stays in the input to be corrected."""
+        self.keep_input = False
         try:
             command = parse(line)
         except InvalidInput as error:
             self._show([error_line(str(error))])
+            self.keep_input = True
             return True
         if command is None:
             return True
         if isinstance(command, Quit):
-            return False
+            if command.message:
+                self._say(Say(command.message))  # the worker sends it before stopping
+            return not self.may_leave()
         if isinstance(command, Help):
             self._show([info_line(text) for text in HELP.splitlines()])
         elif isinstance(command, Say):
-            self._next_id += 1
-            outgoing = Outgoing(self._next_id, command.text, command.kind)
-            self.pending[outgoing.id] = outgoing
-            self._submit(outgoing)
-            self._redraw()
+            self._say(command)
         elif isinstance(command, History):
             if self.oldest is None:
                 self._show([info_line("no earlier messages")])
@@ -179,6 +244,13 @@ class ChatScreen:
             self._submit(command)
         return True
 
+    def _say(self, command: Say) -> None:
+        self._next_id += 1
+        outgoing = Outgoing(self._next_id, command.text, command.kind)
+        self.pending[outgoing.id] = outgoing
+        self._submit(outgoing)
+        self._redraw()
+
     # -- worker events -------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
@@ -188,7 +260,12 @@ class ChatScreen:
             self.oldest = event.page[0] if event.page else None
             lines = self._lines(event.page)
             count = len(event.page)
-            shown = f"the last {count} messages above" if count else "no messages yet"
+            if count == 1:
+                shown = "the last message above"
+            elif count:
+                shown = f"the last {count} messages above"
+            else:
+                shown = "no messages yet"
             lines.append(
                 info_line(
                     f"you are in #{event.room} ({shown}; /history N for earlier ones, "
@@ -200,6 +277,8 @@ class ChatScreen:
             self._show_messages(event.messages)
         elif isinstance(event, Landed):
             self.pending.pop(event.id, None)
+            if event.stored is not None:
+                self.own.add(event.stored)
             self._show_messages(event.messages)
             self._redraw()
         elif isinstance(event, NotSent):
@@ -224,19 +303,40 @@ class ChatScreen:
     def _show_earlier(self, event: EarlierPage) -> None:
         if event.before.room != self.room:
             return  # answered after a /join: no longer about what is on screen
-        when = stamp(event.before.time, self._clock())
+        now = self._clock()
+        when = stamp(event.before.time, now)
         if not event.messages:
             self._show([info_line(f"no messages before {when}")])
             return
         self.oldest = event.messages[0]
-        lines = [info_line(f"{len(event.messages)} earlier messages, before {when}:")]
-        lines += self._lines(event.messages)
-        lines.append(info_line("end of earlier messages"))
+        first, last = event.messages[0].time, event.messages[-1].time
+        # The terminal only appends, so older messages land below newer ones:
+        # frame them, and date them, so they cannot be taken for new ones.
+        count = plural(len(event.messages), "earlier message")
+        lines = [_frame(f"{count}, {stamp(first, now)} to {stamp(last, now)}")]
+        lines += self._lines(event.messages, dates=True)
+        lines.append(_frame(f"end of the earlier messages; newer ones are above, from {when}"))
         self._show(lines)
 
-    def _lines(self, messages: Sequence[Message]) -> list[FormattedText]:
+    def _lines(self, messages: Sequence[Message], dates: bool = False) -> list[FormattedText]:
+        """Each message drawn and wrapped, with a day line before the first message
+        of each day that is not today (and before today's, after an older one)."""
         now = self._clock()
-        return [message_line(message, self.user, now) for message in messages]
+        width = max(self._columns() - 1, 20)
+        lines: list[FormattedText] = []
+        previous: float | None = None
+        for message in messages:
+            new_day = previous is None or not _same_day(previous, message.time)
+            if new_day and (not _same_day(message.time, now) or previous is not None or dates):
+                lines.append(day_line(message.time))
+            previous = message.time
+            own = message.id in self.own
+            lines += message_lines(message, own, now, width)
+        return lines
+
+
+def _frame(text: str) -> FormattedText:
+    return FormattedText([("class:frame", f"== {text} ==")])
 
 
 async def _prompt_loop(screen: ChatScreen) -> None:
@@ -244,14 +344,22 @@ async def _prompt_loop(screen: ChatScreen) -> None:
     screen and clears the input, without leaving the application, so the terminal
     stays in raw mode from start to end (see `print_lines`)."""
     # erase_when_done: on leaving, the prompt and status bar are not left behind.
-    session: PromptSession[str] = PromptSession(style=STYLE, erase_when_done=True)
+    session: PromptSession[str] = PromptSession(
+        style=STYLE,
+        erase_when_done=True,
+        key_bindings=_chat_bindings(screen),
+        input_processors=[GraphemeWidths()],
+    )
 
     def accept(buffer: Buffer) -> bool:
         if not screen.on_line(buffer.text):
             get_app().exit()
-        return False  # clear the input (the line goes to the input history)
+        # A refused line stays, to be corrected; otherwise the input is cleared
+        # (the line goes to the input history either way).
+        return screen.keep_input
 
     session.default_buffer.accept_handler = accept
+    _redraw_cleanly_on_resize(session.app)
     with patch_stdout():
         try:
             await session.prompt_async(
@@ -259,6 +367,64 @@ async def _prompt_loop(screen: ChatScreen) -> None:
             )
         except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
             pass
+
+
+def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
+    """Ctrl-C clears a line being typed and leaves from an empty one, as shells and
+    IRC clients do; Ctrl-D leaves from an empty line. Leaving with messages the
+    server has not stored yet asks first (`ChatScreen.may_leave`)."""
+    bindings = KeyBindings()
+    empty = Condition(lambda: not get_app().current_buffer.text)
+
+    @bindings.add("c-c")
+    def _interrupt(event: KeyPressEvent) -> None:
+        buffer = event.current_buffer
+        if buffer.text:
+            buffer.reset()
+        elif screen.may_leave():
+            event.app.exit()
+
+    @bindings.add("c-d", filter=empty)
+    def _end(event: KeyPressEvent) -> None:
+        if screen.may_leave():
+            event.app.exit()
+
+    return merge_key_bindings([grapheme_bindings(), bindings])
+
+
+def _redraw_cleanly_on_resize(app: Application[str]) -> None:
+    """When the terminal narrows, it re-wraps the lines the prompt drew (the status
+    bar fills the width), so they take more rows than prompt_toolkit erases before
+    redrawing, and a copy of the old prompt and status bar stayed in the
+    scrollback. Count the rows the re-wrapping added above the cursor and erase
+    from there. Terminals that re-wrap (tmux, VTE, kitty, iTerm2, WezTerm) do it
+    so; one that cuts lines instead (xterm) keeps the old rows as they were.
+    """
+    original = app._on_resize
+
+    def on_resize() -> None:
+        renderer = app.renderer
+        screen, size = renderer._last_screen, renderer._last_size
+        columns = app.output.get_size().columns
+        if screen is not None and size is not None and 0 < columns < size.columns:
+            cursor = renderer._cursor_pos
+            extra = 0
+            for row in range(cursor.y):
+                used = _row_width(screen.data_buffer[row], size.columns)
+                extra += max(0, -(-used // columns) - 1)
+            extra += cursor.x // columns
+            renderer._cursor_pos = Point(x=cursor.x % columns, y=cursor.y + extra)
+        original()
+
+    app._on_resize = on_resize  # type: ignore[method-assign]
+
+
+def _row_width(row: Any, columns: int) -> int:
+    """How many columns of a rendered row the renderer wrote (its last cell with
+    text or a style, as prompt_toolkit's renderer decides; never the last column)."""
+    used = [index + max(cell.width, 1) for index, cell in row.items()
+            if cell.char != " " or cell.style]
+    return min(max(used, default=0), columns - 1)
 
 
 async def chat(
@@ -315,7 +481,10 @@ def run_chat(args: argparse.Namespace) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
     tls = context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
-    db = open_db(args.server, wait=args.wait, ssl=tls)
+    # Said at once, so a slow or absent server is never a blank screen.
+    print(f"chatzeo: connecting to {clean(str(args.server))} as {user}...", flush=True)
+    cert = args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"]) or None
+    db = open_for_command(args.server, args.wait, tls, cert)
     finished = True
     try:
         finished = asyncio.run(chat(lambda: ChatClient(db, user), user, room, str(args.server)))
