@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     name_help = "(default: $CHATZEO_NAME, else your login name: %(default)s)"
     chat = command("chat", "talk in a room, in this terminal", room=True)
     chat.add_argument("--name", default=default_name(), help=f"your user name {name_help}")
+    chat.add_argument("--no-bell", action="store_true",
+                      help="do not ring the terminal's bell when someone mentions you")
 
     send = command("send", "post one message", room=True)
     send.add_argument("--name", default=default_name(), help=f"author name {name_help}")

@@ -342,6 +342,25 @@ class ChatClient:
             return []
         return self._read(lambda: unread_rooms(self._root(), user))
 
+    def background_unread(self) -> list[RoomUnread]:
+        """`unread` for the open rooms but the current one, and their cursors moved
+        to the same view: `receive_all` then returns only what comes after these
+        counts, so nothing is counted twice."""
+        user = self.user
+        current = self.room.name if self.room is not None else None
+
+        def read() -> list[RoomUnread]:
+            if user is None:
+                return []
+            rows = [row for row in unread_rooms(self._root(), user)
+                    if row.room in self.open_rooms and row.room != current]
+            for name, room in self.open_rooms.items():
+                if name != current:
+                    room.skip_to_end()
+            return rows
+
+        return self._read(read)
+
     def mentions(self, limit: int = 20) -> list[Message]:
         """The newest ``limit`` messages mentioning this user in the rooms they joined
         or have open, oldest first."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidInput
 from .message import MessageKind
-from .validation import check_room_name, check_text
+from .validation import check_room_name, check_text, check_topic
 
 __all__ = [
     "Command",
@@ -25,6 +25,13 @@ __all__ = [
     "History",
     "Help",
     "Quit",
+    "Switch",
+    "Part",
+    "Topic",
+    "Mentions",
+    "Bell",
+    "COMMAND_NAMES",
+    "ROOM_COMMANDS",
     "InvalidCommand",
     "parse",
     "HELP",
@@ -83,19 +90,70 @@ class Quit:
     message: str = ""
 
 
-Command = Say | Join | Rooms | Who | History | Help | Quit
+@dataclass(frozen=True)
+class Switch:
+    """Make the open room ``room`` the current one (keys do it too: Alt-1..9, Ctrl-N/P)."""
+
+    room: str
+
+
+@dataclass(frozen=True)
+class Part:
+    """Leave ``room`` (the current one if None): no longer open, nor rejoined at start."""
+
+    room: str | None = None
+
+
+@dataclass(frozen=True)
+class Topic:
+    """Show the current room's topic (``text`` None) or set it (``""`` clears it)."""
+
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Mentions:
+    """List the latest messages that mention you, across your rooms."""
+
+
+@dataclass(frozen=True)
+class Bell:
+    """Turn the bell on a mention on or off (``on`` None: say which it is)."""
+
+    on: bool | None = None
+
+
+Command = (
+    Say | Join | Rooms | Who | History | Help | Quit | Switch | Part | Topic | Mentions | Bell
+)
+
+# For completion: every command's name, and those whose argument is a room.
+COMMAND_NAMES = (
+    "bell", "help", "history", "join", "me", "mentions", "part", "quit", "rooms", "switch",
+    "topic", "who",
+)
+ROOM_COMMANDS = ("join", "part", "switch")
 
 HELP = """\
 Type a message and press Enter to send it. Commands:
-  /join ROOM    leave this room for ROOM (created if it does not exist; Dev finds dev)
+  /join ROOM    open ROOM too and switch to it (created if it does not exist; Dev
+                finds dev); the rooms you join are reopened at your next start
+  /switch ROOM  switch to an open room (Alt-1..9 by number, Ctrl-N/Ctrl-P next/previous)
+  /part [ROOM]  leave this room (or ROOM): closed here and not reopened at start
+  /topic [TEXT] show this room's topic, or set it (anyone may; shown with who set it);
+                /topic -delete clears it
+  /mentions     the latest messages that mention you (@name, or name: first), all rooms
+  /bell on|off  ring the terminal's bell when someone mentions you (on by default)
   /rooms        list the rooms and how many messages each holds
   /who          who is in this room now
   /me ACTION    say what you do, e.g. /me waves
   /history N    show the N messages before the oldest one shown
   /help         this text
   /quit [TEXT]  leave, posting TEXT first if given (Ctrl-D or Ctrl-C on an empty line too)
-Ctrl-C clears the line being typed. Start a message with // to send it with a single
-leading /."""
+Ctrl-C clears the line being typed; Alt-Enter starts a new line of the same message
+(pasted lines stay one message too); Tab completes names, commands and rooms. The
+status bar lists the other rooms with unread messages: 2:dev(3) has 3, 2:dev(3,@1) one
+mentions you. Start a message with // to send it with a single leading /."""
 
 
 def parse(line: str) -> Command | None:
@@ -124,6 +182,26 @@ def parse(line: str) -> Command | None:
         return Join(check_room_name(argument))
     if name == "history":
         return History(_count(argument))
+    if name in ("switch", "part"):
+        if " " in argument or (name == "switch" and not argument):
+            raise InvalidCommand(f"/{name} needs one room name, e.g. /{name} lobby")
+        room = check_room_name(argument) if argument else None
+        if name == "part":
+            return Part(room)
+        assert room is not None
+        return Switch(room)
+    if name == "topic":
+        if argument == "-delete":  # as in weechat and irssi
+            return Topic("")
+        return Topic(check_topic(argument) if argument else None)
+    if name == "bell":
+        if argument.lower() not in ("", "on", "off"):
+            raise InvalidCommand("/bell takes on or off")
+        return Bell({"on": True, "off": False}.get(argument.lower()))
+    if name == "mentions":
+        if argument:
+            raise InvalidCommand("/mentions takes no argument")
+        return Mentions()
     if name == "quit":
         return Quit(check_text(argument) if argument else "")
     simple: dict[str, Command] = {"rooms": Rooms(), "who": Who(), "help": Help()}

@@ -38,6 +38,8 @@ __all__ = [
     "day_line",
     "message_lines",
     "wrap",
+    "catch_up_lines",
+    "activity_text",
 ]
 
 STYLE = Style.from_dict(
@@ -57,6 +59,11 @@ STYLE = Style.from_dict(
         "bottom-toolbar": "noreverse bg:#303030 #ffffff",
         "status.ok": "ansigreen",
         "status.down": "bold ansiyellow",
+        "mention": "bold ansiyellow",
+        "catch-up": "bold ansimagenta",
+        "status.activity": "bold",
+        "status.mention": "bold ansiyellow",
+        "presence": "#888888",
     }
 )
 
@@ -86,27 +93,42 @@ def day_line(when: float) -> FormattedText:
     return FormattedText([("class:day", f"-- {day} --")])
 
 
-def message_lines(message: Message, own: bool, now: float, width: int) -> list[FormattedText]:
+def message_lines(
+    message: Message, own: bool, now: float, width: int, mention: bool = False
+) -> list[FormattedText]:
     """`message_line`, wrapped to ``width`` columns with continuation lines indented
-    under the start of the text."""
-    line = message_line(message, own, now)
+    under the start of the text. Each line of a multi-line message starts a new
+    line, indented the same way."""
+    parts = message.text.split("\n")
+    first = message_line(message, own, now, mention, text=parts[0])
     # The last fragment is the text (" text"); it starts one column after the rest.
-    indent = text_width("".join(text for _, text, *_ in line[:-1])) + 1
-    return wrap(line, width, indent)
+    indent = text_width("".join(text for _, text, *_ in first[:-1])) + 1
+    lines = wrap(first, width, indent)
+    style = first[-1][0]
+    for part in parts[1:]:
+        shown = FormattedText([("", " " * indent), (style, clean(part))])
+        lines += wrap(shown, width, indent)
+    return lines
 
 
-def message_line(message: Message, own: bool, now: float) -> FormattedText:
+def message_line(
+    message: Message, own: bool, now: float, mention: bool = False, text: str | None = None
+) -> FormattedText:
     """One message: time, a mark if this connection sent it, author and text, all
     sanitized. "Own" is decided by the caller from the ids it sent, never by the
-    author name (anyone may use any name without TLS)."""
+    author name (anyone may use any name without TLS). A message that mentions
+    the reader is highlighted, and marked with ``!`` for terminals without colour.
+    ``text`` replaces the message's text (its first line, for `message_lines`)."""
     author = clean(message.author or "anonymous")
-    text = clean(message.text)
+    text = clean(message.text if text is None else text)
     fragments: list[tuple[str, str]] = [
         ("class:time", stamp(message.time, now)),
         ("class:own" if own else "", f" {OWN_MARK if own else _OTHER_MARK} "),
     ]
+    if mention and not own:
+        fragments[1] = ("class:mention", " ! ")
     author_style = "class:own" if own else "class:author"
-    text_style = "class:own-text" if own else ""
+    text_style = "class:own-text" if own else ("class:mention" if mention else "")
     if message.kind == "action":
         fragments += [
             ("class:action", "* "),
@@ -144,21 +166,46 @@ def prompt_text(
     return FormattedText(fragments)
 
 
+def activity_text(activity: Sequence[tuple[int, str, int, int]]) -> str:
+    """The activity list: ``2:dev(3) 4:ops(5,@1)`` for rooms numbered 2 and 4 with
+    3 and 5 unread messages, one of which mentions the reader. ``activity`` holds
+    ``(number, room, unread, mentions)`` for the rooms that have any."""
+    shown = []
+    for number, room, unread, mentions in activity:
+        count = f"{unread},@{mentions}" if mentions else f"{unread}"
+        shown.append(f"{number}:{clean(room)}({count})")
+    return " ".join(shown)
+
+
 def status_text(
-    user: str, room: str, server: str, connected: bool, pending: int, width: int = 1000
+    user: str,
+    room: str,
+    server: str,
+    connected: bool,
+    pending: int,
+    width: int = 1000,
+    activity: str = "",
+    topic: str = "",
 ) -> FormattedText:
-    """The bottom bar: the connection state, room, pending count, user, server.
+    """The bottom bar: the connection state, room, activity list, topic, pending
+    count, user, server.
 
     It fits ``width`` columns by dropping the least useful parts first (``/help``,
-    the server, the user, then cutting the room name): the connection state and the
-    pending count always stay.
+    the server, the user, the topic, then cutting the activity list and the room
+    name): the connection state and the pending count always stay.
     """
     state = ("class:status.ok", "connected") if connected else (
         "class:status.down", "reconnecting...")
     room_part = f"#{clean(room)}"
+    if activity:
+        room_part += f" [{activity}]"
+    shown_topic = f"topic: {_cut(clean(topic), 40)}" if topic else ""
     parts = [room_part, f"{clean(user)} @ {clean(server)}"]
+    with_topic = [room_part, shown_topic, parts[1]] if topic else parts
     tail = [f"{pending} pending"] if pending else []
-    for middle, extra in ((parts, ["/help"]), (parts, []), (parts[:1], [])):
+    for middle, extra in (
+        (with_topic, ["/help"]), (with_topic, []), (parts, []), (parts[:1], [])
+    ):
         text = _status(middle, state, tail + extra)
         if text_width("".join(t for _, t in text)) <= width:
             return FormattedText(text)
@@ -189,6 +236,20 @@ def _cut(text: str, columns: int) -> str:
         out.append(cluster)
         used += size
     return "".join(out) + "\u2026" if out else ""
+
+
+def catch_up_lines(new: int, lost: int) -> list[FormattedText]:
+    """The lines above what came while one was away: ``— 12 new since you left —``,
+    and how many retention removed before they were read, never skipped silently."""
+    lines = []
+    if lost:
+        lines.append(FormattedText([("class:catch-up", (
+            f"\u2014 {plural(lost, 'message')} lost to retention since you left "
+            "(the room keeps only its newest) \u2014"))]))
+    if new:
+        lines.append(FormattedText([
+            ("class:catch-up", f"\u2014 {new} new since you left \u2014")]))
+    return lines
 
 
 def wrap(line: FormattedText, width: int, indent: int) -> list[FormattedText]:

@@ -1,11 +1,22 @@
-"""`chatzeo chat`: talking in a room from a terminal.
+"""`chatzeo chat`: talking in several rooms from a terminal.
 
 One prompt_toolkit `PromptSession` application, running for the whole chat, reads
 lines at the bottom of the terminal while messages from others are printed above it
 (`print_lines`), without disturbing a half-typed line.
-Below the input a status bar shows the room and whether the server is connected
-("reconnecting..." while it is away); messages typed but not yet stored are shown
-above the input as pending until they land, or printed as "not sent".
+Below the input a status bar shows the current room, the activity list of the other
+open rooms (``2:dev(3,@1)``: room 2 has 3 unread messages, one mentions you), the
+topic and whether the server is connected ("reconnecting..." while it is away);
+messages typed but not yet stored are shown above the input as pending until they
+land, or printed as "not sent".
+
+Several rooms: the rooms a user joined are reopened at start; only the current
+room's messages are printed, the others' are counted. Switching (``/switch``,
+Alt-1..9, Ctrl-N/Ctrl-P) prints what came while one was elsewhere, under a line
+such as "— 12 new since you left —", as does the start for the current room; the
+read markers behind it are in the database (`chatzeo.client.ChatClient.mark_read`).
+A message that mentions you is highlighted and rings the terminal's bell (``/bell
+off``, or ``--no-bell``, to stop it); join, part and quit lines come from presence,
+and "connection lost"/"reconnected" lines are printed in the conversation.
 
 Why prompt_toolkit rather than Textual: a chat is a line-oriented conversation, and
 prompt_toolkit keeps it in the terminal's own scrollback (copy, search and scroll
@@ -51,9 +62,27 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.renderer import print_formatted_text as render_text
 
 from .client import ChatClient
-from .commands import HELP, Help, History, Join, Quit, Rooms, Say, Who, parse
+from .commands import (
+    HELP,
+    Bell,
+    Help,
+    History,
+    Join,
+    Mentions,
+    Part,
+    Quit,
+    Rooms,
+    Say,
+    Switch,
+    Topic,
+    Who,
+    parse,
+)
+from .completion import ChatCompleter
 from .display import (
     STYLE,
+    activity_text,
+    catch_up_lines,
     day_line,
     error_line,
     info_line,
@@ -69,20 +98,27 @@ from .message import Message
 from .reach import open_for_command
 from .sanitize import clean
 from .tls import TLS_ENVIRONMENT, context_from_options
+from .unread import mention_pattern, mentions
 from .validation import check_room_name, check_user_name
 from .worker import (
+    Activity,
     Arrived,
     ClientWorker,
+    ConnectionChanged,
     Earlier,
     EarlierPage,
     Event,
     Joined,
     Landed,
+    MentionList,
     Notice,
     NotSent,
     Outgoing,
+    Parted,
+    PresenceChanged,
     Problem,
     Request,
+    TopicChanged,
 )
 
 __all__ = ["ChatScreen", "chat", "run_chat", "print_lines"]
@@ -127,6 +163,16 @@ def _redraw() -> None:
         app.invalidate()
 
 
+def _ring() -> None:
+    """The terminal's bell (BEL); tmux sets the window's bell flag on it."""
+    app = get_app_or_none()
+    if app is not None and app.is_running:
+        app.output.bell()
+    else:
+        sys.stdout.write("\a")
+        sys.stdout.flush()
+
+
 def _columns() -> int:
     app = get_app_or_none()
     if app is not None:
@@ -159,10 +205,24 @@ class ChatScreen:
         redraw: Callable[[], None] = _redraw,
         clock: Callable[[], float] = time.time,
         columns: Callable[[], int] = _columns,
+        ring: Callable[[], None] = _ring,
+        bell: bool = True,
     ) -> None:
         self.user = user
         self.server = server
         self.room = ""
+        # The open rooms in order (Alt-1 is the first), and what is unread in each.
+        self.rooms: list[str] = []
+        self.unread: dict[str, int] = {}
+        self.mentioned: dict[str, int] = {}
+        self.topics: dict[str, tuple[str, str, float] | None] = {}
+        self.present: dict[str, tuple[str, ...]] = {}
+        # Who spoke in each room lately (for completion), and every room known.
+        self.speakers: dict[str, dict[str, None]] = {}
+        self.known_rooms: list[str] = []
+        self.bell = bell
+        self._ring = ring
+        self._mention = mention_pattern(user)
         self.pending: dict[int, Outgoing] = {}
         # Ids of the messages this connection stored: only those are marked as
         # one's own (a name proves nothing: anyone may connect under any name).
@@ -189,10 +249,43 @@ class ChatScreen:
 
     def status(self) -> FormattedText:
         """The status bar under the input."""
+        topic = self.topics.get(self.room)
         return status_text(
             self.user, self.room, self.server, self._connected(), len(self.pending),
             width=self._columns() - 1,  # the renderer never fills the last column
+            activity=activity_text(self.activity()),
+            topic=topic[0] if topic else "",
         )
+
+    def activity(self) -> list[tuple[int, str, int, int]]:
+        """``(number, room, unread, mentions)`` of the other rooms with unread messages."""
+        return [
+            (number, name, self.unread.get(name, 0), self.mentioned.get(name, 0))
+            for number, name in enumerate(self.rooms, 1)
+            if name != self.room and self.unread.get(name)
+        ]
+
+    # -- switching rooms -----------------------------------------------------------
+
+    def switch_number(self, number: int) -> None:
+        """Switch to the open room numbered ``number`` (Alt-1 is 1), if there is one."""
+        if 1 <= number <= len(self.rooms) and self.rooms[number - 1] != self.room:
+            self._submit(Switch(self.rooms[number - 1]))
+
+    def cycle(self, step: int) -> None:
+        """Switch to the next (``step`` 1) or previous (-1) open room."""
+        if len(self.rooms) < 2 or self.room not in self.rooms:
+            return
+        index = (self.rooms.index(self.room) + step) % len(self.rooms)
+        self._submit(Switch(self.rooms[index]))
+
+    def nicks(self) -> list[str]:
+        """Who is present in the current room, and who spoke there (for completion)."""
+        return [*self.present.get(self.room, ()), *self.speakers.get(self.room, ())]
+
+    def room_names(self) -> list[str]:
+        """The open rooms and every other room the server listed (for completion)."""
+        return [*self.rooms, *self.known_rooms]
 
     def may_leave(self) -> bool:
         """Whether leaving now loses nothing, or the user was already told it would.
@@ -232,6 +325,11 @@ class ChatScreen:
             return not self.may_leave()
         if isinstance(command, Help):
             self._show([info_line(text) for text in HELP.splitlines()])
+        elif isinstance(command, Bell):
+            if command.on is not None:
+                self.bell = command.on
+            state = "on" if self.bell else "off"
+            self._show([info_line(f"the bell on a mention is {state}")])
         elif isinstance(command, Say):
             self._say(command)
         elif isinstance(command, History):
@@ -240,7 +338,7 @@ class ChatScreen:
             else:
                 self._submit(Earlier(command.count, self.oldest))
         else:
-            assert isinstance(command, Join | Rooms | Who)
+            assert isinstance(command, Join | Rooms | Who | Switch | Part | Topic | Mentions)
             self._submit(command)
         return True
 
@@ -256,25 +354,9 @@ class ChatScreen:
     def on_event(self, event: Event) -> None:
         """Show what the worker reported."""
         if isinstance(event, Joined):
-            self.room = event.room
-            self.oldest = event.page[0] if event.page else None
-            lines = self._lines(event.page)
-            count = len(event.page)
-            if count == 1:
-                shown = "the last message above"
-            elif count:
-                shown = f"the last {count} messages above"
-            else:
-                shown = "no messages yet"
-            lines.append(
-                info_line(
-                    f"you are in #{event.room} ({shown}; /history N for earlier ones, "
-                    "/help for commands)"
-                )
-            )
-            self._show(lines)
+            self._joined(event)
         elif isinstance(event, Arrived):
-            self._show_messages(event.messages)
+            self._arrived(event.messages)
         elif isinstance(event, Landed):
             self.pending.pop(event.id, None)
             if event.stored is not None:
@@ -290,9 +372,149 @@ class ChatScreen:
             self._show_earlier(event)
         elif isinstance(event, Notice):
             self._show([info_line(text) for text in event.lines])
+        elif isinstance(event, Parted):
+            self.rooms = list(event.rooms)
+            for table in (self.unread, self.mentioned):
+                table.pop(event.room, None)
+            self._show([info_line(f"you left #{event.room}")])
+            self._redraw()
+        elif isinstance(event, Activity):
+            if event.known:
+                self.known_rooms = list(event.known)
+            for row in event.rooms:
+                self.unread[row.room] = row.unread
+                self.mentioned[row.room] = row.mentions
+            self._redraw()
+        elif isinstance(event, PresenceChanged):
+            self._presence(event)
+        elif isinstance(event, TopicChanged):
+            self._topic_changed(event)
+        elif isinstance(event, ConnectionChanged):
+            if event.up:
+                self._show([info_line("reconnected to the server")])
+            else:
+                self._show([error_line(
+                    "connection to the server lost; reconnecting (what you type is sent "
+                    "once it is back)")])
+        elif isinstance(event, MentionList):
+            self._mention_list(event.messages)
         else:
             assert isinstance(event, Problem)
             self._show([error_line(event.text)])
+
+    def _joined(self, event: Joined) -> None:
+        self.room = event.room
+        if event.rooms:
+            self.rooms = list(event.rooms)
+        elif event.room not in self.rooms:
+            self.rooms.append(event.room)
+        self.unread.pop(event.room, None)
+        self.mentioned.pop(event.room, None)
+        self.topics[event.room] = event.topic
+        self.oldest = event.page[0] if event.page else None
+        now = self._clock()
+        lines: list[FormattedText] = []
+        if event.switched:
+            lines.append(info_line(f"now in #{event.room}"))
+        if event.new or event.lost:
+            lines += catch_up_lines(event.new, event.lost)
+            if event.new > len(event.page):
+                lines.append(info_line(
+                    f"the last {len(event.page)} of them below; /history N for the others"))
+            lines += self._lines(event.page)
+            if event.new:
+                lines.append(info_line(f"end of what came while you were away from "
+                                       f"#{event.room}"))
+        else:
+            lines += self._lines(event.page)
+        if not event.switched:
+            count = len(event.page)
+            if event.new:
+                shown = "what came since you left above"
+            elif count == 1:
+                shown = "the last message above"
+            elif count:
+                shown = f"the last {count} messages above"
+            else:
+                shown = "no messages yet"
+            others = [name for name in self.rooms if name != event.room]
+            also = f"; also open: {', '.join('#' + name for name in others)}" if others else ""
+            lines.append(info_line(
+                f"you are in #{event.room} ({shown}; /history N for earlier ones, "
+                f"/help for commands{also})"
+            ))
+        if event.topic and event.topic[0]:
+            text, by, when = event.topic
+            lines.append(info_line(f"topic of #{event.room}: {text} (set by {by}, "
+                                   f"{stamp(when, now)})"))
+        self._show(lines)
+        self._redraw()
+
+    def _arrived(self, messages: Sequence[Message]) -> None:
+        """Show the current room's messages; count the others'. A mention rings."""
+        here = [message for message in messages if message.room == self.room]
+        ring = False
+        for message in messages:
+            if message.author:
+                spoke = self.speakers.setdefault(message.room, {})
+                spoke.pop(message.author, None)
+                spoke[message.author] = None
+                while len(spoke) > 100:
+                    del spoke[next(iter(spoke))]
+            mentioned = message.id not in self.own and mentions(
+                message, self.user, self._mention)
+            ring = ring or mentioned
+            if message.room == self.room:
+                continue
+            self.unread[message.room] = self.unread.get(message.room, 0) + 1
+            if mentioned:
+                self.mentioned[message.room] = self.mentioned.get(message.room, 0) + 1
+        self._show_messages(here)
+        if ring and self.bell:
+            self._ring()
+        if len(here) != len(messages):
+            self._redraw()
+
+    def _presence(self, event: PresenceChanged) -> None:
+        self.present[event.room] = event.present
+        if event.room != self.room:
+            return  # other rooms' comings and goings are not printed into this one
+        lines = [FormattedText([("class:presence", f"--> {clean(name)} joined #{event.room}")])
+                 for name in event.came if name != self.user]
+        lines += [FormattedText([("class:presence", f"<-- {clean(name)} left #{event.room}")])
+                  for name in event.parted if name != self.user]
+        lines += [FormattedText([("class:presence", f"<-- {clean(name)} quit")])
+                  for name in event.quit if name != self.user]
+        if lines:
+            self._show(lines)
+
+    def _topic_changed(self, event: TopicChanged) -> None:
+        self.topics[event.room] = event.topic
+        self._redraw()
+        if event.room != self.room:
+            return
+        if event.topic is None:
+            self._show([info_line(f"#{event.room} has no topic")])
+            return
+        text, by, when = event.topic
+        if text:
+            line = f"{by} set the topic of #{event.room}: {text}"
+        else:
+            line = f"{by} cleared the topic of #{event.room}"
+        self._show([info_line(f"{line} ({stamp(when, self._clock())})")])
+
+    def _mention_list(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            self._show([info_line("no recent messages mention you")])
+            return
+        now = self._clock()
+        width = max(self._columns() - 1, 20)
+        lines = [info_line(f"the latest {plural(len(messages), 'message')} mentioning you:")]
+        for message in messages:
+            for number, line in enumerate(message_lines(message, False, now, width - 1)):
+                prefix = f"#{clean(message.room)} " if number == 0 else " "
+                lines.append(FormattedText([("class:info", prefix), *line]))
+        self._show(lines)
 
     def _show_messages(self, messages: Sequence[Message]) -> None:
         if messages and self.oldest is None:
@@ -331,7 +553,8 @@ class ChatScreen:
                 lines.append(day_line(message.time))
             previous = message.time
             own = message.id in self.own
-            lines += message_lines(message, own, now, width)
+            mentioned = not own and mentions(message, self.user, self._mention)
+            lines += message_lines(message, own, now, width, mentioned)
         return lines
 
 
@@ -349,6 +572,10 @@ async def _prompt_loop(screen: ChatScreen) -> None:
         erase_when_done=True,
         key_bindings=_chat_bindings(screen),
         input_processors=[GraphemeWidths()],
+        completer=ChatCompleter(screen.nicks, screen.room_names),
+        complete_while_typing=False,  # Tab completes; typing is never interrupted
+        # Lines after the first of a multi-line message, under its first character.
+        prompt_continuation=lambda width, line_number, wrapped: " " * width,
     )
 
     def accept(buffer: Buffer) -> bool:
@@ -388,6 +615,26 @@ def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
     def _end(event: KeyPressEvent) -> None:
         if screen.may_leave():
             event.app.exit()
+
+    # Alt-Enter (sent as Escape, Enter) starts a new line of the same message; a
+    # bracketed paste already inserts its newlines as text.
+    @bindings.add("escape", "enter")
+    def _newline(event: KeyPressEvent) -> None:
+        event.current_buffer.insert_text("\n")
+
+    @bindings.add("c-n")
+    def _next_room(event: KeyPressEvent) -> None:
+        screen.cycle(1)
+
+    @bindings.add("c-p")
+    def _previous_room(event: KeyPressEvent) -> None:
+        screen.cycle(-1)
+
+    for number in range(1, 10):
+
+        @bindings.add("escape", str(number))
+        def _room_number(event: KeyPressEvent, number: int = number) -> None:
+            screen.switch_number(number)
 
     return merge_key_bindings([grapheme_bindings(), bindings])
 
@@ -436,6 +683,7 @@ async def chat(
     show: Callable[[Sequence[FormattedText]], None] = print_lines,
     heartbeat_every: float = 20.0,
     give_up_after: float = 120.0,
+    bell: bool = True,
 ) -> bool:
     """Run the chat in the current prompt_toolkit app session until the user leaves.
 
@@ -461,7 +709,7 @@ async def chat(
     worker = ClientWorker(
         open_client, room, deliver, heartbeat_every=heartbeat_every, give_up_after=give_up_after
     )
-    screen = ChatScreen(user, server, worker.submit, worker.is_connected, show=show)
+    screen = ChatScreen(user, server, worker.submit, worker.is_connected, show=show, bell=bell)
     joined: Joined = await asyncio.wrap_future(worker.start())
     screen.on_event(joined)
     try:
@@ -487,7 +735,10 @@ def run_chat(args: argparse.Namespace) -> int:
     db = open_for_command(args.server, args.wait, tls, cert)
     finished = True
     try:
-        finished = asyncio.run(chat(lambda: ChatClient(db, user), user, room, str(args.server)))
+        finished = asyncio.run(chat(
+            lambda: ChatClient(db, user), user, room, str(args.server),
+            bell=not getattr(args, "no_bell", False),
+        ))
     finally:
         if finished:  # otherwise the worker still uses it; exiting ends it
             db.close()

@@ -40,10 +40,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .client import ChatClient
-from .commands import Join, Rooms, Who
+from .client import CatchUp, ChatClient
+from .commands import Join, Mentions, Part, Rooms, Switch, Topic, Who
 from .errors import RetryLimitExceeded
 from .message import Message, MessageKind
+from .unread import RoomUnread
 
 __all__ = [
     "ClientWorker",
@@ -58,12 +59,24 @@ __all__ = [
     "EarlierPage",
     "Notice",
     "Problem",
+    "Parted",
+    "Activity",
+    "PresenceChanged",
+    "TopicChanged",
+    "ConnectionChanged",
+    "MentionList",
     "HISTORY_PAGE",
+    "CATCH_UP",
 ]
 
 log = logging.getLogger(__name__)
 
 HISTORY_PAGE = 50
+# At most this many of the messages that came while one was away are shown on
+# returning; the line above them says how many there were.
+CATCH_UP = 200
+# Switching to a room with nothing new shows its last few messages for context.
+SWITCH_CONTEXT = 10
 
 
 # -- requests: UI thread -> worker ---------------------------------------------
@@ -86,7 +99,7 @@ class Earlier:
     before: Message
 
 
-Request = Outgoing | Earlier | Join | Rooms | Who
+Request = Outgoing | Earlier | Join | Rooms | Who | Switch | Part | Topic | Mentions
 
 
 # -- events: worker -> UI thread -----------------------------------------------
@@ -94,15 +107,76 @@ Request = Outgoing | Earlier | Join | Rooms | Who
 
 @dataclass(frozen=True)
 class Joined:
-    """Now in ``room``; ``page`` is its latest history, oldest first."""
+    """Now in ``room`` (just opened, or ``switched`` to); ``page`` holds its latest
+    history, oldest first, or when ``new`` messages came since the user's read
+    marker, the newest `CATCH_UP` of those; ``lost`` more were removed by retention
+    before they were read. ``topic`` is the room's, as `ChatClient.topic` gives it;
+    ``rooms`` every room open now, in order."""
 
     room: str
     page: tuple[Message, ...]
+    new: int = 0
+    lost: int = 0
+    topic: tuple[str, str, float] | None = None
+    switched: bool = False
+    rooms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Parted:
+    """``room`` is closed; ``rooms`` are the ones still open."""
+
+    room: str
+    rooms: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Unread state of the other open rooms as stored (at start: what came while
+    away); ``known`` names every room on the server (for completion)."""
+
+    rooms: tuple[RoomUnread, ...]
+    known: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PresenceChanged:
+    """In ``room``, ``came`` are now present; ``parted`` left the room (still online
+    elsewhere) and ``quit`` left the chat (no live connection any more)."""
+
+    room: str
+    came: tuple[str, ...] = ()
+    parted: tuple[str, ...] = ()
+    quit: tuple[str, ...] = ()
+    present: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TopicChanged:
+    """Someone (``topic[1]``) changed the topic of ``room``."""
+
+    room: str
+    topic: tuple[str, str, float] | None
+
+
+@dataclass(frozen=True)
+class ConnectionChanged:
+    """The connection to the server was lost (``up`` False) or is back."""
+
+    up: bool
+
+
+@dataclass(frozen=True)
+class MentionList:
+    """The answer to `Mentions`: the latest messages mentioning the user, oldest first."""
+
+    messages: tuple[Message, ...]
 
 
 @dataclass(frozen=True)
 class Arrived:
-    """New messages in the current room, oldest first."""
+    """New messages, oldest first per room: the current room's to be shown, the
+    others' to be counted (each message names its room)."""
 
     messages: tuple[Message, ...]
 
@@ -147,7 +221,10 @@ class Problem:
     text: str
 
 
-Event = Joined | Arrived | Landed | NotSent | EarlierPage | Notice | Problem
+Event = (
+    Joined | Arrived | Landed | NotSent | EarlierPage | Notice | Problem | Parted | Activity
+    | PresenceChanged | TopicChanged | ConnectionChanged | MentionList
+)
 
 
 class ClientWorker:
@@ -178,6 +255,8 @@ class ClientWorker:
         self._stopping = threading.Event()
         self._ready: concurrent.futures.Future[Joined] = concurrent.futures.Future()
         self._client: ChatClient | None = None
+        self._present: dict[str, frozenset[str]] = {}
+        self._topics: dict[str, tuple[str, str, float] | None] = {}
         self._thread = threading.Thread(target=self._run, name="chatzeo-client", daemon=True)
 
     # -- UI thread ---------------------------------------------------------------
@@ -219,10 +298,16 @@ class ClientWorker:
             self._ready.set_exception(error)
             return
         try:
-            page = client.join(self._room, history=HISTORY_PAGE)
-            assert client.room is not None
+            # The rooms joined before are reopened; the one asked for is current.
+            for name in client.joined_rooms():
+                if name.casefold() != self._room.casefold():
+                    client.join(name, history=0, remember=True)
+            joined = self._open(client, self._room, switched=False)
             self._client = client
-            self._ready.set_result(Joined(client.room.name, tuple(page)))
+            self._ready.set_result(joined)
+            self._snapshot(client)
+            known = tuple(name for name, _ in client.rooms())
+            self._deliver(Activity(tuple(client.background_unread()), known))
             self._tell_about_other_connections(client)
         except BaseException as error:
             client.close()
@@ -238,6 +323,59 @@ class ClientWorker:
                 outgoing, _ = self._outbox.popleft()
                 self._deliver(NotSent(outgoing.id, "the chat closed before it was sent"))
             client.close()
+
+    def _open(self, client: ChatClient, name: str, *, switched: bool) -> Joined:
+        """Join (or switch to) ``name`` and say what the user missed there."""
+        if switched:
+            client.flush_marks(force=True)  # where the user stopped in the room left
+            room = client.switch(name)
+            page: list[Message] = []
+        else:
+            page = client.join(name, history=HISTORY_PAGE, remember=True)
+            assert client.room is not None
+            room = client.room
+        caught: CatchUp = client.catch_up(room.name, CATCH_UP)
+        if caught.unread or caught.lost:
+            page = list(caught.messages)
+        elif switched:
+            page = client.history(SWITCH_CONTEXT)
+        if page:
+            client.mark_read(room.name, page[-1].key)
+        return Joined(
+            room.name, tuple(page), caught.unread, caught.lost, client.topic(room.name),
+            switched, tuple(client.open_rooms),
+        )
+
+    def _snapshot(self, client: ChatClient) -> None:
+        """Remember who is present and each topic, to tell changes from now on."""
+        self._present = client.presence()
+        self._topics = {name: client.topic(name) for name in client.open_rooms}
+
+    def _watch_rooms(self, client: ChatClient) -> None:
+        """Tell the UI who came and went, and which topics changed, since last time."""
+        try:
+            present = client.presence()
+            topics = {name: client.topic(name) for name in client.open_rooms}
+        except Exception:  # the server went away mid-read; the next wake tries again
+            log.info("reading presence failed", exc_info=True)
+            return
+        for name, now in present.items():
+            before = self._present.get(name)
+            if before is None or before == now:
+                continue
+            gone = sorted(before - now)
+            online = {user for user in gone if _still_online(client, user)}
+            self._deliver(PresenceChanged(
+                name,
+                came=tuple(sorted(now - before)),
+                parted=tuple(user for user in gone if user in online),
+                quit=tuple(user for user in gone if user not in online),
+                present=tuple(sorted(now)),
+            ))
+        for name, topic in topics.items():
+            if name in self._topics and self._topics[name] != topic:
+                self._deliver(TopicChanged(name, topic))
+        self._present, self._topics = present, topics
 
     def _tell_about_other_connections(self, client: ChatClient) -> None:
         try:
@@ -277,6 +415,8 @@ class ClientWorker:
                 self._send_before_stopping(client)
                 return
             connected = client.is_connected()
+            if connected != was_connected:
+                self._deliver(ConnectionChanged(connected))
             if connected and not was_connected:
                 # A lease may have lapsed during the outage, and what was committed
                 # meanwhile must be read even if no invalidation named our room.
@@ -287,8 +427,11 @@ class ClientWorker:
                 self._flush(client)
                 if behind:
                     behind = not self._receive(client)
+                    self._watch_rooms(client)
                 if self._clock() >= next_beat and client.is_connected():
                     next_beat = self._clock() + self._beat(client)
+                    self._watch_rooms(client)  # leases that ran out are gone now
+                self._write_marks(client)
             else:
                 self._expire()
             was_connected = connected
@@ -320,13 +463,47 @@ class ClientWorker:
                 self._flush(client)
                 self._answer(client, request)
 
-    def _answer(self, client: ChatClient, request: Earlier | Join | Rooms | Who) -> None:
+    def _answer(
+        self,
+        client: ChatClient,
+        request: Earlier | Join | Rooms | Who | Switch | Part | Topic | Mentions,
+    ) -> None:
         try:
-            if isinstance(request, Join):
+            if isinstance(request, Join | Switch):
                 self._receive(client)  # show what arrived in the room being left
-                page = client.join(request.room, history=HISTORY_PAGE)
+                wanted = request.room.casefold()
+                opened = [name for name in client.open_rooms if name.casefold() == wanted]
+                if isinstance(request, Switch) and not opened:
+                    shown = ", ".join(f"#{name}" for name in client.open_rooms)
+                    self._deliver(Problem(f"#{request.room} is not open (open: {shown}); "
+                                          "/join opens it"))
+                    return
+                name = opened[0] if opened else request.room
+                self._deliver(self._open(client, name, switched=bool(opened)))
+                self._snapshot(client)
+            elif isinstance(request, Part):
+                name = request.room or (client.room.name if client.room else "")
+                matches = [n for n in client.open_rooms if n.casefold() == name.casefold()]
+                if not matches:
+                    self._deliver(Problem(f"#{name} is not open"))
+                    return
+                if len(client.open_rooms) == 1:
+                    self._deliver(Problem("this is your last open room; /quit leaves the chat"))
+                    return
+                was_current = client.room is not None and client.room.name == matches[0]
+                client.part(matches[0])
+                self._deliver(Parted(matches[0], tuple(client.open_rooms)))
+                if was_current and client.room is not None:
+                    self._deliver(self._open(client, client.room.name, switched=True))
+                self._snapshot(client)
+            elif isinstance(request, Topic):
                 assert client.room is not None
-                self._deliver(Joined(client.room.name, tuple(page)))
+                if request.text is not None:
+                    client.set_topic(request.text)
+                    self._topics[client.room.name] = client.topic()
+                self._deliver(TopicChanged(client.room.name, client.topic()))
+            elif isinstance(request, Mentions):
+                self._deliver(MentionList(tuple(client.mentions())))
             elif isinstance(request, Earlier):
                 older = client.history(request.count, before=request.before)
                 self._deliver(EarlierPage(request.before, tuple(older)))
@@ -360,6 +537,8 @@ class ClientWorker:
                 continue
             self._outbox.popleft()
             messages = self._read(client)
+            if messages and client.room is not None:
+                client.mark_read(client.room.name, messages[-1].key)
             self._deliver(Landed(outgoing.id, tuple(messages or ()), stored.id))
 
     def _expire(self) -> None:
@@ -371,11 +550,27 @@ class ClientWorker:
             self._deliver(NotSent(outgoing.id, reason))
 
     def _receive(self, client: ChatClient) -> bool:
-        """Deliver what is new in the room; False if it could not be read."""
-        messages = self._read(client)
+        """Deliver what is new in every open room; False if it could not be read.
+        What the current room shows counts as read (`ChatClient.mark_read`)."""
+        try:
+            found = client.receive_all()
+        except Exception:  # the server went away mid-read; read again once back
+            log.info("reading the rooms failed", exc_info=True)
+            return False
+        messages = [message for batch in found.values() for message in batch]
         if messages:
+            current = client.room.name if client.room is not None else None
+            if current in found:
+                client.mark_read(current, found[current][-1].key)
             self._deliver(Arrived(tuple(messages)))
-        return messages is not None
+        return True
+
+    def _write_marks(self, client: ChatClient) -> None:
+        """Write read markers if due (at most every `chatzeo.client.MARK_EVERY` s)."""
+        try:
+            client.flush_marks()
+        except Exception:  # kept in memory; the next attempt writes them
+            log.info("writing read markers failed", exc_info=True)
 
     def _read(self, client: ChatClient) -> list[Message] | None:
         try:
@@ -392,6 +587,13 @@ class ClientWorker:
             log.info("heartbeat failed", exc_info=True)
             return min(self._heartbeat_every, 5.0)
         return self._heartbeat_every
+
+
+def _still_online(client: ChatClient, user: str) -> bool:
+    try:
+        return client.online(user)
+    except Exception:
+        return True  # unknown: say "left" rather than claim they quit
 
 
 def _one_line(error: BaseException) -> str:

@@ -336,7 +336,7 @@ def test_worker_joins_sends_receives_and_answers(memory_db: ZODB.DB) -> None:
         worker.submit(Who())
         assert events.next(Notice).lines == ("in #lobby: alice, bob",)
         worker.submit(Join("dev"))
-        assert events.next(Joined) == Joined("dev", ())
+        assert events.next(Joined) == Joined("dev", (), rooms=("lobby", "dev"))
         worker.submit(Rooms())
         assert events.next(Notice).lines == ("#dev: 0 messages", "#lobby: 62 messages")
         worker.submit(Outgoing(2, "bad \x1b"))  # the UI validates; the worker still copes
