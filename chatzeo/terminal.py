@@ -648,6 +648,17 @@ def _redraw_cleanly_on_resize(app: Application[str]) -> None:
     so; one that cuts lines instead (xterm) keeps the old rows as they were.
     """
     original = app._on_resize
+    renderer = app.renderer
+    report = renderer.report_absolute_cursor_row
+
+    def report_row(row: int) -> None:
+        report(row)
+        # prompt_toolkit then lays the prompt out over every row below the cursor
+        # (room for completion menus, which the chat has none of), so the status
+        # bar sat at the screen's bottom and a resize re-wrapped a screenful.
+        renderer._min_available_height = 1
+
+    renderer.report_absolute_cursor_row = report_row  # type: ignore[method-assign]
 
     def on_resize() -> None:
         renderer = app.renderer
