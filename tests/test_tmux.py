@@ -191,8 +191,12 @@ def test_two_users_talk_while_one_is_typing(
     bob.wait_for("* alice waves")
     bob.enter("/who")
     bob.wait_for("-- in #lobby: alice, bob")
-    bob.enter("/join dev")
+    bob.enter("/join dev")  # opens dev too: bob stays in lobby until he parts
     bob.wait_for("you are in #dev")
+    alice.enter("/who")
+    alice.wait_for("-- in #lobby: alice, bob\n")
+    bob.enter("/part lobby")
+    bob.wait_for("you left #lobby")
     alice.enter("/who")
     alice.wait_for("-- in #lobby: alice\n")
     bob.enter("/rooms")
