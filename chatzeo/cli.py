@@ -1,4 +1,5 @@
-"""The ``chatzeo`` command: serve, chat, send, tail, history, unread, rooms, who, check, pack.
+"""The ``chatzeo`` command: serve, chat, send, tail, history, unread, rooms, who, ping, check,
+pack.
 
 Exit status: 0 on success, 2 for a usage error (bad options, unknown command), 1 with
 a one-line ``chatzeo: error: ...`` on standard error for anything else (server
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init_db.add_argument("--wait", type=_seconds, default=10.0, metavar="SECONDS",
                          help="seconds to wait for it")
+
+    command("ping", "say whether a chatzeo server answers (exit 0) or why not (exit 1)")
 
     rooms = command("rooms", "list rooms and their message counts")
     rooms.add_argument("--json", action="store_true", help="print JSON lines")
@@ -502,6 +505,16 @@ def _init_db(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ping(args: argparse.Namespace) -> int:
+    from .reach import is_server_address, wait_for_server
+
+    if not is_server_address(args.server):
+        raise ChatError(f"ping needs a server address (host:port or a socket), not {args.server!r}")
+    wait_for_server(args.server, _tls(args), args.wait, cert=_cert(args))
+    print(f"a chatzeo server answers at {clean(args.server)}")
+    return EXIT_OK
+
+
 def _rooms(args: argparse.Namespace) -> int:
     def rooms(client: ChatClient) -> int:
         for name, count in client.rooms():
@@ -538,6 +551,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "history": _history,
     "unread": _unread,
     "init-db": _init_db,
+    "ping": _ping,
     "rooms": _rooms,
     "who": _who,
     "check": _check,

@@ -25,6 +25,19 @@ editing and history for free, and needs only a prompt below ordinary output;
 Textual would take over the whole screen with its own widgets and scrolling for
 no gain here, and adds a dependency where prompt_toolkit is already one.
 
+What the scrollback does not survive: resizing. Lines already printed stay as
+they were wrapped (the terminal may re-wrap them), and a terminal that re-wraps
+on resize (tmux 3.3a was seen doing so) can leave a copy of the prompt and status
+bar in the scrollback, because its re-wrapping moves the cursor before
+prompt_toolkit erases what it drew (observed: the cursor went from column 27 of
+the prompt's row to column 0 of a row below it, with rows pushed into history,
+before the client wrote a byte). The status bar is redrawn to fit the new width.
+
+Keys: Enter sends; Ctrl-C clears a line being typed, and on an empty line leaves
+(as Ctrl-D does); leaving while messages wait for an absent server asks first.
+Left, Right, Backspace and Delete work on whole characters, emoji sequences
+included (`chatzeo.editing`). A line that is refused stays in the input.
+
 Threads
     UI thread (the main thread, running the asyncio loop): the `PromptSession`,
     `ChatScreen` (parsing typed lines, all drawing) and every print.
@@ -44,12 +57,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from prompt_toolkit import PromptSession, print_formatted_text
-from prompt_toolkit.application import Application, get_app, get_app_or_none
+from prompt_toolkit.application import get_app, get_app_or_none
 from prompt_toolkit.buffer import Buffer
-from prompt_toolkit.data_structures import Point
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
 from prompt_toolkit.key_binding import (
@@ -586,7 +597,6 @@ async def _prompt_loop(screen: ChatScreen) -> None:
         return screen.keep_input
 
     session.default_buffer.accept_handler = accept
-    _redraw_cleanly_on_resize(session.app)
     with patch_stdout():
         try:
             await session.prompt_async(
@@ -637,52 +647,6 @@ def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
             screen.switch_number(number)
 
     return merge_key_bindings([grapheme_bindings(), bindings])
-
-
-def _redraw_cleanly_on_resize(app: Application[str]) -> None:
-    """When the terminal narrows, it re-wraps the lines the prompt drew (the status
-    bar fills the width), so they take more rows than prompt_toolkit erases before
-    redrawing, and a copy of the old prompt and status bar stayed in the
-    scrollback. Count the rows the re-wrapping added above the cursor and erase
-    from there. Terminals that re-wrap (tmux, VTE, kitty, iTerm2, WezTerm) do it
-    so; one that cuts lines instead (xterm) keeps the old rows as they were.
-    """
-    original = app._on_resize
-    renderer = app.renderer
-    report = renderer.report_absolute_cursor_row
-
-    def report_row(row: int) -> None:
-        report(row)
-        # prompt_toolkit then lays the prompt out over every row below the cursor
-        # (room for completion menus, which the chat has none of), so the status
-        # bar sat at the screen's bottom and a resize re-wrapped a screenful.
-        renderer._min_available_height = 1
-
-    renderer.report_absolute_cursor_row = report_row  # type: ignore[method-assign]
-
-    def on_resize() -> None:
-        renderer = app.renderer
-        screen, size = renderer._last_screen, renderer._last_size
-        columns = app.output.get_size().columns
-        if screen is not None and size is not None and 0 < columns < size.columns:
-            cursor = renderer._cursor_pos
-            extra = 0
-            for row in range(cursor.y):
-                used = _row_width(screen.data_buffer[row], size.columns)
-                extra += max(0, -(-used // columns) - 1)
-            extra += cursor.x // columns
-            renderer._cursor_pos = Point(x=cursor.x % columns, y=cursor.y + extra)
-        original()
-
-    app._on_resize = on_resize  # type: ignore[method-assign]
-
-
-def _row_width(row: Any, columns: int) -> int:
-    """How many columns of a rendered row the renderer wrote (its last cell with
-    text or a style, as prompt_toolkit's renderer decides; never the last column)."""
-    used = [index + max(cell.width, 1) for index, cell in row.items()
-            if cell.char != " " or cell.style]
-    return min(max(used, default=0), columns - 1)
 
 
 async def chat(

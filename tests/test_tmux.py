@@ -307,17 +307,22 @@ def test_scripts_chat_starts_a_server_when_none_answers(tmux: Tmux, tmp_path: Pa
     data = tmp_path / "server-data"
     env = {
         **client_env(tmp_path),
-        "CHATZEO_SERVER": address,
+        # --server wins over the environment, as it does for `chatzeo chat`.
+        "CHATZEO_SERVER": f"127.0.0.1:{free_port()}",
         "CHATZEO_SERVER_DATA": str(data),
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }
-    pane = tmux.open("script", [str(REPO / "scripts" / "chat"), "--name", "dora"], env)
+    script = str(REPO / "scripts" / "chat")
+    pane = tmux.open("script", [script, "--server", address, "--name", "dora"], env)
+    pid_file = data / "server.pid"
     try:
         pane.wait_for(f"no server at {address}; starting one", "dora>", "connected", timeout=30)
         pane.enter("first words")
         pane.wait_for("\u00bb <dora> first words")
         pane.key("C-d")
         pane.wait_for(f"{EXITED} 0")
+        pid = pid_file.read_text().strip()
+        os.kill(int(pid), 0)  # the pid file names the live server
         # The server outlives the chat, and keeps what was said.
         db = open_db(address, wait=5)
         try:
@@ -326,8 +331,17 @@ def test_scripts_chat_starts_a_server_when_none_answers(tmux: Tmux, tmp_path: Pa
             reader.close()
         finally:
             db.close()
+        # Another address over the same data: refused, the pid file left alone.
+        other = f"127.0.0.1:{free_port()}"
+        again = subprocess.run([script, "--server", other, "--name", "eve"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1
+        assert "is still running, on another address? Use its address" in again.stderr
+        assert pid_file.read_text().strip() == pid
+        # Its probes (`chatzeo ping`: ZEO's ruok) left no error in the server's log.
+        log = (data / "server.log").read_text()
+        assert "ConnectionResetError" not in log and " ERROR " not in log, log
     finally:
-        pid_file = data / "server.pid"
         if pid_file.exists():
             subprocess.run(["kill", pid_file.read_text().strip()], check=False)
 
