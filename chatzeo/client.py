@@ -149,7 +149,7 @@ class ChatClient:
                 if remember:
                     member = root.users[user]
                     member.join(name)
-                    if not member.own_markers().get(room):
+                    if room not in member.own_markers():
                         member.own_markers().mark(room, room.last_key)
 
             self._write(enter, f"joining room {name!r}")
@@ -317,7 +317,7 @@ class ChatClient:
         def read() -> CatchUp:
             member = self._root().users.get(user) if user is not None else None
             markers = member.markers if member is not None else None
-            if markers is None or not markers.get(room):
+            if markers is None or room not in markers:
                 room.skip_to_end()
                 return CatchUp(room.name, 0, 0, ())
             marker = max(markers.get(room), self._marks.get(room.name, 0))

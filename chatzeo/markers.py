@@ -71,7 +71,9 @@ class ReadMarkers(Persistent):
         """See `IReadMarkers`."""
         key = _key(key)
         name = _name(room)
-        if key <= self._keys.get(name, 0):
+        current = self._keys.get(name)
+        # A first mark may be 0 (an empty room joined): it still records the position.
+        if current is not None and key <= current:
             return False
         self._keys[name] = key
         positions = dict(self._positions)
@@ -83,6 +85,10 @@ class ReadMarkers(Persistent):
         self._positions = positions
         self._p_changed = True  # a plain dict: persistent does not see inside it
         return True
+
+    def __contains__(self, room: Room) -> bool:
+        """Whether ``room`` (a room or its name) has a marker, even one at key 0."""
+        return _name(room) in self._keys
 
     def position(self, room: Room) -> int | None:
         """The room's posted count at the marker (see "Counting"), None if unknown."""

@@ -233,6 +233,7 @@ class ChatScreen:
         self.known_rooms: list[str] = []
         self.bell = bell
         self._ring = ring
+        self._switching_to: str | None = None
         self._mention = mention_pattern(user)
         self.pending: dict[int, Outgoing] = {}
         # Ids of the messages this connection stored: only those are marked as
@@ -280,15 +281,24 @@ class ChatScreen:
 
     def switch_number(self, number: int) -> None:
         """Switch to the open room numbered ``number`` (Alt-1 is 1), if there is one."""
-        if 1 <= number <= len(self.rooms) and self.rooms[number - 1] != self.room:
-            self._submit(Switch(self.rooms[number - 1]))
+        if 1 <= number <= len(self.rooms) and self.rooms[number - 1] != self._heading():
+            self._switch(self.rooms[number - 1])
 
     def cycle(self, step: int) -> None:
         """Switch to the next (``step`` 1) or previous (-1) open room."""
-        if len(self.rooms) < 2 or self.room not in self.rooms:
+        base = self._heading()
+        if len(self.rooms) < 2 or base not in self.rooms:
             return
-        index = (self.rooms.index(self.room) + step) % len(self.rooms)
-        self._submit(Switch(self.rooms[index]))
+        self._switch(self.rooms[(self.rooms.index(base) + step) % len(self.rooms)])
+
+    def _heading(self) -> str:
+        # Keys pressed quickly in a row move on from the room last asked for, not
+        # from the one the worker has not switched away from yet.
+        return self._switching_to or self.room
+
+    def _switch(self, room: str) -> None:
+        self._switching_to = room
+        self._submit(Switch(room))
 
     def nicks(self) -> list[str]:
         """Who is present in the current room, and who spoke there (for completion)."""
@@ -415,6 +425,8 @@ class ChatScreen:
 
     def _joined(self, event: Joined) -> None:
         self.room = event.room
+        if self._switching_to == event.room:
+            self._switching_to = None
         if event.rooms:
             self.rooms = list(event.rooms)
         elif event.room not in self.rooms:
@@ -487,9 +499,14 @@ class ChatScreen:
             self._redraw()
 
     def _presence(self, event: PresenceChanged) -> None:
-        self.present[event.room] = event.present
-        if event.room != self.room:
-            return  # other rooms' comings and goings are not printed into this one
+        if event.room:
+            self.present[event.room] = event.present
+        elif event.room != self.room:
+            # Other rooms' comings and goings are not printed into this one; a quit
+            # (room "") is about the person, and is.
+            pass
+        if event.room and event.room != self.room:
+            return
         lines = [FormattedText([("class:presence", f"--> {clean(name)} joined #{event.room}")])
                  for name in event.came if name != self.user]
         lines += [FormattedText([("class:presence", f"<-- {clean(name)} left #{event.room}")])

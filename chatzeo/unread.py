@@ -97,7 +97,7 @@ def room_unread(user: Any, room: Any, *, count_mentions: bool = True) -> RoomUnr
     marker = markers.get(room) if markers is not None else 0
     if markers is not None and markers.position(room) is not None:
         unread, lost = markers.unread_count(room), markers.lost(room)
-    elif marker:
+    elif markers is not None and room in markers:
         unread, lost = len(room.messages_after(marker)), 0
     else:
         unread, lost = len(room), 0

@@ -141,8 +141,9 @@ class Activity:
 
 @dataclass(frozen=True)
 class PresenceChanged:
-    """In ``room``, ``came`` are now present; ``parted`` left the room (still online
-    elsewhere) and ``quit`` left the chat (no live connection any more)."""
+    """In ``room``, ``came`` are now present and ``parted`` left it (still online
+    elsewhere); ``present`` is everyone there now. With ``room`` "", ``quit`` names
+    those who left the chat (no live connection any more) from any open room."""
 
     room: str
     came: tuple[str, ...] = ()
@@ -299,9 +300,9 @@ class ClientWorker:
             return
         try:
             # The rooms joined before are reopened; the one asked for is current.
+            # (in the order joined, so Alt-N names the same room each day).
             for name in client.joined_rooms():
-                if name.casefold() != self._room.casefold():
-                    client.join(name, history=0, remember=True)
+                client.join(name, history=0, remember=True)
             joined = self._open(client, self._room, switched=False)
             self._client = client
             self._ready.set_result(joined)
@@ -359,19 +360,22 @@ class ClientWorker:
         except Exception:  # the server went away mid-read; the next wake tries again
             log.info("reading presence failed", exc_info=True)
             return
+        quitters: set[str] = set()
         for name, now in present.items():
             before = self._present.get(name)
             if before is None or before == now:
                 continue
             gone = sorted(before - now)
             online = {user for user in gone if _still_online(client, user)}
+            quitters.update(user for user in gone if user not in online)
             self._deliver(PresenceChanged(
                 name,
                 came=tuple(sorted(now - before)),
                 parted=tuple(user for user in gone if user in online),
-                quit=tuple(user for user in gone if user not in online),
                 present=tuple(sorted(now)),
             ))
+        if quitters:  # about the person, not a room: said once, wherever one is
+            self._deliver(PresenceChanged("", quit=tuple(sorted(quitters))))
         for name, topic in topics.items():
             if name in self._topics and self._topics[name] != topic:
                 self._deliver(TopicChanged(name, topic))

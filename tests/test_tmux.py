@@ -254,6 +254,8 @@ def test_server_outage_during_a_conversation(
     server.stop()
     alice.wait_for("reconnecting...")
     bob.wait_for("reconnecting...")
+    # Said in the conversation too, not only in the status bar (issue 15).
+    alice.wait_for("!! connection to the server lost; reconnecting")
     alice.enter("typed during the outage")
     alice.wait_for("(pending, waiting for the server) typed during the outage", "1 pending")
 
@@ -262,7 +264,7 @@ def test_server_outage_during_a_conversation(
         bob.wait_for("<alice> typed during the outage", timeout=30)
         alice.wait_for("\u00bb <alice> typed during the outage")
         alice.wait_gone("(pending")
-        alice.wait_for("| connected |")
+        alice.wait_for("| connected |", "-- reconnected to the server")
         bob.wait_for("| connected |")
         bob.enter("after the outage")
         alice.wait_for("<bob> after the outage")
