@@ -130,6 +130,22 @@ class IReadMarkers(Interface):
     def rooms():
         """The room names that have a marker, sorted."""
 
+    def __contains__(room):
+        """Whether ``room`` (or its name) has a marker, even one at key 0."""
+
+    def position(room):
+        """The room's posted count at the marker (int), or None if it is not known
+        (a marker set by room name, or stored before positions existed)."""
+
+    def unread_count(room):
+        """How many messages of ``room`` above the marker it still holds: arithmetic
+        on the marker and the room's clock when the position is known, else a range
+        search of the unread messages."""
+
+    def lost(room):
+        """How many messages above the marker retention removed before they were
+        read (0 when the position is not known)."""
+
 
 class IMessagePosted(Interface):
     """Sent to `ISubscribers` (and ``zope.event``) once a post's transaction committed."""
