@@ -30,7 +30,7 @@ import transaction
 from ZODB.POSException import ReadConflictError
 
 from .delivery import ChangeFeed
-from .errors import InvalidInput, NoSuchRoom
+from .errors import InvalidInput, NoSuchRoom, NoSuchUser
 from .message import Message, MessageKind, new_message_id
 from .realm import ChatRoot, get_root
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
@@ -336,11 +336,18 @@ class ChatClient:
 
     def unread(self, user_name: str | None = None) -> list[RoomUnread]:
         """Unread counts, losses and mentions in every room ``user_name`` (default:
-        this client's user) joined, as stored: marks not yet written do not count."""
+        this client's user) joined, as stored: marks not yet written do not count.
+        Raises `NoSuchUser` for a user that never connected."""
         user = check_user_name(user_name) if user_name is not None else self.user
         if user is None:
             return []
-        return self._read(lambda: unread_rooms(self._root(), user))
+
+        def read() -> list[RoomUnread]:
+            if user not in self._root().users:
+                raise NoSuchUser(user)
+            return unread_rooms(self._root(), user)
+
+        return self._read(read)
 
     def background_unread(self) -> list[RoomUnread]:
         """`unread` for the open rooms but the current one, and their cursors moved
@@ -383,6 +390,13 @@ class ChatClient:
         """Note that the user read ``room_name`` up to ``key``; written by `flush_marks`."""
         if key > self._marks.get(room_name, 0):
             self._marks[room_name] = key
+
+    def marks_due_in(self) -> float | None:
+        """Seconds until `flush_marks` would write the noted markers (0: now), or None
+        if nothing is noted."""
+        if not self._marks:
+            return None
+        return max(0.0, MARK_EVERY - (time.monotonic() - self._marked_at))
 
     def flush_marks(self, *, force: bool = False) -> bool:
         """Write the noted markers in one commit, if there are any and `MARK_EVERY`

@@ -12,6 +12,7 @@ from ZODB.POSException import POSError, StorageError
 
 __all__ = [
     "ChatError",
+    "NoSuchUser",
     "DatabaseNotPrepared",
     "InvalidInput",
     "InvalidName",
@@ -106,6 +107,14 @@ class NoSuchRoom(ChatError, LookupError):
     def __init__(self, room: str):
         self.room = room
         super().__init__(f"no room named {room!r}")
+
+
+class NoSuchUser(ChatError, LookupError):
+    """A command that only reads named a user that never connected."""
+
+    def __init__(self, user: str):
+        self.user = user
+        super().__init__(f"no user named {user!r} has ever connected")
 
 
 class UnsafeRecord(ChatError, POSError):

@@ -407,6 +407,9 @@ class ClientWorker:
                 timeout = max(0.0, next_beat - self._clock())
                 if behind:
                     timeout = min(timeout, self._poll)
+                due = client.marks_due_in()
+                if due is not None:  # a read marker waits to be written
+                    timeout = min(timeout, max(due, self._poll))
             else:
                 # No heartbeat can go out now, so a beat that fell due must not make
                 # the wait zero (that spun a core for the whole outage). ZEO's

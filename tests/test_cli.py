@@ -374,6 +374,8 @@ def test_history_and_tail_resume_after_a_key_and_unread_counts(cli_env, server, 
     ]
     plain = run(cli_env, "unread", "--name", "alice").stdout.decode()
     assert plain.splitlines()[0] == "#lobby\t2 unread\t1 mentions"
-    bad = run(cli_env, "unread", "--name", "no body")
-    assert bad.returncode == 1 and bad.stderr.decode().count("\n") == 1
+    for bad_name, says in (("no body", "user name"), ("nobody", "no user named 'nobody'")):
+        bad = run(cli_env, "unread", "--name", bad_name)
+        assert bad.returncode == 1 and bad.stderr.decode().count("\n") == 1
+        assert says in bad.stderr.decode()
     assert run(cli_env, "history", "--after", "-3").returncode == 2
