@@ -58,13 +58,17 @@ class _Process:
     def _command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> Self:
+    def start(self, timeout: float = 30.0) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 self._command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.directory
             )
-        wait_until(f"{self.name} on port {self.port}", self._answers)
+        try:
+            wait_until(f"{self.name} on port {self.port}", self._answers, timeout)
+        except BaseException:  # one that never answered must not be left running
+            self.stop()
+            raise
         return self
 
     def _answers(self) -> bool:

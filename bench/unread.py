@@ -152,43 +152,43 @@ def active_reader(address: str, seconds: float, rate: float) -> dict[str, float]
     reader = ChatClient(reader_db, "active")
     writer = ChatClient(writer_db, "poster")
     try:
-        reader.join("busy", history=0, remember=True)
-        writer.join("busy", history=0)
-        stop = threading.Event()
-        posted = [0]
+    reader.join("busy", history=0, remember=True)
+    writer.join("busy", history=0)
+    stop = threading.Event()
+    posted = [0]
 
-        def post() -> None:
-            next_at = time.monotonic()
-            while not stop.is_set():
-                writer.send(f"message {posted[0]}")
-                posted[0] += 1
-                next_at += 1 / rate
-                stop.wait(max(0.0, next_at - time.monotonic()))
+    def post() -> None:
+        next_at = time.monotonic()
+        while not stop.is_set():
+            writer.send(f"message {posted[0]}")
+            posted[0] += 1
+            next_at += 1 / rate
+            stop.wait(max(0.0, next_at - time.monotonic()))
 
-        thread = threading.Thread(target=post, name="writer")
-        commits = read = 0
-        started = time.monotonic()
-        thread.start()
-        while time.monotonic() - started < seconds:
-            reader.wait(0.5)
-            for messages in reader.receive_all().values():
-                read += len(messages)
-                reader.mark_read("busy", messages[-1].key)
-            if reader.flush_marks():
-                commits += 1
-        stop.set()
-        thread.join(10)
-        if reader.flush_marks(force=True):  # leaving writes the last one
+    thread = threading.Thread(target=post, name="writer")
+    commits = read = 0
+    started = time.monotonic()
+    thread.start()
+    while time.monotonic() - started < seconds:
+        reader.wait(0.5)
+        for messages in reader.receive_all().values():
+            read += len(messages)
+            reader.mark_read("busy", messages[-1].key)
+        if reader.flush_marks():
             commits += 1
-        elapsed = time.monotonic() - started
-        return {
-            "seconds": elapsed,
-            "posted": posted[0],
-            "read": read,
-            "marker_commits": commits,
-            "per_minute": commits * 60 / elapsed,
-            "read_per_minute": read * 60 / elapsed,
-        }
+    stop.set()
+    thread.join(10)
+    if reader.flush_marks(force=True):  # leaving writes the last one
+        commits += 1
+    elapsed = time.monotonic() - started
+    return {
+        "seconds": elapsed,
+        "posted": posted[0],
+        "read": read,
+        "marker_commits": commits,
+        "per_minute": commits * 60 / elapsed,
+        "read_per_minute": read * 60 / elapsed,
+    }
     finally:
         writer.close()
         reader.close()
@@ -212,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "chat.fs"
     if data.exists() and args.keep:
+        from ZODB.FileStorage import FileStorage
+
+        # Opening and closing it here (re)writes its index, which a server killed
+        # before it could save one would otherwise rebuild while we wait for it.
+        FileStorage(str(data)).close()
         print(f"reusing {data} ({data.stat().st_size / 1e6:.0f} MB)")
     else:
         seconds = build(data, args.rooms, args.messages, args.small, args.unread)
@@ -221,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{data.stat().st_size / 1e6:.0f} MB"
         )
     print(f"machine: {os.cpu_count()} cores; figures are medians of {args.repeat} runs")
-    with ZeoServer(directory) as server:
+    # ZEO's server reads the oids of its last 10,000 transactions when it starts
+    # (its invalidation queue); the build's huge transactions make that slow.
+    server = ZeoServer(directory).start(timeout=600)
+    try:
         print("\nunread counts for the reader (one fresh ZEO client per run):")
         print(f"{'rooms':>18} {'mentions':>9} {'cold ms':>9} {'warm ms':>9} {'loads':>6}"
               f" {'unread':>7} {'found':>6}")
@@ -241,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({active['read_per_minute']:.0f}/min) with {active['marker_commits']:.0f} "
             f"marker commits = {active['per_minute']:.1f} per minute"
         )
+    finally:
+        server.stop()
     return 0
 
 
