@@ -152,43 +152,43 @@ def active_reader(address: str, seconds: float, rate: float) -> dict[str, float]
     reader = ChatClient(reader_db, "active")
     writer = ChatClient(writer_db, "poster")
     try:
-    reader.join("busy", history=0, remember=True)
-    writer.join("busy", history=0)
-    stop = threading.Event()
-    posted = [0]
+        reader.join("busy", history=0, remember=True)
+        writer.join("busy", history=0)
+        stop = threading.Event()
+        posted = [0]
 
-    def post() -> None:
-        next_at = time.monotonic()
-        while not stop.is_set():
-            writer.send(f"message {posted[0]}")
-            posted[0] += 1
-            next_at += 1 / rate
-            stop.wait(max(0.0, next_at - time.monotonic()))
+        def post() -> None:
+            next_at = time.monotonic()
+            while not stop.is_set():
+                writer.send(f"message {posted[0]}")
+                posted[0] += 1
+                next_at += 1 / rate
+                stop.wait(max(0.0, next_at - time.monotonic()))
 
-    thread = threading.Thread(target=post, name="writer")
-    commits = read = 0
-    started = time.monotonic()
-    thread.start()
-    while time.monotonic() - started < seconds:
-        reader.wait(0.5)
-        for messages in reader.receive_all().values():
-            read += len(messages)
-            reader.mark_read("busy", messages[-1].key)
-        if reader.flush_marks():
+        thread = threading.Thread(target=post, name="writer")
+        commits = read = 0
+        started = time.monotonic()
+        thread.start()
+        while time.monotonic() - started < seconds:
+            reader.wait(0.5)
+            for messages in reader.receive_all().values():
+                read += len(messages)
+                reader.mark_read("busy", messages[-1].key)
+            if reader.flush_marks():
+                commits += 1
+        stop.set()
+        thread.join(10)
+        if reader.flush_marks(force=True):  # leaving writes the last one
             commits += 1
-    stop.set()
-    thread.join(10)
-    if reader.flush_marks(force=True):  # leaving writes the last one
-        commits += 1
-    elapsed = time.monotonic() - started
-    return {
-        "seconds": elapsed,
-        "posted": posted[0],
-        "read": read,
-        "marker_commits": commits,
-        "per_minute": commits * 60 / elapsed,
-        "read_per_minute": read * 60 / elapsed,
-    }
+        elapsed = time.monotonic() - started
+        return {
+            "seconds": elapsed,
+            "posted": posted[0],
+            "read": read,
+            "marker_commits": commits,
+            "per_minute": commits * 60 / elapsed,
+            "read_per_minute": read * 60 / elapsed,
+        }
     finally:
         writer.close()
         reader.close()
