@@ -11,9 +11,9 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 
 from chatzeo.commands import Bell, Part, Switch, Topic, parse
-from chatzeo.errors import InvalidInput
 from chatzeo.completion import ChatCompleter
 from chatzeo.display import catch_up_lines, message_lines, status_text
+from chatzeo.errors import InvalidInput
 from chatzeo.message import Message
 from chatzeo.terminal import ChatScreen
 from chatzeo.worker import Activity, Arrived, Joined, PresenceChanged
