@@ -321,3 +321,12 @@ def test_tail_keeps_going_across_a_server_crash(cli_env, server, tmp_path):
         tail.kill()
         tail.wait()
         out.close()
+
+
+def test_the_default_name_is_the_login_name_made_valid(cli_env):
+    env = {key: value for key, value in cli_env.items() if key != "CHATZEO_NAME"}
+    for login, shown in (("dora", "dora"), ("John Doe", "JohnDoe"), ("!!!", "guest")):
+        env.update(LOGNAME=login, USER=login)
+        assert run(env, "send", f"from {login}").returncode == 0
+        history = run(env, "history", "--limit", "1", "--json")
+        assert json.loads(history.stdout)["author"] == shown

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transaction
 import ZODB
 from conftest import ServerProcess, chatzeo_command, wait_until
 from hostile import post_unchecked
@@ -636,3 +637,29 @@ def test_history_is_framed_and_dated_with_day_lines() -> None:
         "2026-11-20 12:00:00   <carol> three days ago",
         "== end of the earlier messages; newer ones are above, from 2026-11-21 12:00:00 ==",
     ]
+
+
+def test_worker_joins_rooms_without_regard_to_case(memory_db: ZODB.DB) -> None:
+    other = ChatClient(memory_db, "bob")
+    other.join("dev")
+    other.send("one")
+    worker, events, _ = start_worker(lambda: ChatClient(memory_db, "alice"))
+    try:
+        worker.submit(Join("DEV"))
+        joined = events.next(Joined)
+        assert joined.room == "dev" and [m.text for m in joined.page] == ["one"]
+        worker.submit(Rooms())
+        assert events.next(Notice).lines == ("#dev: 1 message", "#lobby: 0 messages")
+    finally:
+        assert worker.stop()
+    # An old database may hold rooms differing only in case: the exact name picks
+    # one, any other spelling is refused rather than guessed.
+    connection = memory_db.open()
+    root = connection.root()["chatzeo"]
+    root.room("Dev")
+    transaction.commit()
+    connection.close()
+    assert other.find_room("Dev") == "Dev" and other.find_room("dev") == "dev"
+    with pytest.raises(InvalidInput, match="matches several rooms: Dev, dev"):
+        other.join("DEV")
+    other.close()
