@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--guard",
         choices=("auto", "on", "off"),
         default="auto",
-        help="check commits against client certificates (auto: when <ssl> is configured)",
+        help="auto: check every commit against chatzeo's record rules, and with <ssl> against "
+        "client certificates too; on: the same, <ssl> required; off: no checks (plain ZEO)",
     )
     serve.add_argument(
         "--max-connections",
@@ -332,7 +333,7 @@ def _init_db(args: argparse.Namespace) -> int:
 def _rooms(args: argparse.Namespace) -> int:
     def rooms(client: ChatClient) -> int:
         for name, count in client.rooms():
-            print(f"{name}\t{count}")
+            print(f"{clean(name)}\t{count}")
         return EXIT_OK
 
     return _with_client(args, rooms)
@@ -341,7 +342,7 @@ def _rooms(args: argparse.Namespace) -> int:
 def _who(args: argparse.Namespace) -> int:
     def who(client: ChatClient) -> int:
         for name in client.who(args.room):
-            print(name)
+            print(clean(name))
         return EXIT_OK
 
     return _with_client(args, who)
