@@ -17,10 +17,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import transaction
-from ZODB.POSException import ReadConflictError
+from ZODB.POSException import POSKeyError, ReadConflictError, StateLoadError
 
 from .delivery import ChangeFeed
-from .errors import NoSuchRoom
+from .errors import NoSuchRoom, UnsafeRecord
 from .message import Message, MessageKind, new_message_id
 from .realm import ChatRoot, get_root
 from .records import MAX_ROOM_NAME, name_problem
@@ -109,15 +109,19 @@ class ChatClient:
 
         def listing() -> list[RoomInfo]:
             found: list[RoomInfo] = []
-            for name, room in self._root().rooms.items():
-                if (
-                    not isinstance(room, ChatSession)
-                    or name_problem("room", name, MAX_ROOM_NAME) is not None
-                    or room.display_name() != name
-                ):
-                    found.append((MALFORMED_ROOM, 0))
-                else:
-                    found.append((name, len(room)))
+            try:
+                for name, room in self._root().rooms.items():
+                    if (
+                        not isinstance(room, ChatSession)
+                        or name_problem("room", name, MAX_ROOM_NAME) is not None
+                        or room.display_name() != name
+                    ):
+                        found.append((MALFORMED_ROOM, 0))
+                    else:
+                        found.append((name, len(room)))
+            except (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError):
+                # A bucket of the directory cannot be loaded: the rest is unknown.
+                found.append((MALFORMED_ROOM, 0))
             return found
 
         return self._read(listing)

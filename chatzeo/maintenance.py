@@ -22,6 +22,7 @@ collects every problem. Runs in the calling thread.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import transaction
@@ -49,9 +50,17 @@ class StorageDamaged(ChatError):
     def __init__(self, path: str, problems: list[str]):
         self.path = path
         self.problems = problems
-        shown = "; ".join(problems[:5])
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        super().__init__(f"{path} is damaged: {shown}{more}")
+        # One line that says it all, then each problem on a line of its own, so a
+        # file with many hostile records is still read whole (up to a bound).
+        listed = "".join(f"\n  - {problem}" for problem in problems[:_LISTED])
+        more = f"\n  ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+        shown = "; ".join(problems[:3])
+        super().__init__(
+            f"{path} is damaged ({len(problems)} problems): {shown}{listed}{more}"
+        )
+
+
+_LISTED = 200
 
 
 def check_file(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -120,9 +129,12 @@ def _check_rooms(db: Any, counts: dict[str, int]) -> list[str]:
             counts["rooms"] += 1
             label = f"room {ascii(name)}"
             problems += [f"{label}: {p}" for p in _guarded(_check_room, name, room, counts)]
+        now = time.time()
         for name, user in _items(chat_root.users, "the user directory", problems):
             label = f"user {ascii(name)}"
-            problems += [f"{label}: {p}" for p in _guarded(_check_user, name, user)]
+            problems += [f"{label}: {p}" for p in _guarded(
+                _check_user, name, user, chat_root, now
+            )]
     except _DATA_ERRORS as error:
         problems.append(f"chatzeo's root cannot be read: {_one_line(error)}")
     finally:
@@ -158,7 +170,7 @@ def _guarded(check: Any, *args: Any) -> list[str]:
         return [f"cannot be read: {_one_line(error)}"]
 
 
-def _check_user(name: Any, user: Any) -> list[str]:
+def _check_user(name: Any, user: Any, root: Any, now: float) -> list[str]:
     problems: list[str] = []
     problem = records.name_problem("user", name, records.MAX_USER_NAME)
     if problem is not None:
@@ -169,10 +181,17 @@ def _check_user(name: Any, user: Any) -> list[str]:
     problem = records.user_problem(dict(user.__dict__))
     if problem is not None:
         return [*problems, problem]
+    live = 0
     for lease_id, entry in _items(user.leases, "leases", problems):
-        problem = records.lease_problem(lease_id, entry)
+        problem = records.lease_problem(lease_id, entry) or records.expiry_problem(
+            entry[1], now, root.lease_seconds
+        )
         if problem is not None:
             problems.append(problem)
+        elif entry[1] > now:
+            live += 1
+    if live > root.max_connections:
+        problems.append(f"holds {live} live leases; the limit is {root.max_connections}")
     return problems
 
 
@@ -219,7 +238,7 @@ def _check_room(name: Any, room: Any, counts: dict[str, int]) -> list[str]:
     for key, record in [*tree_items, *pending]:
         problem = records.message_problem(record)
         if problem is not None:
-            problems.append(f"message at key {key}: {problem}")
+            problems.append(f"message at key {key} is malformed: {problem}")
     for lease_id, entry in _items(room.presence, "presence", problems):
         problem = records.presence_problem(lease_id, entry)
         if problem is not None:

@@ -39,7 +39,9 @@ line saying what is wrong; none of them raises, whatever it is given)
                 no control, format or space character can be in a name.
 
 Sizes: a text is at most `MAX_TEXT_BYTES` bytes of UTF-8, so a clock record holds at
-most `MAX_PENDING` of them; the protocol layer bounds a record's bytes as well.
+most `MAX_PENDING` of them; a record of chatzeo's graph is at most `MAX_RECORD_BYTES`
+as a pickle (checked before it is decoded); the protocol layer bounds every record
+and transaction as well.
 
 Pure functions and constants; any thread may call them.
 """
@@ -59,6 +61,7 @@ __all__ = [
     "MAX_ID",
     "MAX_KEY",
     "MAX_PENDING",
+    "MAX_RECORD_BYTES",
     "FUTURE_SKEW",
     "ROOM_FIELDS",
     "USER_FIELDS",
@@ -90,6 +93,9 @@ MAX_KEY = 2**63 - 1
 # so honest clocks stay near 64 (a few more while concurrent posts race a flush);
 # the bound keeps the record every post rewrites, and conflict resolution on it, small.
 MAX_PENDING = 256
+# The largest pickle of one record of chatzeo's graph: a full clock of MAX_PENDING
+# messages of MAX_TEXT_BYTES is about 1.1 MB; honest ones stay below 0.5 MB.
+MAX_RECORD_BYTES = 2 * 1024 * 1024
 # How far ahead of the server's clock a message key or a lease expiry may lie
 # (seconds): writers' clocks may run that much ahead of the server's.
 FUTURE_SKEW = 300.0

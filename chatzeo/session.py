@@ -574,14 +574,25 @@ class ChatSession(Persistent):
         high = _key_before(before)
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, not {limit}")
+        # A room whose own records break the rules says so first, in every page.
+        problem = self.problem
+        if problem is not None and limit is not None:
+            if limit == 0:
+                return []
+            limit -= 1
         if limit is None or since is not None:
             found: list[Message] = []
             for message in self._iter(min_key=low, max_key=high):
                 if limit is not None and len(found) >= limit:
                     break
                 found.append(message)
-            return found
-        return self._newest(limit, low, high)
+        else:
+            found = self._newest(limit, low, high) if limit > 0 else []
+        if problem is not None:
+            key = found[0].key - 1 if found else low
+            found.insert(0, Message.from_record(self.display_name(), max(key, 1), Unreadable(
+                f"this room's records break chatzeo's rules: {problem}")))
+        return found
 
     def _newest(self, limit: int, low: int, high: int | None) -> list[Message]:
         if limit == 0:

@@ -594,6 +594,11 @@ class _Commit:
     def _decode(self, record: _Record) -> None:
         if record.decoded:
             return
+        if len(record.data) > records.MAX_RECORD_BYTES:
+            # Refused unread: decoding it would cost the server what the limit saves.
+            self.refuse("schema", (
+                f"a record of {len(record.data)} bytes; the limit is {records.MAX_RECORD_BYTES}"
+            ))
         record.class_name, record.new_state = decode(record.data)
         kind = record.role[0] if record.role else ""
         if kind in _CLASSES and record.class_name not in _CLASSES[kind]:
@@ -619,31 +624,34 @@ class _Commit:
             old = _EMPTY if record.is_new else _shape(record.class_name, record.old_state)
             new = _shape(record.class_name, record.new_state)
             _check_sorted(new)
-            self._check_items(record, new)
+            self._check_items(record, old, new)
             shapes = self.shapes[record.oid] = (old, new)
         return shapes
 
-    def _check_items(self, record: _Record, shape: _Shape) -> None:
+    def _check_items(self, record: _Record, old: _Shape, shape: _Shape) -> None:
         """Every key (and separator) of a written node or bucket has its tree's key
-        type, and every value its tree's value shape: all of them, not only the
-        changed ones, since ``2 == 2.0`` and ``0 == False`` hide a changed type."""
+        type, and every value its tree's value shape, unless it is exactly as it
+        was stored (an entry an older, unchecking server let in must not keep
+        honest writers out of its bucket). "Exactly" compares types too, since
+        ``2 == 2.0`` and ``0 == False`` would hide a changed type."""
         kind = record.role[0] if record.role else ""
         key_rule = _KEY_RULES.get(kind)
         if key_rule is None:
             return
+        before = {(type(key), key) for key in (*old.keys, *old.separators.values())}
         for key in (*shape.keys, *(k for k in shape.separators.values() if k is not None)):
-            self.schema(key_rule(key))
-        if kind == "messages":
-            for key, value in shape.items.items():
-                problem = records.message_problem(value)
-                if problem is not None:
-                    self.refuse("schema", f"message at key {key}: {problem}")
-        elif kind == "presence":
-            for key, value in shape.items.items():
-                self.schema(records.presence_problem(key, value))
-        elif kind == "leases":
-            for key, value in shape.items.items():
-                self.schema(records.lease_problem(key, value))
+            if (type(key), key) not in before:
+                self.schema(key_rule(key))
+        value_rule = _VALUE_RULES.get(kind)
+        if value_rule is None:
+            return
+        kept = old.items
+        for key, value in shape.items.items():
+            if key in kept and _same(kept[key], value):
+                continue
+            problem = value_rule(key, value)
+            if problem is not None:
+                self.refuse("schema", problem)
 
     # -- single objects
 
@@ -869,13 +877,7 @@ class _Commit:
         self.schema(records.clock_problem(new, messages=False))
         if not clock.is_new and records.clock_problem(old, messages=False) is not None:
             self.refuse("schema", "the room clock's stored state is malformed; it is read-only")
-        try:
-            # Kept entries are compared with ==, for which 0 == False == 0.0: the kind
-            # is the one field whose type that would let change unseen.
-            if not all(type(record[3]) is int for _, record in new.get("pending", ())):
-                self.refuse("schema", "a pending message's kind is not an int")
-        except (TypeError, IndexError, KeyError):
-            self.refuse("schema", "a pending message record is not a tuple")
+
         old_pending = dict(old.get("pending", ()))
         new_entries = new.get("pending", ())
         new_pending = dict(new_entries)
@@ -887,7 +889,7 @@ class _Commit:
             after = new_pending.get(key, group.added.get(key, _MISSING))
             if after is _MISSING:
                 removed[key] = record
-            elif after != record:
+            elif after != record or not _same_kind(after, record):
                 self.refuse("history", "an existing message cannot be changed")
             elif key not in new_pending:
                 moved.add(key)
@@ -979,6 +981,32 @@ _KEY_RULES: dict[str, Any] = {
     "users": lambda key: records.name_problem("user", key, records.MAX_USER_NAME)
     and f"user name {ascii(key)[:40]}: {records.name_problem('user', key, records.MAX_USER_NAME)}",
 }
+_VALUE_RULES: dict[str, Any] = {
+    "messages": lambda key, value: records.message_problem(value)
+    and f"message at key {key}: {records.message_problem(value)}",
+    "presence": records.presence_problem,
+    "leases": records.lease_problem,
+}
+
+
+def _same(before: Any, after: Any) -> bool:
+    """Equal, and of the same types field by field (``0 == False`` is a change)."""
+    if type(before) is not type(after) or before != after:
+        return False
+    return type(before) is not tuple or all(
+        type(x) is type(y) for x, y in zip(before, after, strict=True)
+    )
+
+
+def _same_kind(before: Any, after: Any) -> bool:
+    """Two equal message records whose kinds have one type: the one field where ==
+    would let a changed type through (ids, authors and texts are strs or None)."""
+    try:
+        return type(before[3]) is type(after[3])
+    except (TypeError, IndexError, KeyError):
+        return True  # not message-shaped; == already compared them
+
+
 # A user's leases tree, in records: one inline bucket holds 30 leases; more than a few
 # records means far more leases than the connection limit allows.
 _MAX_LEASE_RECORDS = 8
