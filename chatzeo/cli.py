@@ -223,10 +223,15 @@ def _tls(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .maintenance import check_file
+    from .maintenance import StorageDamaged, check_file
 
     try:
         counts = check_file(args.path)
+    except StorageDamaged as damaged:
+        # The report: every problem, one a line (each already made printable).
+        for problem in damaged.problems:
+            print(f"{args.path}: {problem}")
+        raise
     except FileNotFoundError:
         print(f"chatzeo: error: no such file: {args.path}", file=sys.stderr)
         return EXIT_ERROR

@@ -50,17 +50,10 @@ class StorageDamaged(ChatError):
     def __init__(self, path: str, problems: list[str]):
         self.path = path
         self.problems = problems
-        # One line that says it all, then each problem on a line of its own, so a
-        # file with many hostile records is still read whole (up to a bound).
-        listed = "".join(f"\n  - {problem}" for problem in problems[:_LISTED])
-        more = f"\n  ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
-        shown = "; ".join(problems[:3])
-        super().__init__(
-            f"{path} is damaged ({len(problems)} problems): {shown}{listed}{more}"
-        )
-
-
-_LISTED = 200
+        # One line; ``chatzeo check`` prints every problem before it.
+        shown = "; ".join(problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        super().__init__(f"{path} is damaged: {shown}{more}")
 
 
 def check_file(path: str | os.PathLike[str]) -> dict[str, int]:
