@@ -292,8 +292,9 @@ class TrustIndex:
     def __init__(self) -> None:
         self.roles: dict[bytes, Role] = {}
         self.rooms: dict[bytes, RoomInfo] = {}
-        # oid -> (tid, class, state, pickle bytes); insertion order is age
-        self.states: dict[bytes, tuple[bytes, str, Any, int]] = {}
+        # oid -> (tid, class, state, pickle bytes, checked); insertion order is age.
+        # ``checked``: the state came from a commit this server checked.
+        self.states: dict[bytes, tuple[bytes, str, Any, int, bool]] = {}
         self.cached_bytes = 0
         self.root_oid: bytes | None = None
         self.max_connections = 8
@@ -342,14 +343,14 @@ class TrustIndex:
         for oid, (class_name, state, size) in update.states.items():
             self._forget(oid)
             if oid not in merged:
-                self._keep(oid, (tid, class_name, state, size))
+                self._keep(oid, (tid, class_name, state, size, True))
 
     def _forget(self, oid: bytes) -> None:
         entry = self.states.pop(oid, None)
         if entry is not None:
             self.cached_bytes -= entry[3]
 
-    def _keep(self, oid: bytes, entry: tuple[bytes, str, Any, int]) -> None:
+    def _keep(self, oid: bytes, entry: tuple[bytes, str, Any, int, bool]) -> None:
         if entry[3] > self.cache_bytes // 4:
             return  # one record may not push out everything else
         self.states[oid] = entry
@@ -365,12 +366,17 @@ class TrustIndex:
         if found is None:
             found = decode(data)
             self._forget(oid)
-            self._keep(oid, (tid, *found, len(data)))
+            self._keep(oid, (tid, *found, len(data), False))
         return found
 
     def cached(self, oid: bytes, tid: bytes) -> tuple[str, Any] | None:
         entry = self.states.get(oid)
         return (entry[1], entry[2]) if entry is not None and entry[0] == tid else None
+
+    def checked(self, oid: bytes, tid: bytes) -> bool:
+        """Whether the cached state of ``oid`` at ``tid`` was written by a checked commit."""
+        entry = self.states.get(oid)
+        return entry is not None and entry[0] == tid and entry[4]
 
     def _add_room(self, storage: Any, value: Any, name: str) -> None:
         oid = value.oid
@@ -460,6 +466,7 @@ class _Record:
     class_name: str = ""
     new_state: Any = None
     old_state: Any = None
+    old_checked: bool = False  # the base state passed this server's checks
     decoded: bool = False
 
     @property
@@ -606,6 +613,7 @@ class _Commit:
         self.update.states[record.oid] = (record.class_name, record.new_state, len(record.data))
         if not record.is_new:
             cached = self.index.cached(record.oid, record.serial)
+            record.old_checked = self.index.checked(record.oid, record.serial)
             if cached is None:
                 try:
                     old = self.storage.loadSerial(record.oid, record.serial)
@@ -874,27 +882,42 @@ class _Commit:
         old: dict[str, Any] = (
             clock.old_state if not clock.is_new else {"head": 0, "count": 0, "flushed": 0}
         )
+        # Keys strictly increase in both (the old one was checked when it was
+        # written, unless it came from before this server: then check it now).
         self.schema(records.clock_problem(new, messages=False))
-        if not clock.is_new and records.clock_problem(old, messages=False) is not None:
+        if not (clock.is_new or clock.old_checked) and records.clock_problem(
+            old, messages=False
+        ) is not None:
             self.refuse("schema", "the room clock's stored state is malformed; it is read-only")
-
-        old_pending = dict(old.get("pending", ()))
+        old_entries = old.get("pending", ())
         new_entries = new.get("pending", ())
-        new_pending = dict(new_entries)
-        if len(new_pending) != len(new_entries) or list(new_pending) != sorted(new_pending):
-            self.refuse("history", "a room clock's pending messages are out of order")
-        moved: set[int] = set()
-        removed = dict(group.removed)
-        for key, record in old_pending.items():
-            after = new_pending.get(key, group.added.get(key, _MISSING))
-            if after is _MISSING:
-                removed[key] = record
-            elif after != record or not _same_kind(after, record):
-                self.refuse("history", "an existing message cannot be changed")
-            elif key not in new_pending:
-                moved.add(key)
-        added = {k: r for k, r in group.added.items() if k not in moved}
-        added.update((k, r) for k, r in new_pending.items() if k not in old_pending)
+        kept = len(old_entries)
+        if (
+            not group.added
+            and not group.removed
+            and new_entries[:kept] == old_entries
+            and _int_kinds(new_entries[:kept])
+        ):
+            # A plain post (every post but a flush or a trim): the old entries stay
+            # as they were, in C-speed comparisons, and new ones follow.
+            new_pending = dict(new_entries)
+            removed: dict[int, Any] = {}
+            added = dict(new_entries[kept:])
+        else:
+            old_pending = dict(old_entries)
+            new_pending = dict(new_entries)
+            moved: set[int] = set()
+            removed = dict(group.removed)
+            for key, record in old_pending.items():
+                after = new_pending.get(key, group.added.get(key, _MISSING))
+                if after is _MISSING:
+                    removed[key] = record
+                elif after != record or not _same_kind(after, record):
+                    self.refuse("history", "an existing message cannot be changed")
+                elif key not in new_pending:
+                    moved.add(key)
+            added = {k: r for k, r in group.added.items() if k not in moved}
+            added.update((k, r) for k, r in new_pending.items() if k not in old_pending)
         latest = int((self.now + FUTURE_SKEW) * 1_000_000)
         for key, record in added.items():
             if key <= old["head"]:
@@ -970,20 +993,39 @@ def _check_sorted(shape: _Shape) -> None:
         raise _Undecodable("has keys that cannot be ordered") from None
 
 
+def _message_item_problem(key: Any, value: Any) -> str | None:
+    problem = records.message_problem(value)
+    return None if problem is None else f"message at key {key}: {problem}"
+
+
+def _prefixed(what: str, rule: Any) -> Any:
+    def problem(key: Any) -> str | None:
+        found = rule(key)
+        return None if found is None else f"{what}: {found}"
+
+    return problem
+
+
+def _name_rule(kind: str, limit: int) -> Any:
+    def problem(key: Any) -> str | None:
+        found = records.name_problem(kind, key, limit)
+        return None if found is None else f"{kind} name {ascii(key)[:40]}: {found}"
+
+    return problem
+
+
 # The key rule of each tree kind (`chatzeo.records`): message keys are ints in range,
 # presence and lease keys are lease ids, directory keys are names.
 _KEY_RULES: dict[str, Any] = {
     "messages": records.key_problem,
-    "presence": lambda key: records.id_problem(key) and f"presence key: {records.id_problem(key)}",
-    "leases": lambda key: records.id_problem(key) and f"lease key: {records.id_problem(key)}",
-    "rooms": lambda key: records.name_problem("room", key, records.MAX_ROOM_NAME)
-    and f"room name {ascii(key)[:40]}: {records.name_problem('room', key, records.MAX_ROOM_NAME)}",
-    "users": lambda key: records.name_problem("user", key, records.MAX_USER_NAME)
-    and f"user name {ascii(key)[:40]}: {records.name_problem('user', key, records.MAX_USER_NAME)}",
+    "presence": _prefixed("presence key", records.id_problem),
+    "leases": _prefixed("lease key", records.id_problem),
+    "rooms": _name_rule("room", records.MAX_ROOM_NAME),
+    "users": _name_rule("user", records.MAX_USER_NAME),
 }
+
 _VALUE_RULES: dict[str, Any] = {
-    "messages": lambda key, value: records.message_problem(value)
-    and f"message at key {key}: {records.message_problem(value)}",
+    "messages": _message_item_problem,
     "presence": records.presence_problem,
     "leases": records.lease_problem,
 }
@@ -996,6 +1038,14 @@ def _same(before: Any, after: Any) -> bool:
     return type(before) is not tuple or all(
         type(x) is type(y) for x, y in zip(before, after, strict=True)
     )
+
+
+def _int_kinds(entries: Any) -> bool:
+    """Every ``(key, record)`` entry's record has an int kind (not a bool or float)."""
+    try:
+        return all(type(record[3]) is int for _, record in entries)
+    except (TypeError, IndexError, KeyError):
+        return False
 
 
 def _same_kind(before: Any, after: Any) -> bool:
