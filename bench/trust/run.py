@@ -55,18 +55,21 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _server(config: Path | None, data: Path, guard: str) -> Iterator[tuple[str, int]]:
+def _server(
+    config: Path | None, data: Path, guard: str, off: str = "runzeo"
+) -> Iterator[tuple[str, int]]:
     """``chatzeo serve --guard GUARD`` with ``config`` (TLS), or without a config:
-    ``on`` is `chatzeo serve`'s default, ``off`` plain ``runzeo``."""
+    ``on`` is `chatzeo serve`'s default, ``off`` plain ``runzeo`` (or, with ``off``
+    "guard-off", ``chatzeo serve --guard off``)."""
     address = f"127.0.0.1:{_free_port()}"
     data.mkdir(parents=True)
     log = open(data / "server.log", "wb")  # noqa: SIM115 (closed below)
     if config is not None:
         command = [sys.executable, "-m", "chatzeo", "serve", "--config", str(config),
                    "--address", address, "--data-dir", str(data), "--guard", guard]
-    elif guard == "on":
+    elif guard == "on" or off == "guard-off":
         command = [sys.executable, "-m", "chatzeo", "serve", "--address", address,
-                   "--data-dir", str(data)]
+                   "--data-dir", str(data), "--guard", "auto" if guard == "on" else "off"]
     else:
         command = [sys.executable, "-m", "ZEO.runzeo", "-a", address,
                    "-f", str(data / "chat.fs")]
@@ -134,7 +137,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rooms = ("plain", "capped")
     results: dict[str, Any] = {}
     with ExitStack() as stack:
-        servers = {m: stack.enter_context(_server(config, workdir / m, m)) for m in MODES}
+        servers = {
+            m: stack.enter_context(_server(config, workdir / m, m, args.off)) for m in MODES
+        }
         dbs = {}
         sessions: dict[tuple[str, str], ChatSession] = {}
         for mode, (address, _) in servers.items():
@@ -202,10 +207,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return results
 
 
-def _report(results: dict[str, Any], tls: bool) -> str:
+def _report(results: dict[str, Any], tls: bool, off: str = "plain runzeo") -> str:
     lines = [
         "checks on: " + ("chatzeo serve --guard on (TLS)" if tls else "chatzeo serve (default)")
-        + "; off: " + ("chatzeo serve --guard off (TLS)" if tls else "plain runzeo"),
+        + "; off: " + ("chatzeo serve --guard off (TLS)" if tls else off),
         f"{'':16} {'commit p50':>10} {'p99':>7} {'posts/s':>8} "
         f"{'deliv p50':>10} {'p99':>7} {'paced p50':>10} {'p99':>7}   (ms)"
     ]
@@ -243,12 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pace", type=float, default=0.01, help="seconds between paced posts")
     parser.add_argument("--cap", type=int, default=100, help="max_messages of the capped room")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--off", choices=("runzeo", "guard-off"), default="runzeo",
+                        help="without --tls, what 'off' runs (default: plain runzeo)")
     parser.add_argument("--tls", action="store_true",
                         help="compare --guard on and off with client certificates instead")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-trust-") as workdir:
         results = run(args, Path(workdir))
-    print(_report(results, args.tls))
+    off = "plain runzeo" if args.off == "runzeo" else "chatzeo serve --guard off"
+    print(_report(results, args.tls, off))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
