@@ -124,31 +124,33 @@ class RoomClock(Persistent):
     @property
     def problem(self) -> str | None:
         """What is wrong with this clock's stored state, or None."""
+        # Reading a _v_ attribute does not load a ghost: load it, so the check ran.
+        self._p_activate()
         return self._v_problem
 
     def entries(self) -> tuple[Entry, ...]:
         """The pending ``(key, record)`` entries a reader may use: all of them for a
         well-formed clock, else those with int keys above the one before."""
-        if self._v_problem is None:
+        if self.problem is None:
             return self.pending
         return _usable_entries(self.__dict__.get("pending", ()))
 
     def newest_key(self) -> int:
         """The room's largest key (``head``), 0 if the stored one is unusable."""
+        if self.problem is None:
+            return self.head  # type: ignore[no-any-return]
         head = self.__dict__.get("head", 0)
-        if self._v_problem is None:
-            return head  # type: ignore[no-any-return]
         entries = self.entries()
         usable = head if type(head) is int and key_problem(head) is None else 0
         return max(usable, entries[-1][0] if entries else 0)
 
     def flushed_key(self) -> int | None:
         """``flushed``, or None (unknown: look in the tree too) if it is unusable."""
-        return self.flushed if self._v_problem is None else None
+        return self.flushed if self.problem is None else None
 
     def message_count(self) -> int:
         """``count``, or the usable pending entries' number if it is unusable."""
-        if self._v_problem is None:
+        if self.problem is None:
             return self.count  # type: ignore[no-any-return]
         count = self.__dict__.get("count")
         return count if type(count) is int and count >= 0 else len(self.entries())
