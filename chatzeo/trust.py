@@ -18,8 +18,9 @@ What is checked
     `TrustIndex` knows the role of every such object; it is built by walking the graph
     when the server starts (tree nodes are loaded, message buckets only named) and
     grows with each commit that links new objects into the graph; it also keeps the
-    decoded states of recent revisions, so the next commit of a bucket need not
-    load and decode its base again. A commit stores records; each
+    decoded states of recent revisions (bounded by their pickles' bytes), so the
+    next commit of a bucket need not load and decode its base again. A commit
+    stores records; each
     record whose oid has a role, and each new object it links into the graph, is
     decoded with `chatzeo.allowlist` (nothing is imported or called) and compared with
     the state the writer started from (``loadSerial(oid, serial)``). Comparing with
@@ -41,8 +42,9 @@ The rules (each refusal names one; docs/security.md explains them)
     ``room``        an existing ChatSession is never changed (no rename, no new caps);
                     ChatRoot.rooms only gains keys, each a new ChatSession named like
                     its key, with new trees and a new clock of its own.
-    ``user``        a User and its leases are changed only by the certificate of the
-                    same name; ChatRoot.users only gains the writer's own new User.
+    ``user``        a User is never renamed and keeps its leases tree; under TLS it
+                    and its leases are changed only by the certificate of the same
+                    name, and ChatRoot.users only gains the writer's own new User.
     ``author``      a new message is ``(id, author, text, kind)`` with author = identity;
                     new messages arrive as entries appended to the room clock's
                     ``pending`` (or, in a flush, straight into the tree with the rest).
