@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--guard",
         choices=("auto", "on", "off"),
         default="auto",
-        help="check commits against client certificates (auto: when <ssl> is configured)",
+        help="auto: check every commit against chatzeo's record rules, and with <ssl> against "
+        "client certificates too; on: the same, <ssl> required; off: no checks (plain ZEO)",
     )
     serve.add_argument(
         "--max-connections",
@@ -304,7 +305,7 @@ def _tls(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .maintenance import check_file
+    from .maintenance import StorageDamaged, check_file
 
     path: Path = args.path
     if not path.exists():
@@ -322,7 +323,13 @@ def _check(args: argparse.Namespace) -> int:
         # Every FileStorage file starts so; anything else is another kind of file,
         # not a damaged data file.
         raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS21)")
-    counts = check_file(path)
+    try:
+        counts = check_file(path)
+    except StorageDamaged as damaged:
+        # The report: every problem, one a line (each already made printable).
+        for problem in damaged.problems:
+            print(f"{path}: {problem}")
+        raise
     print(f"{args.path}: ok ({counts['objects']} objects, {counts['rooms']} rooms, "
           f"{counts['messages']} messages)")
     return EXIT_OK

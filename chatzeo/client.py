@@ -17,17 +17,21 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import transaction
-from ZODB.POSException import ReadConflictError
+from ZODB.POSException import POSKeyError, ReadConflictError, StateLoadError
 
 from .delivery import ChangeFeed
-from .errors import InvalidInput, NoSuchRoom
+from .errors import InvalidInput, NoSuchRoom, UnsafeRecord
 from .message import Message, MessageKind, new_message_id
 from .realm import ChatRoot, get_root
+from .records import MAX_ROOM_NAME, name_problem
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .session import ChatSession
 from .validation import check_room_name, check_user_name
 
-__all__ = ["ChatClient", "RoomInfo", "AmbiguousRoom"]
+__all__ = ["ChatClient", "RoomInfo", "AmbiguousRoom", "MALFORMED_ROOM"]
+
+# What `ChatClient.rooms` lists for a room entry that breaks the rules.
+MALFORMED_ROOM = "[malformed room]"
 
 RoomInfo = tuple[str, int]
 T = TypeVar("T")
@@ -108,7 +112,7 @@ class ChatClient:
         self._manager.begin()
         room = self._root().rooms[name]
         self.room = room
-        self.feed.watch([room._clock])
+        self.feed.watch([room.watch_target()])
         page = room.latest(history)
         room.skip_to_end()
         return page
@@ -135,8 +139,27 @@ class ChatClient:
         return self._read(find)
 
     def rooms(self) -> list[RoomInfo]:
-        """Every room's name and message count, by name."""
-        return self._read(lambda: [(name, len(room)) for name, room in self._root().rooms.items()])
+        """Every room's name and message count, by name. A room stored against the
+        rules (`chatzeo.records`) is listed as ``MALFORMED_ROOM`` with count 0."""
+
+        def listing() -> list[RoomInfo]:
+            found: list[RoomInfo] = []
+            try:
+                for name, room in self._root().rooms.items():
+                    if (
+                        not isinstance(room, ChatSession)
+                        or name_problem("room", name, MAX_ROOM_NAME) is not None
+                        or room.display_name() != name
+                    ):
+                        found.append((MALFORMED_ROOM, 0))
+                    else:
+                        found.append((name, len(room)))
+            except (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError):
+                # A bucket of the directory cannot be loaded: the rest is unknown.
+                found.append((MALFORMED_ROOM, 0))
+            return found
+
+        return self._read(listing)
 
     def who(self, room_name: str | None = None) -> list[str]:
         """Users present in a room now (the current one by default). Raises

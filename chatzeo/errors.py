@@ -24,6 +24,7 @@ __all__ = [
     "NoSuchRoom",
     "UnsafeRecord",
     "TrustViolation",
+    "MalformedRecord",
 ]
 
 
@@ -126,3 +127,15 @@ class TrustViolation(ChatError, StorageError):
     deleted history, or changed someone else's object (docs/security.md).
     Nothing of the transaction was written; retrying cannot help. The message names
     the rule. It carries no attributes, so ZEO sends it to the client as its args."""
+
+
+class MalformedRecord(ChatError):
+    """A stored record breaks `chatzeo.records`' rules (written through a plain ZEO
+    server, or by an older, unguarded one). Readers show a placeholder for it;
+    writing to the object that holds it is refused with this error. ``where``
+    names the object, ``problem`` says what is wrong."""
+
+    def __init__(self, where: str, problem: str):
+        self.where = where
+        self.problem = problem
+        super().__init__(f"{where} holds a malformed record: {problem}; see chatzeo check")

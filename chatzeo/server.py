@@ -3,9 +3,10 @@
 It reads the same ZConfig file as ``runzeo -C zeo.conf`` (ZEO's own schema), applies
 the ``--address`` and ``--data-dir`` overrides, creates chatzeo's root objects before
 the first client connects (two clients creating the root of an empty storage at once
-would conflict), makes conflict resolution load only allowlisted classes, with TLS
-client certificates checks every commit against its certificate (`chatzeo.guard`,
-``--guard``), and then runs ZEO's `StorageServer` until SIGINT or SIGTERM.
+would conflict), makes conflict resolution load only allowlisted classes, checks
+every commit against chatzeo's record rules and, with TLS client certificates,
+against its certificate (`chatzeo.guard`, ``--guard``), and then runs ZEO's
+`StorageServer` until SIGINT or SIGTERM.
 
 Threads: everything here runs in the main thread; the server's network IO runs in
 ZEO's asyncio loop, which `StorageServer.loop` runs in that same thread.
@@ -113,8 +114,9 @@ def serve(
 
     ``max_connections``, if given, becomes the per-user connection limit stored in
     chatzeo's root (`ChatRoot.max_connections`). ``guard`` is ``"auto"`` (check
-    commits against client certificates when the config has ``<ssl>``), ``"on"``
-    (the same, and an error without ``<ssl>``) or ``"off"``.
+    every commit against the record rules, and against client certificates when
+    the config has ``<ssl>``), ``"on"`` (the same, and an error without ``<ssl>``)
+    or ``"off"`` (no checks: plain ZEO, for comparison).
     """
     path = config_path or default_config_path()
     packaged = config_path is None and not os.environ.get("CHATZEO_CONFIG") and not Path(
@@ -135,9 +137,9 @@ def serve(
         for storage in storages.values():
             _prepare(storage, max_connections)
         server = create_server(storages, _server_options(config))
-        if guarded:
+        if guarded is not None:
             try:
-                install_guard(server, next(iter(storages.values())))
+                install_guard(server, next(iter(storages.values())), identities=guarded)
             except Exception as error:
                 raise ServerConfigError(
                     f"cannot index the storage for the commit guard: {error}"
@@ -156,16 +158,19 @@ def serve(
     return 0
 
 
-def _guarded(config: Any, guard: str) -> bool:
+def _guarded(config: Any, guard: str) -> bool | None:
+    """None: no checks (``--guard off``, plain ZEO); False: the record rules only
+    (no client certificates); True: the record and identity rules."""
     if guard not in ("auto", "on", "off"):
         raise ServerConfigError(f"--guard must be auto, on or off, not {guard!r}")
     with_certificates = config.zeo.ssl is not None
     if guard == "on" and not with_certificates:
         raise ServerConfigError("--guard on needs TLS client certificates (<ssl> in <zeo>)")
-    wanted = guard == "on" or (guard == "auto" and with_certificates)
-    if wanted and len(config.storages) != 1:
+    if guard == "off":
+        return None
+    if len(config.storages) != 1:
         raise ServerConfigError("the commit guard serves exactly one storage")
-    return wanted
+    return with_certificates
 
 
 def _open_storage(opener: Any) -> Any:
