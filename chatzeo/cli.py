@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="how many connections one user may hold at once (kept in the database; default 8)",
     )
+    serve.add_argument(
+        "--operator", action="append", default=[], metavar="NAME",
+        help="under TLS, a certificate name that may pack (repeatable; without TLS any "
+        "loopback or unix-socket client may)",
+    )
+    serve.add_argument(
+        "--protocol-checks", choices=("on", "off"), default="on",
+        help="off serves every ZEO call unchecked: only to measure what the checks cost",
+    )
 
     chat = command("chat", "talk in a room, in this terminal", room=True)
     chat.add_argument("--name", default=_default_name(), help="your user name")
@@ -248,7 +257,10 @@ def _pack(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    return serve(args.config, args.address, args.data_dir, args.guard, args.max_connections)
+    return serve(
+        args.config, args.address, args.data_dir, args.guard, args.max_connections,
+        operators=tuple(args.operator), protocol_checks=args.protocol_checks == "on",
+    )
 
 
 def _chat(args: argparse.Namespace) -> int:
