@@ -114,8 +114,19 @@ def _open_zeo(
     db_options: dict[str, Any],
 ) -> ZODB.DB:
     shown = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
-    # The server's refusals (chatzeo.guard, chatzeo.protocol) arrive by name; give
-    # them their classes.
+    try:
+        storage = _ClientStorage(
+            address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None, vote_timeout=wait
+        )
+    except ClientDisconnected:
+        raise ServerUnavailable(shown, wait) from None
+    return _db(storage, db_options, shown=shown, wait=wait)
+
+
+def register_server_errors() -> None:
+    """Make ZEO's client raise chatzeo's own classes for the server's refusals
+    (`chatzeo.guard`, `chatzeo.protocol`), which arrive by name. Idempotent; done
+    when this module is imported."""
     for refusal in (TrustViolation, ProtocolViolation):
         exc_factories.setdefault(
             f"{refusal.__module__}.{refusal.__name__}",
@@ -125,13 +136,6 @@ def _open_zeo(
         f"{TooManyConnections.__module__}.{TooManyConnections.__name__}",
         _too_many_connections,
     )
-    try:
-        storage = _ClientStorage(
-            address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None, vote_timeout=wait
-        )
-    except ClientDisconnected:
-        raise ServerUnavailable(shown, wait) from None
-    return _db(storage, db_options, shown=shown, wait=wait)
 
 
 def _too_many_connections(_name: str, args: Any) -> Exception:
@@ -274,3 +278,6 @@ class _ClientStorage(ClientStorage):
     def notify_disconnected(self) -> None:
         self._oids.clear()
         super().notify_disconnected()
+
+
+register_server_errors()

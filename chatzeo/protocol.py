@@ -455,7 +455,7 @@ class ChatZEOStorage(ZEOStorage):
         if tid is not None:
             problems.append("a client may not choose the transaction's tid")
         if status != " ":
-            problems.append(f"a client may not set the transaction status {_shown(status)}")
+            problems.append(f"a client may not set the transaction status {status!r}"[:120])
         user = self._text(user, "user", limits.max_user_bytes, problems)
         description = self._text(description, "description", limits.max_description_bytes,
                                  problems)
@@ -583,7 +583,9 @@ class _FrameLimit:
         while position < size:
             if self.remaining:
                 take = min(self.remaining, size - position)
-                if not self.skipping:
+                if self.skipping:
+                    whole = False
+                else:
                     kept.append(data[position:position + take])
                 position += take
                 self.remaining -= take
