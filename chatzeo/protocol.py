@@ -351,6 +351,7 @@ class ChatZEOStorage(ZEOStorage):
     of a refused transaction is buffered after the refusal.
     """
 
+    log_label: str
     identity: str | None = None
     operator = False
     # The first refusal of the current transaction, and what it has buffered.

@@ -333,10 +333,10 @@ def test_a_hung_writer_is_bounded(served: Served) -> None:
                                 "--room", "lobby", "--wait", "20", f"went on {round}"),
                 stderr=subprocess.PIPE,
             )
-            timeouts = logged + 1
-            wait_until("the transaction timeout",
-                       lambda: served.log_text().count("Transaction timeout") >= timeouts,
-                       TRANSACTION_TIMEOUT + 15)
+            def fired(before: int = logged) -> bool:
+                return served.log_text().count("Transaction timeout") > before
+
+            wait_until("the transaction timeout", fired, TRANSACTION_TIMEOUT + 15)
             _, err_bytes = waiting.communicate(timeout=30)
             assert waiting.returncode == 0, err_bytes
         finally:
