@@ -107,6 +107,7 @@ __all__ = [
     "create_server",
     "safe_loads",
     "safe_extension",
+    "unsafe_extensions",
     "certificate_identity",
     "CALLS",
 ]
@@ -187,6 +188,21 @@ def safe_extension(data: bytes) -> dict[str, Any] | None:
         return None
     plain = _plain_extension(value, ProtocolLimits())
     return plain if isinstance(plain, dict) else None
+
+
+def unsafe_extensions(storage: Any) -> list[str]:
+    """One problem line per transaction of ``storage`` (a FileStorage) whose stored
+    extension is not a plain mapping: what a client could store before this module
+    (ZODB's own tools, such as the undo log, would run such a pickle). Reads the raw
+    bytes only (`safe_extension`)."""
+    problems = []
+    for record in storage.iterator():
+        if safe_extension(record.extension_bytes) is None:
+            problems.append(
+                f"transaction {record.tid.hex()} has an extension that is not a plain "
+                "mapping (not loaded; ZODB's undo log would run it)"
+            )
+    return problems
 
 
 def _plain_extension(value: Any, limits: ProtocolLimits) -> dict[str, Any] | str:
