@@ -2,8 +2,10 @@
 unguarded `chatzeo serve`, in the same run, on the same TLS setup.
 
 Two servers start from one throwaway CA (`bench.trust.certs`): ``--guard on`` and
-``--guard off``. Against each, a reader process (`bench.trust.reader`, certificate
-bob) waits for pushes while this process (certificate alice) posts with
+``--guard off`` (or, with ``--compare protocol``, both unguarded with
+``--protocol-checks on`` and ``off``: what `chatzeo.protocol` costs). Against each,
+a reader process (`bench.trust.reader`, certificate bob) waits for pushes while this
+process (certificate alice) posts with
 `ChatSession.add_message`, the path `chatzeo send` takes: one commit per message.
 Each round posts ``--burst`` messages back to back (commit latency, throughput) in
 blocks of ``--block`` that alternate between the two servers, so drift of a busy
@@ -52,13 +54,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _server(config: Path, data: Path, guard: str) -> Iterator[tuple[str, int]]:
+def _server(config: Path, data: Path, options: list[str]) -> Iterator[tuple[str, int]]:
     address = f"127.0.0.1:{_free_port()}"
     data.mkdir(parents=True)
     log = open(data / "server.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
         [sys.executable, "-m", "chatzeo", "serve", "--config", str(config),
-         "--address", address, "--data-dir", str(data), "--guard", guard],
+         "--address", address, "--data-dir", str(data), *options],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -117,13 +119,24 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def _options(compare: str, mode: str) -> list[str]:
+    """The `chatzeo serve` options of one side: the guard, or (guard off on both
+    sides) the protocol checks of chatzeo.protocol, on or off."""
+    if compare == "guard":
+        return ["--guard", mode]
+    return ["--guard", "off", "--protocol-checks", mode]
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     pki = make_pki(workdir / "pki")
     config = server_conf(pki, workdir / "zeo.conf")
     rooms = ("plain", "capped")
     results: dict[str, Any] = {}
     with ExitStack() as stack:
-        servers = {m: stack.enter_context(_server(config, workdir / m, m)) for m in MODES}
+        servers = {
+            m: stack.enter_context(_server(config, workdir / m, _options(args.compare, m)))
+            for m in MODES
+        }
         dbs = {}
         sessions: dict[tuple[str, str], ChatSession] = {}
         for mode, (address, _) in servers.items():
@@ -189,7 +202,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return results
 
 
-def _report(results: dict[str, Any]) -> str:
+def _report(results: dict[str, Any], compare: str = "guard") -> str:
     lines = [
         f"{'':16} {'commit p50':>10} {'p99':>7} {'posts/s':>8} "
         f"{'deliv p50':>10} {'p99':>7} {'paced p50':>10} {'p99':>7}   (ms)"
@@ -198,7 +211,7 @@ def _report(results: dict[str, Any]) -> str:
         for mode in MODES:
             r = results[f"{mode}/{room}"]
             lines.append(
-                f"{room + ' guard ' + mode:16} {r['commit']['p50_ms']:10.2f} "
+                f"{room + ' ' + compare[:5] + ' ' + mode:16} {r['commit']['p50_ms']:10.2f} "
                 f"{r['commit']['p99_ms']:7.2f} {r['throughput_per_s']:8.0f} "
                 f"{r['delivery_burst']['p50_ms']:10.2f} {r['delivery_burst']['p99_ms']:7.2f} "
                 f"{r['delivery_paced']['p50_ms']:10.2f} {r['delivery_paced']['p99_ms']:7.2f}"
@@ -211,8 +224,8 @@ def _report(results: dict[str, Any]) -> str:
             f"{'':7} {on['delivery_paced']['p50_ms'] / off['delivery_paced']['p50_ms']:10.2f}"
         )
     lines.append(
-        "server CPU per post: guard on {:.3f} ms, off {:.3f} ms".format(
-            results["on/server_cpu_ms_per_post"], results["off/server_cpu_ms_per_post"]
+        "server CPU per post: {} on {:.3f} ms, off {:.3f} ms".format(
+            compare, results["on/server_cpu_ms_per_post"], results["off/server_cpu_ms_per_post"]
         )
     )
     return "\n".join(lines)
@@ -227,10 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pace", type=float, default=0.01, help="seconds between paced posts")
     parser.add_argument("--cap", type=int, default=100, help="max_messages of the capped room")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--compare", choices=("guard", "protocol"), default="guard",
+        help="what differs between the two servers: the commit guard, or the protocol "
+        "checks (chatzeo serve --protocol-checks on/off, guard off on both)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-trust-") as workdir:
         results = run(args, Path(workdir))
-    print(_report(results))
+    print(_report(results, args.compare))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
