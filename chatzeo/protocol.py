@@ -319,6 +319,8 @@ CALLS: dict[str, Call] = {
     "sendBlob": _nobody(_BLOB),
     "new_oid": _nobody("ZEO has no such call"),
 }
+# Calls that add a record to the open transaction, counted against its limits.
+_STORES = frozenset({"storea", "checkCurrentSerialInTransaction"})
 # Calls a connection past its certificate's connection limit may still make: ZEO's
 # client makes them while connecting, and failing one there makes it retry silently
 # instead of reporting the refusal of its first real call.
@@ -453,6 +455,9 @@ class ChatZEOStorage(ZEOStorage):
         for index, (arg, value) in enumerate(zip(rule.args, args, strict=False)):
             if not arg.test(value):
                 raise ProtocolViolation(f"{name}: argument {index + 1} must be {arg.what}")
+        if name in _STORES and self._in_transaction(args[-1]):
+            # Nothing of a refused transaction reaches the handler: not buffered.
+            self._count(len(args[2]) if name == "storea" else 0)
 
     def refuse_transaction(self, reason: str) -> None:
         """Refuse the current transaction: its vote raises `ProtocolViolation`
@@ -502,42 +507,27 @@ class ChatZEOStorage(ZEOStorage):
     def _in_transaction(self, id: Any) -> bool:
         return self.transaction is not None and self.transaction.id == id
 
-    def _count(self, size: int) -> bool:
-        """Count one more record of ``size`` bytes; False (and the transaction
-        refused) if that breaks a limit."""
+    def _count(self, size: int) -> None:
+        """Count one more record of ``size`` bytes in the open transaction; raise
+        `ProtocolViolation` if the transaction is refused already or this breaks a
+        limit. Runs in the gate, before any handler (the guard's too) sees the call."""
         limits = self.limits
         if self._refusal is not None:
-            return False
+            raise ProtocolViolation(self._refusal)
         if size > limits.max_record_bytes:
-            self.refuse_transaction(
+            raise ProtocolViolation(
                 f"a record of {size} bytes is above the limit of {limits.max_record_bytes}"
             )
-            return False
         self._records += 1
         self._bytes += size
         if self._records > limits.max_transaction_records:
-            self.refuse_transaction(
+            raise ProtocolViolation(
                 f"a transaction may store at most {limits.max_transaction_records} records"
             )
-            return False
         if self._bytes > limits.max_transaction_bytes:
-            self.refuse_transaction(
+            raise ProtocolViolation(
                 f"a transaction may store at most {limits.max_transaction_bytes} bytes"
             )
-            return False
-        return True
-
-    def storea(self, oid: bytes, serial: bytes, data: bytes, id: Any) -> None:
-        if self._in_transaction(id) and not self._count(len(data)):
-            return  # refused: not buffered
-        super().storea(oid, serial, data, id)
-
-    def checkCurrentSerialInTransaction(  # noqa: N802 (ZEO's name)
-        self, oid: bytes, serial: bytes, id: Any
-    ) -> None:
-        if self._in_transaction(id) and not self._count(0):
-            return
-        super().checkCurrentSerialInTransaction(oid, serial, id)
 
     def frame_too_large(self, size: int) -> bool:
         """A message of ``size`` bytes was skipped unread: refuse the open transaction

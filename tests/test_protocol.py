@@ -363,6 +363,17 @@ def test_oversized_records_and_transactions_are_refused_unbuffered(served: Serve
             raw.vote(txn)
         grown = served.rss() - start
         assert grown < 32 * MiB, f"the server grew by {grown / MiB:.0f} MiB"
+        # Nothing more of a refused transaction is kept, by the guard neither.
+        txn = raw.begin()
+        oid = raw.new_oid()
+        raw.cast("storea", oid, z64, b"x" * (MiB + 1), txn)
+        for _ in range(48):
+            raw.cast("storea", oid, z64, b"y" * (MiB - 100), txn)
+        raw.call("ping")  # every store above has arrived
+        grown = served.rss() - start
+        assert grown < 32 * MiB, f"the server grew by {grown / MiB:.0f} MiB"
+        with pytest.raises(ProtocolViolation, match="a record of"):
+            raw.vote(txn)
         for records, size, reason in (
             (1, MiB + 1, f"a record of {MiB + 1} bytes is above the limit of {MiB}"),
             (17, MiB - 100, f"a transaction may store at most {16 * MiB} bytes"),
