@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="how many connections one user may hold at once (kept in the database; default 8)",
     )
+    serve.add_argument(
+        "--operator", action="append", default=[], metavar="NAME",
+        help="under TLS, a certificate name that may pack (repeatable; without TLS any "
+        "loopback or unix-socket client may)",
+    )
+    serve.add_argument(
+        "--protocol-checks", choices=("on", "off"), default="on",
+        help="off serves every ZEO call unchecked: only to measure what the checks cost",
+    )
 
     name_help = "(default: $CHATZEO_NAME, else your login name: %(default)s)"
     chat = command("chat", "talk in a room, in this terminal", room=True)
@@ -353,7 +362,10 @@ def _serve(args: argparse.Namespace) -> int:
     if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
         raise ChatError(f"--data-dir {data_dir} is a file; it must be a directory")
     try:
-        return serve(args.config, args.address, args.data_dir, args.guard, args.max_connections)
+        return serve(
+            args.config, args.address, args.data_dir, args.guard, args.max_connections,
+            operators=tuple(args.operator), protocol_checks=args.protocol_checks == "on",
+        )
     except OSError as error:  # e.g. a data directory that cannot be created
         where = f": {error.filename}" if error.filename else ""
         raise ChatError(f"cannot serve: {error.strerror or error}{where}") from None

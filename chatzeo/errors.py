@@ -25,6 +25,8 @@ __all__ = [
     "UnsafeRecord",
     "TrustViolation",
     "MalformedRecord",
+    "ProtocolViolation",
+    "CommitLockTimeout",
 ]
 
 
@@ -139,3 +141,25 @@ class MalformedRecord(ChatError):
         self.where = where
         self.problem = problem
         super().__init__(f"{where} holds a malformed record: {problem}; see chatzeo check")
+
+
+class ProtocolViolation(ChatError, StorageError):
+    """`chatzeo serve` refused a call of the ZEO protocol: one chatzeo's clients never
+    make (undo, history, iterators, blobs, ...), one reserved to an operator (pack),
+    or one whose arguments break its limits (a client-chosen tid or status, an
+    extension that is not a plain mapping, a record or transaction above the size
+    limits; `chatzeo.protocol`). Nothing of the transaction was written; retrying
+    cannot help. The message names the rule. It carries no attributes, so ZEO sends
+    it to the client as its args."""
+
+
+class CommitLockTimeout(ChatError, TransientError):
+    """A commit waited longer than its bound for the server's commit lock, which
+    another writer held; the transaction was aborted, nothing was written. Retryable:
+    the server frees the lock of a hung writer after its ``transaction-timeout``."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        super().__init__(
+            f"the server's commit lock stayed busy for {seconds:g}s (another writer holds it)"
+        )

@@ -32,9 +32,9 @@ import logging
 from typing import Any
 
 from ZEO.asyncio.server import Delay, ServerProtocol
-from ZEO.StorageServer import ZEOStorage
 
 from .errors import TrustViolation
+from .protocol import ChatZEOStorage
 from .trust import IndexUpdate, TrustIndex, check_commit
 
 __all__ = ["GuardedZEOStorage", "install_guard", "identity_of"]
@@ -55,7 +55,7 @@ def identity_of(peercert: dict[str, Any] | None) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-class GuardedZEOStorage(ZEOStorage):
+class GuardedZEOStorage(ChatZEOStorage):
     """A ZEO client handler that checks every commit against `chatzeo.trust`."""
 
     identity: str | None = None

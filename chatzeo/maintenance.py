@@ -6,6 +6,8 @@ live server (it then sees the file as of the moment it opened it). It checks, in
 1. the file's framing, as ZODB's ``fstest`` does (every transaction and data record
    has a consistent length, status and back pointer);
 2. references, as ``fsrefs`` does: every object the current records refer to exists;
+   every transaction extension is a plain mapping (read without unpickling it:
+   `chatzeo.protocol.unsafe_extensions`; ZODB's undo log would run any other);
 3. chatzeo's invariants, loading only allowlisted classes: in each room the message
    tree is sound (``BTrees.check``) and the clock's pending entries have strictly
    increasing keys, all above the tree's; the clock's ``count`` is the number of
@@ -38,6 +40,7 @@ from ZODB.utils import oid_repr
 from . import records
 from .allowlist import class_factory
 from .errors import ChatError
+from .protocol import unsafe_extensions
 from .realm import ROOT_KEY, User
 from .session import ChatSession
 
@@ -72,6 +75,7 @@ def check_file(path: str | os.PathLike[str]) -> dict[str, int]:
     storage = ZODB.FileStorage.FileStorage(path, read_only=True)
     try:
         problems, counts = _check_references(storage)
+        problems += unsafe_extensions(storage)
         db = ZODB.DB(storage, class_factory=class_factory)
         try:
             problems += _check_rooms(db, counts)
