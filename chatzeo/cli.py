@@ -128,13 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--guard",
         choices=("auto", "on", "off"),
         default="auto",
-        help="check commits against client certificates (auto: when <ssl> is configured)",
+        help="auto: check every commit against chatzeo's record rules, and with <ssl> against "
+        "client certificates too; on: the same, <ssl> required; off: no checks (plain ZEO)",
     )
     serve.add_argument(
         "--max-connections",
         type=_positive,
         metavar="N",
         help="how many connections one user may hold at once (kept in the database; default 8)",
+    )
+    serve.add_argument(
+        "--operator", action="append", default=[], metavar="NAME",
+        help="under TLS, a certificate name that may pack (repeatable; without TLS any "
+        "loopback or unix-socket client may)",
+    )
+    serve.add_argument(
+        "--protocol-checks", choices=("on", "off"), default="on",
+        help="off serves every ZEO call unchecked: only to measure what the checks cost",
     )
 
     name_help = "(default: $CHATZEO_NAME, else your login name: %(default)s)"
@@ -319,7 +329,7 @@ def _tls(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .maintenance import check_file
+    from .maintenance import StorageDamaged, check_file
 
     path: Path = args.path
     if not path.exists():
@@ -333,11 +343,17 @@ def _check(args: argparse.Namespace) -> int:
             magic = file.read(4)
     except OSError as error:
         raise ChatError(f"cannot read {path}: {error.strerror}") from None
-    if magic != b"FS21":
-        # Every FileStorage file starts so; anything else is another kind of file,
-        # not a damaged data file.
-        raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS21)")
-    counts = check_file(path)
+    if magic not in (b"FS21", b"FS30"):
+        # Every FileStorage file starts so (FS30 under Python 3, FS21 written by
+        # Python 2); anything else is another kind of file, not a damaged data file.
+        raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS30)")
+    try:
+        counts = check_file(path)
+    except StorageDamaged as damaged:
+        # The report: every problem, one a line (each already made printable).
+        for problem in damaged.problems:
+            print(f"{path}: {problem}")
+        raise
     print(f"{args.path}: ok ({counts['objects']} objects, {counts['rooms']} rooms, "
           f"{counts['messages']} messages)")
     return EXIT_OK
@@ -361,7 +377,10 @@ def _serve(args: argparse.Namespace) -> int:
     if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
         raise ChatError(f"--data-dir {data_dir} is a file; it must be a directory")
     try:
-        return serve(args.config, args.address, args.data_dir, args.guard, args.max_connections)
+        return serve(
+            args.config, args.address, args.data_dir, args.guard, args.max_connections,
+            operators=tuple(args.operator), protocol_checks=args.protocol_checks == "on",
+        )
     except OSError as error:  # e.g. a data directory that cannot be created
         where = f": {error.filename}" if error.filename else ""
         raise ChatError(f"cannot serve: {error.strerror or error}{where}") from None

@@ -27,18 +27,22 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import transaction
-from ZODB.POSException import ReadConflictError
+from ZODB.POSException import POSKeyError, ReadConflictError, StateLoadError
 
 from .delivery import ChangeFeed
-from .errors import InvalidInput, NoSuchRoom, NoSuchUser
+from .errors import InvalidInput, NoSuchRoom, NoSuchUser, UnsafeRecord
 from .message import Message, MessageKind, new_message_id
 from .realm import ChatRoot, get_root
+from .records import MAX_ROOM_NAME, name_problem
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .session import ChatSession
 from .unread import RoomUnread, latest_mentions, unread_rooms
 from .validation import check_room_name, check_topic, check_user_name
 
-__all__ = ["ChatClient", "RoomInfo", "AmbiguousRoom", "CatchUp", "MARK_EVERY"]
+__all__ = ["ChatClient", "RoomInfo", "AmbiguousRoom", "CatchUp", "MARK_EVERY", "MALFORMED_ROOM"]
+
+# What `ChatClient.rooms` lists for a room entry that breaks the rules.
+MALFORMED_ROOM = "[malformed room]"
 
 # The shortest time between two marker writes while reading (seconds).
 MARK_EVERY = 5.0
@@ -219,7 +223,7 @@ class ChatClient:
         # its presence tree when someone comes or goes (or renews a lease).
         watched: list[Any] = []
         for room in self.open_rooms.values():
-            watched += [room._clock, room, room.presence]
+            watched += [room.watch_target(), room, room.presence]
         self.feed.watch(watched)
 
     def find_room(self, room_name: str) -> str | None:
@@ -244,8 +248,27 @@ class ChatClient:
         return self._read(find)
 
     def rooms(self) -> list[RoomInfo]:
-        """Every room's name and message count, by name."""
-        return self._read(lambda: [(name, len(room)) for name, room in self._root().rooms.items()])
+        """Every room's name and message count, by name. A room stored against the
+        rules (`chatzeo.records`) is listed as ``MALFORMED_ROOM`` with count 0."""
+
+        def listing() -> list[RoomInfo]:
+            found: list[RoomInfo] = []
+            try:
+                for name, room in self._root().rooms.items():
+                    if (
+                        not isinstance(room, ChatSession)
+                        or name_problem("room", name, MAX_ROOM_NAME) is not None
+                        or room.display_name() != name
+                    ):
+                        found.append((MALFORMED_ROOM, 0))
+                    else:
+                        found.append((name, len(room)))
+            except (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError):
+                # A bucket of the directory cannot be loaded: the rest is unknown.
+                found.append((MALFORMED_ROOM, 0))
+            return found
+
+        return self._read(listing)
 
     def who(self, room_name: str | None = None) -> list[str]:
         """Users present in a room now (the current one by default). Raises

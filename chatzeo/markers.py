@@ -98,21 +98,22 @@ class ReadMarkers(Persistent):
         """How many messages of ``room`` (a `ChatSession`) above the marker it still
         holds. Arithmetic on the room's clock when the marker has a position; else a
         range search of the unread messages."""
-        clock = room._clock
+        clock = room._clock_or_none()
         position = self._positions.get(room.name)
-        if position is None:
+        if position is None or clock is None:
             return len(room.messages_after(self.get(room)))
-        gone = clock.posted - clock.count  # the oldest, removed by retention
-        return max(0, clock.posted - max(position, gone))
+        posted = clock.posted
+        gone = posted - clock.message_count()  # the oldest, removed by retention
+        return max(0, posted - max(position, gone))
 
     def lost(self, room: Any) -> int:
         """How many messages above the marker retention removed before they were
         read (0 when the marker has no position: they cannot be told apart)."""
-        clock = room._clock
+        clock = room._clock_or_none()
         position = self._positions.get(room.name)
-        if position is None:
+        if position is None or clock is None:
             return 0
-        return max(0, clock.posted - clock.count - position)
+        return max(0, clock.posted - clock.message_count() - position)
 
     def mark_all_read(self, room: Any) -> bool:
         """See `IReadMarkers`."""
@@ -190,10 +191,10 @@ def _position(room: Any, key: int) -> int | None:
     """``room``'s posted count at ``key``: the clock's count minus the messages above
     ``key`` (none in the usual case of marking the newest). None for an object that
     is not a chatzeo room."""
-    clock = getattr(room, "_clock", None)
-    if clock is None or not hasattr(clock, "posted"):
+    clock = room._clock_or_none() if hasattr(room, "_clock_or_none") else None
+    if clock is None:
         return None
-    if key >= clock.head:
+    if key >= clock.newest_key():
         return int(clock.posted)
     return int(clock.posted) - len(room.messages_after(key))
 

@@ -42,8 +42,10 @@ from dataclasses import dataclass
 
 from .client import CatchUp, ChatClient
 from .commands import Join, Mentions, Part, Rooms, Switch, Topic, Who
+from .display import plural
 from .errors import RetryLimitExceeded
 from .message import Message, MessageKind
+from .sanitize import clean
 from .unread import RoomUnread
 
 __all__ = [
@@ -521,7 +523,7 @@ class ClientWorker:
                 self._deliver(Notice((f"in #{client.room.name}: {shown}",)))
             else:
                 rooms = client.rooms()
-                lines = [f"#{name}: {count} messages" for name, count in rooms]
+                lines = [f"#{clean(name)}: {plural(count, 'message')}" for name, count in rooms]
                 self._deliver(Notice(tuple(lines) or ("no rooms yet",)))
         except Exception as error:
             log.info("request %r failed", request, exc_info=True)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatzeo import ChatClient, InvalidInput, get_root, open_db
+from chatzeo.errors import TrustViolation
 from chatzeo.sanitize import clean, is_clean
 from chatzeo.validation import (
     MAX_MESSAGE_BYTES,
@@ -114,29 +115,50 @@ def test_broken_server_config(tmp_path: Path, cli_env: dict[str, str]) -> None:
     assert_refused(run(["serve", "--config", str(missing)], cli_env), 1, "cannot read")
 
 
-def test_escape_sequences_stored_by_another_client_never_reach_the_terminal(
-    server: ServerProcess, cli_env: dict[str, str]
-) -> None:
-    # A client that skips validation (any client can) writes an escape sequence.
-    db = open_db(server.address, wait=10)
+def store_escapes(address: str) -> None:
+    """What a client that skips validation (any client can) writes: escapes in the
+    author and text of a message, and a tricky but allowed text."""
+    db = open_db(address, wait=10)
     try:
         client = ChatClient(db)
         client.join("lobby")
         manager = transaction.TransactionManager()
         connection = db.open(transaction_manager=manager)
-        session = get_root(connection).rooms["lobby"]
-        session._messages[session._clock.head + 1] = ("x" * 32, "eve\x1b[8m", "\x1b[2Jgone\x9b", 0)
-        session._clock.head += 1
-        session._clock.count += 1
-        manager.commit()
-        connection.close()
-        client.close()
+        try:
+            session = get_root(connection).rooms["lobby"]
+            for record in [("x" * 32, "eve\x1b[8m", "\x1b[2Jgone\x9b", 0),
+                           ("y" * 32, "eve", "left\u202eright\u2028", 0)]:
+                session._messages[session._clock.head + 1] = record
+                session._clock.head += 1
+                session._clock.count += 1
+                session._clock.flushed = session._clock.head
+            manager.commit()
+        finally:
+            manager.abort()
+            connection.close()
+            client.close()
     finally:
         db.close()
-    result = run(["history", "--room", "lobby"], cli_env)
+
+
+def test_escape_sequences_stored_by_another_client_never_reach_the_terminal(
+    server: ServerProcess, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    # chatzeo serve refuses the record; a server that does not check stores it.
+    with pytest.raises(TrustViolation, match="^schema:"):
+        store_escapes(server.address)
+    unchecked = ServerProcess(tmp_path / "unchecked", options=("--guard", "off")).start()
+    try:
+        store_escapes(unchecked.address)
+        result = run(["history", "--room", "lobby"], {**cli_env,
+                                                      "CHATZEO_SERVER": unchecked.address})
+    finally:
+        unchecked.stop()
     assert result.returncode == 0, result
     assert "\x1b" not in result.stdout and "\x9b" not in result.stdout
-    assert "\\x1b[2Jgone\\x9b" in result.stdout and "eve\\x1b[8m" in result.stdout
+    # The record with escapes breaks the rules: a placeholder, its author not shown.
+    assert "[malformed message record]" in result.stdout and "eve\\x1b" not in result.stdout
+    assert "<eve> left\\u202eright\\u2028" in result.stdout
 
 
 # -- properties --------------------------------------------------------------------

@@ -379,3 +379,12 @@ def test_history_and_tail_resume_after_a_key_and_unread_counts(cli_env, server, 
         assert bad.returncode == 1 and bad.stderr.decode().count("\n") == 1
         assert says in bad.stderr.decode()
     assert run(cli_env, "history", "--after", "-3").returncode == 2
+
+
+def test_the_default_name_is_the_login_name_made_valid(cli_env):
+    env = {key: value for key, value in cli_env.items() if key != "CHATZEO_NAME"}
+    for login, shown in (("dora", "dora"), ("John Doe", "JohnDoe"), ("!!!", "guest")):
+        env.update(LOGNAME=login, USER=login)
+        assert run(env, "send", f"from {login}").returncode == 0
+        history = run(env, "history", "--limit", "1", "--json")
+        assert json.loads(history.stdout)["author"] == shown

@@ -17,11 +17,13 @@ import ZODB
 from conftest import REPO, ServerProcess, chatzeo_command, free_port, require, wait_until
 from hostile import Payload, Trojan
 from ZEO.ClientStorage import ClientStorage
+from ZEO.Exceptions import ServerException
 from ZODB.POSException import ConflictError
 
 from bench.trust.certs import Pki, make_pki
 from chatzeo import get_root
 from chatzeo.database import DEFAULT_ADDRESS, parse_address
+from chatzeo.errors import TrustViolation
 from chatzeo.server import load_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -144,26 +146,48 @@ def test_clients_refuse_records_that_would_run_code(
     server: ServerProcess, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     marker = tmp_path / "client-marker"
-    status, _, err, _ = cli("send", "--room", "lobby", "hello", env=cli_env)
-    assert status == 0, err
+    # chatzeo serve refuses both records outright...
     hostile = plain_db(server.address)
     try:
-        # A global inside the state pickle of the room's message tree...
-        with hostile.transaction() as connection:
-            room = get_root(connection).rooms["lobby"]
-            room._messages[room._clock.head + 1] = Payload(str(marker))
-        status, _, err, _ = cli("history", "--room", "lobby", env=cli_env)
-        assert status == 1 and err.count("\n") == 1 and "Traceback" not in err
-        assert "refused to load posix.system" in err, err
-        # ...and a record whose class chatzeo does not know.
-        with hostile.transaction() as connection:
-            get_root(connection).rooms["trap"] = Trojan(str(marker))
-        status, _, err, _ = cli("rooms", env=cli_env)
-        assert status == 1 and err.count("\n") == 1 and "Traceback" not in err
-        assert "refused to load hostile.Trojan" in err, err
+        # (ZODB's plain client gets the refusal as ZEO's ServerException.)
+        refusal = (TrustViolation, ServerException)
+        with pytest.raises(refusal, match="names posix.system, which is not allowed"):
+            with hostile.transaction() as connection:
+                room = get_root(connection).room("lobby")
+                room._messages[room._clock.head + 1] = Payload(str(marker))
     finally:
         hostile.close()
-    assert not marker.exists()
+    # ...a server that does not check (plain ZEO; here `--guard off`) stores them.
+    server.stop()
+    unchecked = ServerProcess(server.data_dir, server.port, options=("--guard", "off")).start()
+    try:
+        status, _, err, _ = cli("send", "--room", "lobby", "hello", env=cli_env)
+        assert status == 0, err
+        hostile = plain_db(unchecked.address)
+        try:
+            # A global inside the state pickle of the room's message tree...
+            with hostile.transaction() as connection:
+                room = get_root(connection).rooms["lobby"]
+                room._messages[room._clock.head + 1] = Payload(str(marker))
+            # chatzeo's readers load nothing of it, and show a placeholder for it.
+            status, out, err, _ = cli("history", "--room", "lobby", env=cli_env)
+            assert status == 0 and "Traceback" not in err, err
+            assert "[malformed message record]" in out and "hello" in out, out
+            # ...and a record whose class chatzeo does not know.
+            with hostile.transaction() as connection:
+                get_root(connection).rooms["trap"] = Trojan(str(marker))
+            status, out, err, _ = cli("rooms", env=cli_env)
+            assert status == 0 and "Traceback" not in err, err
+            assert "[malformed room]" in out, out
+        finally:
+            hostile.close()
+        assert not marker.exists()
+        _live_payload_runs_in_a_plain_client(unchecked, marker)
+    finally:
+        unchecked.stop()
+
+
+def _live_payload_runs_in_a_plain_client(server: ServerProcess, marker: Path) -> None:
     # The payload is live: a client with ZODB's defaults runs it on load.
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     code = (
@@ -201,7 +225,7 @@ def conflict_with_payload(address: str, marker: Path, payload_first: bool) -> st
         for name in order:
             try:
                 managers[name].commit()
-            except ConflictError:
+            except (ConflictError, TrustViolation, ServerException):
                 managers[name].abort()
                 loser = name
         for connection in connections.values():
@@ -223,18 +247,36 @@ def prepare_room(address: str) -> None:
 
 @pytest.mark.parametrize("payload_first", [False, True], ids=["payload-second", "payload-first"])
 def test_chatzeo_server_refuses_payload_in_conflict_resolution(
+    tmp_path: Path, payload_first: bool
+) -> None:
+    # With its record rules off, so that the payload reaches conflict resolution.
+    server = ServerProcess(tmp_path / "unchecked", options=("--guard", "off")).start()
+    try:
+        marker = tmp_path / "server-marker"
+        prepare_room(server.address)
+        loser = conflict_with_payload(server.address, marker, payload_first)
+        # The second committer's change needed resolution, which refused the payload.
+        assert loser == ("benign" if payload_first else "evil")
+        assert not marker.exists()
+        wait_until(
+            "the refusal in the server log",
+            lambda: "conflict resolution refused global posix.system" in server.log.read_text(),
+        )
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("payload_first", [False, True], ids=["payload-second", "payload-first"])
+def test_chatzeo_server_refuses_the_payload_before_any_resolution(
     server: ServerProcess, tmp_path: Path, payload_first: bool
 ) -> None:
     marker = tmp_path / "server-marker"
     prepare_room(server.address)
-    loser = conflict_with_payload(server.address, marker, payload_first)
-    # The second committer's change needed resolution, which refused the payload.
-    assert loser == ("benign" if payload_first else "evil")
+    # The record rules refuse the payload's commit itself, whichever comes first.
+    assert conflict_with_payload(server.address, marker, payload_first) == "evil"
     assert not marker.exists()
-    wait_until(
-        "the refusal in the server log",
-        lambda: "conflict resolution refused global posix.system" in server.log.read_text(),
-    )
+    wait_until("the refusal in the server log",
+               lambda: "names posix.system, which is not allowed" in server.log.read_text())
 
 
 def test_plain_zeo_server_runs_payload_in_conflict_resolution(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transaction
 import ZODB
 from conftest import ServerProcess, chatzeo_command, wait_until
 from hostile import post_unchecked
@@ -59,6 +60,9 @@ from chatzeo.worker import (
 )
 
 ESCAPES = "\x1b]2;PWNED\x07\x1b[2J\x9b31m\u202e"
+# What chatzeo's rules let a text hold that a terminal must still not obey: bidi
+# overrides, invisible characters, line separators.
+TRICKY = "\u202eright\u200bhidden\u2028next"
 
 
 def text_of(line: FormattedText) -> str:
@@ -476,8 +480,9 @@ def test_prompt_app_chats_through_a_pipe(server: ServerProcess, zeo_db: ZODB.DB)
             await until("the history page", lambda: saw("<bob> welcome"))
             pipe.send_text("hello bob\r")
             await until("own message", lambda: saw(f"{OWN_MARK} <alice> hello bob"))
-            post_unchecked(zeo_db, "lobby", "bob", f"hi {ESCAPES}")
-            await until("bob's reply", lambda: saw("<bob> hi \\x1b]2;PWNED"))
+            # Text the server allows that a terminal would still obey or hide.
+            post_unchecked(zeo_db, "lobby", "bob", f"hi {TRICKY}")
+            await until("bob's reply", lambda: saw("<bob> hi \\u202eright"))
             pipe.send_text("/who\r")
             await until("who", lambda: saw("-- in #lobby: alice, bob"))
             pipe.send_text("/frobnicate\r")
@@ -491,7 +496,7 @@ def test_prompt_app_chats_through_a_pipe(server: ServerProcess, zeo_db: ZODB.DB)
         assert asyncio.run(scenario()) is True
         assert all(is_clean(line) for line in shown)
         assert bob.who("lobby") == ["bob"]  # alice was counted out
-        assert [m.text for m in bob.receive()][-2:] == ["hello bob", f"hi {ESCAPES}"]
+        assert [m.text for m in bob.receive()][-2:] == ["hello bob", f"hi {TRICKY}"]
     finally:
         bob.close()
 
@@ -636,3 +641,29 @@ def test_history_is_framed_and_dated_with_day_lines() -> None:
         "2026-11-20 12:00:00   <carol> three days ago",
         "== end of the earlier messages; newer ones are above, from 2026-11-21 12:00:00 ==",
     ]
+
+
+def test_worker_joins_rooms_without_regard_to_case(memory_db: ZODB.DB) -> None:
+    other = ChatClient(memory_db, "bob")
+    other.join("dev")
+    other.send("one")
+    worker, events, _ = start_worker(lambda: ChatClient(memory_db, "alice"))
+    try:
+        worker.submit(Join("DEV"))
+        joined = events.next(Joined)
+        assert joined.room == "dev" and [m.text for m in joined.page] == ["one"]
+        worker.submit(Rooms())
+        assert events.next(Notice).lines == ("#dev: 1 message", "#lobby: 0 messages")
+    finally:
+        assert worker.stop()
+    # An old database may hold rooms differing only in case: the exact name picks
+    # one, any other spelling is refused rather than guessed.
+    connection = memory_db.open()
+    root = connection.root()["chatzeo"]
+    root.room("Dev")
+    transaction.commit()
+    connection.close()
+    assert other.find_room("Dev") == "Dev" and other.find_room("dev") == "dev"
+    with pytest.raises(InvalidInput, match="matches several rooms: Dev, dev"):
+        other.join("DEV")
+    other.close()
