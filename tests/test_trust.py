@@ -655,10 +655,10 @@ def test_markers_joined_rooms_and_topics_are_guarded(guarded, alice_db, bob_db):
     refused(guarded, bob_db, "author", forge_topic)
     refused(guarded, bob_db, "room", rename)
     refused(guarded, bob_db, "room", future_topic)
-    refused(guarded, bob_db, "room", escape_topic)
+    refused(guarded, bob_db, "schema", escape_topic)
     refused(guarded, bob_db, "user", steal_markers)
-    refused(guarded, bob_db, "user", junk_markers)
-    refused(guarded, bob_db, "user", bad_joined)
+    refused(guarded, bob_db, "schema", junk_markers)
+    refused(guarded, bob_db, "schema", bad_joined)
     # bob's own, well-formed ones pass.
     edit(bob_db, lambda root: root.rooms[room].set_topic("bob's topic", "bob"))
     edit(bob_db, lambda root: root.user("bob").join(room))
