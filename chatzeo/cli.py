@@ -304,6 +304,8 @@ def _tls(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from ZODB.FileStorage.FileStorage import packed_version
+
     from .maintenance import check_file
 
     path: Path = args.path
@@ -318,10 +320,11 @@ def _check(args: argparse.Namespace) -> int:
             magic = file.read(4)
     except OSError as error:
         raise ChatError(f"cannot read {path}: {error.strerror}") from None
-    if magic != b"FS21":
+    if magic != packed_version:
         # Every FileStorage file starts so; anything else is another kind of file,
         # not a damaged data file.
-        raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS21)")
+        shown = packed_version.decode()
+        raise ChatError(f"{path} is not a FileStorage data file (it does not start with {shown})")
     counts = check_file(path)
     print(f"{args.path}: ok ({counts['objects']} objects, {counts['rooms']} rooms, "
           f"{counts['messages']} messages)")
