@@ -329,6 +329,8 @@ def _tls(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from ZODB.FileStorage.FileStorage import packed_version
+
     from .maintenance import StorageDamaged, check_file
 
     path: Path = args.path
@@ -343,10 +345,11 @@ def _check(args: argparse.Namespace) -> int:
             magic = file.read(4)
     except OSError as error:
         raise ChatError(f"cannot read {path}: {error.strerror}") from None
-    if magic not in (b"FS21", b"FS30"):
-        # Every FileStorage file starts so (FS30 under Python 3, FS21 written by
-        # Python 2); anything else is another kind of file, not a damaged data file.
-        raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS30)")
+    if magic != packed_version:
+        # Every FileStorage file starts so; anything else is another kind of file,
+        # not a damaged data file.
+        shown = packed_version.decode()
+        raise ChatError(f"{path} is not a FileStorage data file (it does not start with {shown})")
     try:
         counts = check_file(path)
     except StorageDamaged as damaged:
