@@ -72,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
         def stop(signum: int, frame: Any) -> None:
+            # End the streams first: waitress's loop, interrupted, waits (5 s at most)
+            # for its threads, and each stream holds one.
+            app.registry.streams.stop_all()
             raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         print(f"chatzeo_tickets: serving http://{host}:{server.effective_port}/ "
               f"(database {args.server})", file=sys.stderr, flush=True)
         try:

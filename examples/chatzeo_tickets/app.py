@@ -288,7 +288,11 @@ def close_ticket(request: Request) -> Response:
 
 
 def status(request: Request) -> Response:
-    return Response(json={"streams": len(request.registry.streams)})
+    """How many live streams run, and how many of the database's connections are open:
+    with no request in flight, one per stream (each watch's own), none held by pages."""
+    db = request.registry._zodb_databases[""]
+    opened = sum(1 for connection in db.pool.all if connection.opened is not None)
+    return Response(json={"streams": len(request.registry.streams), "connections": opened})
 
 
 def events(request: Request) -> Response:
