@@ -375,3 +375,16 @@ def test_subscribers_run_in_the_committing_thread(db, heard):
     finally:
         unsubscribe()
         connection.close()
+
+
+def test_the_embedding_docs_first_example_runs(capsys):
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "docs" / "embedding.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    exec(compile(block, "docs/embedding.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == [
+        "[('ann', 'First draft is up'), ('bob', 'Looks good')]"
+    ]
