@@ -120,7 +120,9 @@ def announce_after_commit(session: Any, message: Message) -> None:
 
     Called by `ChatSession` for every message it adds. The transaction is the one of
     the session's connection, or, for a session not yet added to a database, the
-    calling thread's current one (which is where its first commit will happen).
+    calling thread's current one of the default manager (``transaction.manager``).
+    An application whose transactions use other managers (pyramid_tm in explicit
+    mode) adds a new session to its connection (``connection.add``) before posting.
     """
     jar = session._p_jar
     manager = jar.transaction_manager if jar is not None else transaction.manager

@@ -181,9 +181,12 @@ def _history(site: dict[str, Any], room: str) -> list[str]:
 
 
 def test_two_browsers_see_each_others_messages_within_a_second(site):
-    _open_ticket(site, "Printer on fire")
+    url = _open_ticket(site, "Printer on fire")
     alice, bob = site["alice"], site["bob"]
     assert _texts(bob) == ["opened: Printer on fire"]
+    # The app logs each message from an after-commit subscriber (chatzeo.subscribe).
+    room = f"ticket-{url.rsplit('/', 1)[1]}"
+    assert f"committed to {room} by alice: 'opened: Printer on fire'" in site["app"].log.read_text()
     latencies = []
     for index in range(3):
         latencies.append(_delivery(alice, bob, "alice", f"alice says {index}"))
@@ -256,6 +259,7 @@ def test_an_aborted_close_changes_nothing_and_a_real_close_is_seen_live(site):
     assert alice.find_element(By.ID, "state").text == "open"
     assert "closed by alice" not in _texts(alice)
     assert "closed by alice" not in _history(site, room)
+    assert "'closed by alice'" not in site["app"].log.read_text()  # no event after commit
 
     _live(alice)
     _fill(bob, "close", name="bob")
@@ -263,6 +267,7 @@ def test_an_aborted_close_changes_nothing_and_a_real_close_is_seen_live(site):
                lambda: bob.find_element(By.ID, "state").text == "closed by bob", timeout=20)
     wait_until("the close on alice's page", lambda: "closed by bob" in _texts(alice), timeout=20)
     assert _history(site, room)[-1] == "closed by bob"
+    assert f"committed to {room} by bob: 'closed by bob'" in site["app"].log.read_text()
     assert bob.find_elements(By.ID, "close") == []  # no close form on a closed ticket
 
 

@@ -143,7 +143,16 @@ def make_app(db: Any, *, max_streams: int = 6, fault_injection: bool = False) ->
     config.add_view(refused, context=Refused)
     config.add_view(failed, context=Exception)
     config.add_subscriber(check_origin, "pyramid.events.NewRequest")
+    # Events after commit: logged only once a request's transaction committed, so a
+    # close that failed (and rolled back) never shows up here.
+    chatzeo.subscribe(_log_posted)
     return config.make_wsgi_app()
+
+
+def _log_posted(event: chatzeo.MessagePosted) -> None:
+    # %r: the text is untrusted, and must not forge log lines.
+    log.info("committed to %s by %s: %r", event.room, event.message.author,
+             event.message.text[:80])
 
 
 # -- helpers -----------------------------------------------------------------------
