@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Read ahead on each connection so that waitress notices a browser that
                 # went away while its stream waits (environ's client_disconnected).
                 channel_request_lookahead=5, ident="chatzeo_tickets",
+                # A form holds a title or one message (4 KiB at most): refuse floods early.
+                max_request_body_size=64 * 1024,
             )
         except OSError as error:
             print(f"chatzeo_tickets: error: cannot listen on {host}:{port}: {error.strerror}",
