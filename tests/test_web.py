@@ -281,9 +281,13 @@ def test_bad_input_is_one_line_and_changes_nothing(site):
                alice.find_element(By.ID, "error").text, timeout=20)
     _delivery(bob, alice, "bob", "still fine")
     assert "hello" not in _texts(alice)
+    for bad in ("12abc", "%C2%B2", "9" * 30, "-1"):  # "²" is a digit to str.isdigit
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/events?after={bad}", timeout=5)
+        assert refused.value.code == 400, bad
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(url + "/events?after=12abc", timeout=5)
-    assert refused.value.code == 400
+        urllib.request.urlopen(site["app"].url + "/tickets/999999", timeout=5)
+    assert refused.value.code == 404
 
 
 def test_streams_hold_only_their_own_connection_and_end_when_the_browser_goes_away(site, tmp_path):
