@@ -60,6 +60,7 @@ from persistent import Persistent
 from ZODB.POSException import ConflictError, POSKeyError, StateLoadError
 
 from .errors import MalformedRecord, NotInDatabase, UnsafeRecord
+from .events import announce_after_commit
 from .message import Message, MessageKind, Unreadable, new_message_id
 from .records import (
     MAX_KEY,
@@ -414,6 +415,7 @@ class ChatSession(Persistent):
             pending = ()
         room_clock.pending = (*pending, (message.key, message.to_record()))
         self._trim(message.key)
+        announce_after_commit(self, message)
         return message
 
     def add_message(
@@ -554,6 +556,54 @@ class ChatSession(Persistent):
         room_clock = self._clock_or_none()
         if room_clock is not None:
             self._cursor().key = room_clock.newest_key()
+
+    # -- readers that keep no state (any connection, e.g. a web request's) -----
+
+    @property
+    def last_key(self) -> int:
+        """The key of the newest message posted here (0 if none ever was).
+
+        What a reader stores to mean "I have read everything up to now", and what
+        ``messages_after`` takes to return only later messages. Loads one small record.
+        """
+        return self._clock.head
+
+    def messages_after(self, key: int | Message, *, limit: int | None = None) -> list[Message]:
+        """The messages with keys above ``key`` (a key or a `Message`), oldest first;
+        with ``limit``, only the oldest ``limit`` of them (page on from the last one).
+
+        Unlike `new_messages` it keeps no state, so any connection gives the same
+        answer: the caller keeps the key (in a `chatzeo.ReadMarkers`, a URL, an SSE
+        ``Last-Event-ID``). ``0`` means from the start. Costs what `new_messages` costs:
+        one range search, and only the room's clock when ``key`` is recent. Raises
+        `TypeError` for a key that is not an int and `ValueError` for a negative key
+        or limit.
+        """
+        if isinstance(key, Message):
+            key = key.key
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise TypeError(f"a message key is an int, not {type(key).__name__}")
+        if key < 0:
+            raise ValueError(f"a message key is >= 0, not {key}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        room_clock = self._clock
+        # Also keeps keys beyond the tree's 64-bit range (from a URL, say) out of it.
+        if limit == 0 or room_clock.head <= key:
+            return []
+        flushed = room_clock.flushed
+        if flushed is not None and flushed <= key:
+            entries = [entry for entry in room_clock.pending if entry[0] > key][:limit]
+        else:
+            entries = list(itertools.islice(self._entries(key + 1), limit))
+        name = self.name
+        return [Message.from_record(name, entry_key, record) for entry_key, record in entries]
+
+    def find_message(self, message_id: str, *, from_key: int = 0) -> Message | None:
+        """The message with id ``message_id`` if it is stored at ``from_key`` or later,
+        else None. Scans from ``from_key``: pass the key its post proposed (conflict
+        resolution only ever raises a key), and it looks at a few entries only."""
+        return self._find(message_id, from_key)
 
     def latest(self, count: int) -> list[Message]:
         """The last ``count`` messages, oldest first. Loads only the buckets they are in."""

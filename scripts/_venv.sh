@@ -6,6 +6,6 @@ if [ ! -x "$VENV/bin/chatzeo" ] || [ pyproject.toml -nt "$VENV/.installed" ]; th
     "$VENV/bin/pip" install --quiet --upgrade pip
     # editable_mode=compat: a path entry instead of an import hook, so a folder
     # named chatzeo/ in the current directory (a clone) cannot shadow the install.
-    "$VENV/bin/pip" install --quiet -e ".[test,bench,pg]" --config-settings editable_mode=compat
+    "$VENV/bin/pip" install --quiet -e ".[test,bench,pg,web]" --config-settings editable_mode=compat
     touch "$VENV/.installed"
 fi
