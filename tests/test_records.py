@@ -614,7 +614,7 @@ def mutable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any
         plain.stop()
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(target=TARGETS, where=st.integers(0, 200), value=HOSTILE_VALUES)
 def test_mutated_records_are_refused_or_readers_cope(
