@@ -11,6 +11,7 @@ reports them, and a hypothesis property mutates real stored records at random.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -345,6 +346,8 @@ def test_app_objects_beside_chatzeo_are_the_apps_business_without_tls(served: Se
     """Without TLS an application may keep its own graph in the same storage (the
     embedding case); with client certificates the ZODB root is chatzeo's alone."""
     def embed(connection: Any) -> None:
+        # Plain values of classes chatzeo does not know, in the root itself, too.
+        connection.root()["created"] = datetime.datetime(2026, 12, 1, 9, 30)
         tickets = connection.root()["tickets"] = PersistentMapping()
         tickets[1] = PersistentMapping(title="Printer on fire")
         tickets[1]["discussion"] = ChatSession("ticket-1")
