@@ -439,6 +439,8 @@ def store_every_attack(db: Any) -> None:
         hollow.extra = ChatSession("inner")  # type: ignore[attr-defined]
         broken = root.rooms["broken"] = ChatSession("broken")
         broken._clock.head = "soon"
+        root.rooms["absent"] = ChatSession("absent")
+        root.rooms["absent"].presence = "nobody"  # not a tree at all
         user = root.user("mallory")
         for number in range(500):
             user.leases[f"flood{number}"] = (None, 10.0**12)
@@ -509,9 +511,13 @@ def test_readers_cope_with_every_attack_stored_through_plain_zeo(
             tail.send_signal(signal.SIGINT)
             _, tail_err = tail.communicate(timeout=30)
         assert sum(PLACEHOLDER in line for line in lines) == 4 and "Traceback" not in tail_err
-        refusal = run(["send", "--room", "broken", "--name", "alice", "hi"], env)
-        assert refusal.returncode == 1 and refusal.stderr.count("\n") == 1, refusal.stderr
-        assert "holds a malformed record" in refusal.stderr
+        for room in ("broken", "absent"):
+            refusal = run(["send", "--room", room, "--name", "alice", "hi"], env)
+            assert refusal.returncode == 1 and refusal.stderr.count("\n") == 1, refusal.stderr
+            assert "holds a malformed record" in refusal.stderr
+        for args in (["who", "--room", "absent"], ["history", "--room", "absent"]):
+            result = run(args, env)
+            assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     finally:
         plain.stop()
 
