@@ -39,6 +39,7 @@ from ZODB.POSException import ConflictError
 
 from bench.trust.certs import client_context, make_pki, server_conf
 from chatzeo import open_db
+from chatzeo.allowlist import class_factory
 from chatzeo.client import MALFORMED_ROOM, ChatClient
 from chatzeo.errors import MalformedRecord, TrustViolation
 from chatzeo.message import PLACEHOLDER, Message, new_message_id
@@ -811,3 +812,35 @@ def test_one_rule_for_readers_check_and_server(record: Any, problem: str | None)
     else:
         assert found is not None and problem in found
         assert shown.malformed and shown.text == PLACEHOLDER and shown.problem == found
+
+
+def test_readers_go_on_past_an_unreadable_bucket(tmp_path: Path) -> None:
+    """A bucket in the middle of a long history that cannot be loaded (a float key
+    stored through plain ZEO) is one placeholder; the buckets after it, and before
+    it when paging back, still read."""
+    path = str(tmp_path / "chat.fs")
+    db = ZODB.DB(path)
+    try:
+        connection = db.open()
+        room = connection.root()["room"] = ChatSession("long")
+        for number in range(1, 601):
+            room._messages[number * 10] = (f"id{number}", "alice", f"m{number}", 0)
+        room._clock.count, room._clock.head, room._clock.flushed = 600, 6000, 6000
+        transaction.commit()
+        children = room._messages.__getstate__()[0][0::2]
+        assert len(children) > 5
+        rewrite_record(db, children[3]._p_oid, float_key)
+    finally:
+        db.close()
+    db = ZODB.DB(path, class_factory=class_factory)  # a fresh cache, as a reader has
+    try:
+        room = db.open().root()["room"]
+        for shown in (room.history(), room.latest(600), room.new_messages()):
+            keys = [m.key for m in shown]
+            assert keys == sorted(set(keys))
+            assert sum(m.malformed for m in shown) == 1
+            assert 500 < len(shown) < 600 and shown[-1].text == "m600"
+            assert shown[0].text == "m1"
+        assert room.problem is None  # the room is well-formed; only a bucket is not
+    finally:
+        db.close()
