@@ -218,7 +218,7 @@ def _report(results: dict[str, Any], tls: bool, off: str = "plain runzeo") -> st
         for mode in MODES:
             r = results[f"{mode}/{room}"]
             lines.append(
-                f"{room + ' guard ' + mode:16} {r['commit']['p50_ms']:10.2f} "
+                f"{room + ' checks ' + mode:16} {r['commit']['p50_ms']:10.2f} "
                 f"{r['commit']['p99_ms']:7.2f} {r['throughput_per_s']:8.0f} "
                 f"{r['delivery_burst']['p50_ms']:10.2f} {r['delivery_burst']['p99_ms']:7.2f} "
                 f"{r['delivery_paced']['p50_ms']:10.2f} {r['delivery_paced']['p99_ms']:7.2f}"
