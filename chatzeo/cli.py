@@ -328,9 +328,10 @@ def _tls(args: argparse.Namespace) -> Any:
     return context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
 
 
-def _check(args: argparse.Namespace) -> int:
-    from ZODB.FileStorage.FileStorage import packed_version
+_FILESTORAGE_MAGIC = (b"FS30", b"FS21")
 
+
+def _check(args: argparse.Namespace) -> int:
     from .maintenance import StorageDamaged, check_file
 
     path: Path = args.path
@@ -345,11 +346,11 @@ def _check(args: argparse.Namespace) -> int:
             magic = file.read(4)
     except OSError as error:
         raise ChatError(f"cannot read {path}: {error.strerror}") from None
-    if magic != packed_version:
-        # Every FileStorage file starts so; anything else is another kind of file,
-        # not a damaged data file.
-        shown = packed_version.decode()
-        raise ChatError(f"{path} is not a FileStorage data file (it does not start with {shown})")
+    if magic not in _FILESTORAGE_MAGIC:
+        # Every FileStorage file starts so (FS30 under Python 3, FS21 for files
+        # written by Python 2); anything else is another kind of file, not a
+        # damaged data file.
+        raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS30)")
     try:
         counts = check_file(path)
     except StorageDamaged as damaged:

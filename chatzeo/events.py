@@ -16,6 +16,9 @@ Threads
     logged and swallowed, so one bad subscriber can neither undo a commit nor stop the
     others. `Subscribers` itself may be changed from any thread.
 
+Only posts made while someone listens (a subscriber, or a ``zope.event`` subscriber)
+are announced, so a process that never subscribes pays nothing per post.
+
 The key: ``event.message.key`` is the key the post proposed. When another writer
 committed to the room in between, conflict resolution raised it (never lowered it);
 `MessagePosted.stored_message` reads the final one.
@@ -30,6 +33,11 @@ from typing import Any
 
 import transaction
 from transaction.interfaces import NoTransaction
+
+try:
+    import zope.event as zope_event
+except ImportError:  # optional: without it, only `subscribers` are told
+    zope_event = None  # type: ignore[assignment]
 
 from .message import Message
 
@@ -100,12 +108,10 @@ class Subscribers:
                 subscriber(event)
             except Exception:
                 log.exception("a subscriber failed on %r", event)
-        try:
-            import zope.event
-        except ImportError:
+        if zope_event is None:
             return
         try:
-            zope.event.notify(event)
+            zope_event.notify(event)
         except Exception:
             log.exception("a zope.event subscriber failed on %r", event)
 
@@ -120,8 +126,12 @@ def announce_after_commit(session: Any, message: Message) -> None:
 
     Called by `ChatSession` for every message it adds. The transaction is the one of
     the session's connection, or, for a session not yet added to a database, the
-    calling thread's current one (which is where its first commit will happen).
+    calling thread's current one of the default manager (``transaction.manager``).
+    An application whose transactions use other managers (pyramid_tm in explicit
+    mode) adds a new session to its connection (``connection.add``) before posting.
     """
+    if not _listened():
+        return  # the common case (a terminal, a script): costs a post nothing
     jar = session._p_jar
     manager = jar.transaction_manager if jar is not None else transaction.manager
     try:
@@ -187,17 +197,12 @@ def _committed(status: bool, posted: _Posted) -> None:
     if not status:
         return
     messages, posted.messages = posted.messages, []
-    if not len(subscribers) and not _has_zope_event():
-        return
     for session, message in messages:
         jar = session._p_jar  # set by now even for a session added in this transaction
         event = MessagePosted(message, session._p_oid, jar.db() if jar is not None else None)
         subscribers.notify(event)
 
 
-def _has_zope_event() -> bool:
-    try:
-        import zope.event
-    except ImportError:
-        return False
-    return bool(zope.event.subscribers)
+def _listened() -> bool:
+    """Whether anyone would hear of a post (checked when it is made)."""
+    return bool(len(subscribers) or (zope_event is not None and zope_event.subscribers))

@@ -191,6 +191,7 @@ class IWatch(Interface):
     connection. Iterating yields each `IMessage` once, in commit order, forever."""
 
     key = Attribute("int: the key of the last message returned (where a resumed watch starts)")
+    closed = Attribute("bool: True once `close` released the connection and the feed")
 
     def __iter__():
         """Yield messages as they arrive; ends after `stop` or `close`. A `for` loop
@@ -210,6 +211,9 @@ class IWatch(Interface):
 
 class IAsyncWatch(Interface):
     """`IWatch` for asyncio: ``async for message in chatzeo.awatch(db, room)``."""
+
+    key = Attribute("int or None: the key of the last message returned (None before opening)")
+    closed = Attribute("bool: True once the watch's connection and feed are released")
 
     def __aiter__():
         """Yield messages as they arrive; cancelling the task ends it cleanly."""

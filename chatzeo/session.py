@@ -698,18 +698,32 @@ class ChatSession(Persistent):
         # descent per message through nodes that are already in the cache.
         bound = high
         tree = self._tree_or_none()
-        try:
-            for _ in range(limit if tree is not None else 0):
-                try:
-                    key = tree.maxKey() if bound is None else tree.maxKey(bound)  # type: ignore[union-attr]
-                except ValueError:
-                    break
+        bounds: list[int] | None = None
+        failing = False  # one placeholder for a run of unreadable buckets
+        found = 0
+        while tree is not None and found < limit:
+            try:
+                key = tree.maxKey() if bound is None else tree.maxKey(bound)
                 if key < low:
                     break
-                newest.append((key, tree[key]))  # type: ignore[index]
-                bound = key - 1
-        except _DATA_ERRORS as error:
-            newest.append(_unreadable(bound if bound is not None else low, error))
+                newest.append((key, tree[key]))
+            except _DATA_ERRORS as error:
+                if isinstance(error, ValueError):
+                    break  # nothing at or below the bound
+                # Step below the unreadable bucket, by the bounds its parents route by.
+                bounds = _bucket_bounds(tree) if bounds is None else bounds
+                below = [b for b in bounds if bound is None or b <= bound]
+                if not failing:
+                    newest.append(_unreadable(max(below[-1] if below else low, low), error))
+                    found += 1
+                failing = True
+                if not below or below[-1] <= low:
+                    break
+                bound = below[-1] - 1
+                continue
+            failing = False
+            found += 1
+            bound = key - 1
         if tree is None or room_clock is None:
             newest.append(_unreadable(low, self.problem))
         newest.sort(key=_entry_key)
@@ -750,18 +764,33 @@ class ChatSession(Persistent):
         if tree is None:
             yield _unreadable(min_key, self.problem)
             return
-        last = min_key - 1
-        try:
-            items = tree.items(min=min_key) if max_key is None else tree.items(
-                min=min_key, max=max_key
-            )
-            for entry in items:
-                last = entry[0]
-                yield entry
-        except _DATA_ERRORS as error:
-            if not careful:
-                raise
-            yield _unreadable(last + 1, error)
+        start = min_key
+        bounds: list[int] | None = None
+        failing = False  # one placeholder for a run of unreadable buckets
+        while True:
+            last = start - 1
+            try:
+                items = tree.items(min=start) if max_key is None else tree.items(
+                    min=start, max=max_key
+                )
+                for entry in items:
+                    last = entry[0]
+                    failing = False
+                    yield entry
+                return
+            except _DATA_ERRORS as error:
+                if not careful:
+                    raise
+                if not failing:
+                    yield _unreadable(last + 1, error)
+                failing = True
+            # Go on from the next bucket, by the bounds its parents route by.
+            bounds = _bucket_bounds(tree) if bounds is None else bounds
+            # Past what was read, and past ``start``: each round moves on.
+            after = [b for b in bounds if b > max(last, start)]
+            if not after or (max_key is not None and after[0] > max_key):
+                return
+            start = after[0]
 
     def _cursor(self) -> _Cursor:
         try:
@@ -784,6 +813,28 @@ def _entry_key(entry: Entry) -> int:
 # What a record that cannot be loaded raises (not a lost server or a conflict: those
 # are TransientErrors and reach the caller's retry).
 _DATA_ERRORS = (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError, AttributeError)
+
+
+def _bucket_bounds(tree: LOBTree) -> list[int]:
+    """The smallest key each bucket of ``tree`` may hold but the first, as its tree
+    nodes route by them: loads the nodes, never a bucket."""
+    bounds: list[int] = []
+    nodes = [tree]
+    while nodes and len(bounds) < 10_000_000:
+        node = nodes.pop()
+        try:
+            state = node.__getstate__()
+        except _DATA_ERRORS:
+            continue
+        if not state or len(state) == 1:
+            continue  # empty, or its one bucket inline
+        data = state[0]
+        for index in range(0, len(data), 2):
+            if index:
+                bounds.append(data[index - 1])
+            if isinstance(data[index], LOBTree):
+                nodes.append(data[index])
+    return sorted(bound for bound in bounds if type(bound) is int)
 
 
 def _unreadable(key: int, why: object) -> Entry:

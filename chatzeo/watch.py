@@ -175,7 +175,7 @@ class Watch:
             self._feed.close()
         try:
             self._manager.abort()
-        except Exception:  # noqa: S110 (no transaction open: nothing to abort)
+        except Exception:  # no transaction open: nothing to abort
             pass
         self._connection.close()
 

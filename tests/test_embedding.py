@@ -269,6 +269,21 @@ def test_subscribers_hear_a_post_only_after_its_commit(db, heard):
     connection.close()
 
 
+def test_a_post_made_before_anyone_subscribed_is_not_announced(db):
+    manager, connection, room = _room(db)
+    manager.begin()
+    room.post("unheard", "alice")
+    events: list[chatzeo.MessagePosted] = []
+    unsubscribe = chatzeo.subscribe(events.append)
+    try:
+        manager.commit()
+        room.add_message("heard", "alice")
+    finally:
+        unsubscribe()
+    assert [event.message.text for event in events] == ["heard"]
+    connection.close()
+
+
 def test_an_aborted_or_failed_transaction_tells_nobody(file_db, heard):
     manager, connection, room = _room(file_db)
     manager.begin()
@@ -375,3 +390,16 @@ def test_subscribers_run_in_the_committing_thread(db, heard):
     finally:
         unsubscribe()
         connection.close()
+
+
+def test_the_embedding_docs_first_example_runs(capsys):
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "docs" / "embedding.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    exec(compile(block, "docs/embedding.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == [
+        "[('ann', 'First draft is up'), ('bob', 'Looks good')]"
+    ]

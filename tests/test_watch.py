@@ -209,3 +209,22 @@ def test_awatch_in_async_with_from_a_key_and_break(server: ServerProcess):
         connection.close()
     finally:
         db.close()
+
+
+def test_watch_across_processes_on_every_backend(backend):
+    """ZEO pushes invalidations; RelStorage on PostgreSQL has chatzeo's NOTIFY trigger:
+    a watch in this process sees a `chatzeo send` from another on both."""
+    db = open_db(backend.target, wait=30)
+    try:
+        chatzeo.run_in_transaction(db, lambda c: get_root(c).room("lobby"))
+        with chatzeo.watch(db, "lobby") as watching:
+            sender = subprocess.run(
+                chatzeo_command("send", "--server", backend.target, "--room", "lobby",
+                                "--name", "dave", f"over {backend.kind}"),
+                capture_output=True, text=True, timeout=60,
+            )
+            assert sender.returncode == 0, sender.stderr
+            got = wait_until("the sent message", lambda: watching.poll(1), timeout=30)
+            assert [m.text for m in got] == [f"over {backend.kind}"]
+    finally:
+        db.close()

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Read ahead on each connection so that waitress notices a browser that
                 # went away while its stream waits (environ's client_disconnected).
                 channel_request_lookahead=5, ident="chatzeo_tickets",
+                # A form holds a title or one message (4 KiB at most): refuse floods early.
+                max_request_body_size=64 * 1024,
             )
         except OSError as error:
             print(f"chatzeo_tickets: error: cannot listen on {host}:{port}: {error.strerror}",
@@ -72,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
         def stop(signum: int, frame: Any) -> None:
+            # End the streams first: waitress's loop, interrupted, waits (5 s at most)
+            # for its threads, and each stream holds one.
+            app.registry.streams.stop_all()
             raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         print(f"chatzeo_tickets: serving http://{host}:{server.effective_port}/ "
               f"(database {args.server})", file=sys.stderr, flush=True)
         try:

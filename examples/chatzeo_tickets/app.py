@@ -143,7 +143,16 @@ def make_app(db: Any, *, max_streams: int = 6, fault_injection: bool = False) ->
     config.add_view(refused, context=Refused)
     config.add_view(failed, context=Exception)
     config.add_subscriber(check_origin, "pyramid.events.NewRequest")
+    # Events after commit: logged only once a request's transaction committed, so a
+    # close that failed (and rolled back) never shows up here.
+    chatzeo.subscribe(_log_posted)
     return config.make_wsgi_app()
+
+
+def _log_posted(event: chatzeo.MessagePosted) -> None:
+    # %r: the text is untrusted, and must not forge log lines.
+    log.info("committed to %s by %s: %r", event.room, event.message.author,
+             event.message.text[:80])
 
 
 # -- helpers -----------------------------------------------------------------------
@@ -288,7 +297,11 @@ def close_ticket(request: Request) -> Response:
 
 
 def status(request: Request) -> Response:
-    return Response(json={"streams": len(request.registry.streams)})
+    """How many live streams run, and how many of the database's connections are open:
+    with no request in flight, one per stream (each watch's own), none held by pages."""
+    db = request.registry._zodb_databases[""]
+    opened = sum(1 for connection in db.pool.all if connection.opened is not None)
+    return Response(json={"streams": len(request.registry.streams), "connections": opened})
 
 
 def events(request: Request) -> Response:
@@ -308,7 +321,7 @@ def events(request: Request) -> Response:
     response = Response(content_type="text/event-stream", charset="utf-8")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # a proxy in front must not buffer it
-    response.app_iter = _stream(watching, streams, gone)
+    response.app_iter = _Stream(watching, streams, gone)
     return response
 
 
@@ -318,32 +331,47 @@ def _start(request: Request, room: Any) -> int:
     text = request.headers.get("Last-Event-ID") or request.GET.get("after")
     if text is None:
         return int(room.last_key)
-    if not text.isdigit() or len(text) > 20:
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         raise HTTPBadRequest("after / Last-Event-ID must be a message key")
     return int(text)
 
 
-def _stream(watching: chatzeo.Watch, streams: Streams, gone: Any) -> Iterator[bytes]:
-    """The event stream: runs on a waitress thread after the request's transaction and
-    connection are gone; only ``watching`` (its own connection) touches the database."""
-    streams.started(watching)
-    try:
-        # Sent at once, so the browser knows the stream is open; 2 s between retries.
-        yield b"retry: 2000\n\n"
-        quiet_since = time.monotonic()
-        while not streams.stopping.is_set() and not gone():
-            batch = watching.poll(1.0)
-            for message in batch:
-                data = json.dumps(
-                    {"key": message.key, "author": message.author, "text": message.text}
-                )
-                yield f"id: {message.key}\ndata: {data}\n\n".encode()
-            now = time.monotonic()
-            if batch:
-                quiet_since = now
-            elif now - quiet_since >= HEARTBEAT:
-                yield b": keep-alive\n\n"  # also how a vanished browser is noticed
-                quiet_since = now
-    finally:
-        watching.close()
-        streams.ended(watching)
+class _Stream:
+    """The event stream, as a WSGI app_iter: runs on a waitress thread after the
+    request's transaction and connection are gone; only ``watching`` (its own
+    connection) touches the database. ``close``, which the WSGI server calls however
+    the response ended (even if it never started iterating), releases the watch."""
+
+    def __init__(self, watching: chatzeo.Watch, streams: Streams, gone: Any) -> None:
+        self._watching = watching
+        self._streams = streams
+        self._gone = gone
+        self._closed = False
+        streams.started(watching)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            # Sent at once, so the browser knows the stream is open; 2 s between retries.
+            yield b"retry: 2000\n\n"
+            quiet_since = time.monotonic()
+            while not self._streams.stopping.is_set() and not self._gone():
+                batch = self._watching.poll(1.0)
+                for message in batch:
+                    data = json.dumps(
+                        {"key": message.key, "author": message.author, "text": message.text}
+                    )
+                    yield f"id: {message.key}\ndata: {data}\n\n".encode()
+                now = time.monotonic()
+                if batch:
+                    quiet_since = now
+                elif now - quiet_since >= HEARTBEAT:
+                    yield b": keep-alive\n\n"  # also how a vanished browser is noticed
+                    quiet_since = now
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._watching.close()
+            self._streams.ended(self._watching)

@@ -88,6 +88,9 @@ def add_ticket(connection: Any, tickets: IOBTree, title: str, author: str) -> Ti
         raise Refused(f"a title is one line of 1-{MAX_TITLE} characters")
     number = tickets.maxKey() + 1 if tickets else 1
     discussion = get_root(connection).room(f"ticket-{number}")
+    # Added to the request's connection now, not at commit: a post's after-commit event
+    # hooks the transaction of the room's connection (chatzeo.events).
+    connection.add(discussion)
     ticket = tickets[number] = Ticket(number, title, discussion)
     discussion.post(f"opened: {title}", author)
     return ticket

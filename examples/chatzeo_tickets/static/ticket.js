@@ -28,6 +28,10 @@
   source.onopen = () => { live.textContent = "live"; };
   source.onerror = () => { live.textContent = "reconnecting…"; };
   source.onmessage = (event) => add(JSON.parse(event.data));
+  // Leaving the page ends the stream at once (the server frees its thread), also when
+  // the browser keeps the page in its back/forward cache; coming back reloads it.
+  window.addEventListener("pagehide", () => source.close());
+  window.addEventListener("pageshow", (event) => { if (event.persisted) location.reload(); });
 
   // Remember the name between pages, in every form that asks for it.
   const names = document.querySelectorAll("input[name=name]");
