@@ -32,7 +32,7 @@ from ZODB.POSException import POSKeyError, ReadConflictError, StateLoadError
 from .delivery import ChangeFeed
 from .errors import InvalidInput, NoSuchRoom, NoSuchUser, UnsafeRecord
 from .message import Message, MessageKind, new_message_id
-from .realm import ChatRoot, get_root
+from .realm import ChatRoot, _presence, get_root
 from .records import MAX_ROOM_NAME, name_problem
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .session import ChatSession
@@ -223,7 +223,10 @@ class ChatClient:
         # its presence tree when someone comes or goes (or renews a lease).
         watched: list[Any] = []
         for room in self.open_rooms.values():
-            watched += [room.watch_target(), room, room.presence]
+            watched += [room.watch_target(), room]
+            presence = _presence(room)  # None where a malformed record holds none
+            if presence is not None:
+                watched.append(presence)
         self.feed.watch(watched)
 
     def find_room(self, room_name: str) -> str | None:
