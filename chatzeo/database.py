@@ -30,12 +30,12 @@ import ZODB.config
 import ZODB.FileStorage
 import zodburi
 from ZEO.asyncio.client import exc_factories
-from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 from ZODB.POSException import ReadConflictError
 
 from .allowlist import class_factory, guard_conflict_resolution
 from .errors import InvalidTarget, ServerUnavailable, TrustViolation
+from .fanout import FanoutClientStorage
 
 __all__ = ["open_db", "default_data_dir", "parse_address", "DEFAULT_ADDRESS"]
 
@@ -210,8 +210,9 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-class _ClientStorage(ClientStorage):
-    """ZEO's client, forgetting on disconnect the oids it fetched in advance.
+class _ClientStorage(FanoutClientStorage):
+    """ZEO's client (with `chatzeo.fanout`'s watched fan-out), forgetting on
+    disconnect the oids it fetched in advance.
 
     ZEO keeps them across a reconnect, but a server that died never recorded them as
     allocated (FileStorage does at commit), so once restarted it hands the same oids
