@@ -385,11 +385,14 @@ class FanoutClientStorage(ClientStorage):
         self._fanout_notice = z64
         self._fanout_filtered = info.get("chatzeo_fanout") == PROTOCOL
         if self._fanout_filtered:
-            # This server-side connection has recorded nothing yet: objects cached
-            # over an earlier one would never be invalidated. clear() keeps the tid.
-            self._cache.clear()
+            self._forget_cache()
             conn.call_async("chatzeo_filter", ())
         super().notify_connected(conn, info)
+
+    def _forget_cache(self) -> None:
+        # This server-side connection has recorded nothing yet: objects cached over
+        # an earlier one would never be invalidated. clear() keeps the last tid.
+        self._cache.clear()
 
     def notify_disconnected(self) -> None:
         self._fanout_filtered = False
