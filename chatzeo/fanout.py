@@ -36,6 +36,11 @@ The client's last tid
       to that tid has been applied; the connection is current again.
     * An invalidation makes its receiver current too (it has then heard of
       everything up to that tid), and so does the connection's own commit.
+    * A load that returns a revision which is no longer current (the client's
+      transaction started before a commit nobody here was told of, as nobody here
+      held the object then) is preceded by an invalidation of that oid at the last
+      tid: what stock ZEO would have sent. Without it a ZODB connection would keep
+      that old revision in its cache into later transactions.
 
     So a transaction sees every commit the server finished before it started,
     give or take messages still in flight, exactly as with stock ZEO; an idle
@@ -113,6 +118,10 @@ class WatchIndex:
         self.current: set[Any] = set()
         self.members: set[Any] = set()
 
+    def filtered(self, zs: Any) -> bool:
+        """Whether ``zs`` is sent only what it watches (opted in, within the limit)."""
+        return zs in self.watching and zs not in self.everything
+
     def join(self, zs: Any) -> None:
         """A new connection: sent everything until it opts in."""
         self.members.add(zs)
@@ -160,6 +169,9 @@ class WatchIndex:
 class Fanout:
     """The replacement for `StorageServer.invalidate`, with its per-storage indexes."""
 
+    # Off only in the test that shows why it is on (see FanoutMixin.loadBefore).
+    name_old_revisions = True
+
     def __init__(self, server: Any, max_watched: int = MAX_WATCHED) -> None:
         self.server = server
         self.max_watched = max_watched
@@ -169,6 +181,7 @@ class Fanout:
         self.invalidations = 0
         self.oids_sent = 0
         self.notices = 0
+        self.stale_loads = 0
 
     def index(self, storage_id: str) -> WatchIndex:
         index = self.indexes.get(storage_id)
@@ -240,6 +253,7 @@ class Fanout:
             "fanout_invalidations": self.invalidations,
             "fanout_oids_sent": self.oids_sent,
             "fanout_notices": self.notices,
+            "fanout_stale_loads": self.stale_loads,
             "fanout_watched_oids": sum(len(i.watchers) for i in self.indexes.values()),
         }
 
@@ -285,8 +299,25 @@ class FanoutMixin:
     def loadBefore(self, oid: bytes, tid: bytes) -> Any:  # noqa: N802 (ZEO's name)
         result = super().loadBefore(oid, tid)  # type: ignore[misc]
         index = self._fanout_index()
-        if index is not None:
-            index.watch(self, (oid,))
+        if index is None:
+            return result
+        index.watch(self, (oid,))
+        fanout: Fanout = self.server.chatzeo_fanout
+        if (
+            (result is None or result[2] is not None)
+            and index.filtered(self)
+            and fanout.name_old_revisions
+        ):
+            # A revision that is no longer current (or none yet): the commit that
+            # replaced it was not sent here, as nobody here held the object then.
+            # Stock ZEO would have sent it; name the oid now, at the last tid (every
+            # other invalidation up to it was sent already), before the reply, so
+            # every ZODB connection of the client drops this revision at its next
+            # transaction, which starts after that tid.
+            last = self.storage.lastTransaction()
+            self.async_("invalidateTransaction", last, [oid])  # type: ignore[attr-defined]
+            index.current.add(self)
+            fanout.stale_loads += 1
         return result
 
     def chatzeo_filter(self) -> None:
@@ -299,7 +330,7 @@ class FanoutMixin:
         """The storage's last tid; every invalidation up to it was written before
         this reply. The connection is current again."""
         index = self._fanout_index()
-        if index is not None and self in index.watching and self not in index.everything:
+        if index is not None and index.filtered(self):
             index.current.add(self)
         tid: bytes = self.storage.lastTransaction()
         return tid

@@ -24,6 +24,7 @@ from conftest import ServerProcess, require, wait_until
 from ZEO.ClientStorage import ClientStorage
 from ZEO.StorageServer import StorageServer, ZEOStorage
 from ZODB.FileStorage import FileStorage
+from ZODB.utils import z64
 
 from bench.trust.certs import client_context, make_pki, server_conf
 from chatzeo import ChatClient, open_db
@@ -329,3 +330,34 @@ def test_watch_index_forgets_a_connection_that_leaves():
     index.leave(first)
     assert index.watchers == {b"b": {second}}
     assert first not in index.current and first not in index.members
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["as-shipped", "without-naming"])
+def test_an_old_revision_loaded_late_is_dropped_at_the_next_transaction(
+    tmp_path: Path, named: bool, monkeypatch: pytest.MonkeyPatch
+):
+    # The reader's transaction started before the writer's commit, and only then
+    # loads the object for the first time: it rightly gets the old revision, but
+    # nothing told it of the commit (it held nothing then). Its next transaction
+    # must not keep that revision. The control switches the server's naming off.
+    served = InProcessServer(tmp_path / "data.fs", max_watched=1000)
+    monkeypatch.setattr(served.fanout, "name_old_revisions", named)
+    writer_db = open_db(served.address)
+    reader_db = open_db(served.address)
+    try:
+        _make_objects(writer_db, 2)
+        manager = transaction.TransactionManager()
+        connection = reader_db.open(transaction_manager=manager)
+        manager.begin()
+        objects = connection.root()["objects"]  # the mappings are still ghosts
+        _touch(writer_db, 1)
+        wait_until("the reader noticed a commit", lambda: reader_db.storage._fanout_notice != z64)
+        assert objects[1]["n"] == 1  # its snapshot is older than the commit: right
+        manager.begin()
+        assert objects[1]["n"] == (2 if named else 1)  # 1 would be a stale read
+        manager.abort()
+        connection.close()
+    finally:
+        writer_db.close()
+        reader_db.close()
+        served.close()
