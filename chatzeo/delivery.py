@@ -7,7 +7,10 @@ ZEO client, FileStorage (``_AdapterSource``)
     When any client commits, the ZEO server pushes the changed oids to every other
     client; ZEO's client calls ``invalidate(tid, oids)`` on the database's MVCC
     adapter, which passes them to each open connection. The feed registers itself
-    beside those connections. No request goes to the server.
+    beside those connections. No request goes to the server. From a `chatzeo serve`
+    only the commits touching what this client holds arrive (`chatzeo.fanout`), and
+    the watched objects' new states come with them, so the woken reader finds them
+    in its cache.
 
 RelStorage on PostgreSQL (``_NotifySource``)
     RelStorage has no push: it polls when a transaction starts. A trigger installed
@@ -56,6 +59,7 @@ class ChangeFeed:
     def watch(self, objects: Iterable[Any]) -> None:
         """Watch exactly these persistent objects (already committed) from now on."""
         self._watched = frozenset(obj._p_oid for obj in objects)
+        self._source.want(self._watched)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a watched object changed since the last `wait`, or ``timeout``
@@ -89,6 +93,9 @@ class _Source(Protocol):
     def settle(self) -> None:
         """Make sure the reader's next transaction sees what fired the feed."""
 
+    def want(self, oids: frozenset[bytes]) -> None:
+        """The feed watches these oids now (a source may have their states pushed)."""
+
     def close(self) -> None:
         """Stop feeding."""
 
@@ -110,8 +117,15 @@ class _AdapterSource:
     def __init__(self, adapter: Any, feed: ChangeFeed) -> None:
         self._adapter = adapter
         self._feed = feed
+        # A chatzeo ZEO client can have the watched objects' new states pushed with
+        # their invalidations (chatzeo.fanout), so the woken reader loads nothing.
+        self._want = getattr(adapter._storage, "fanout_want", None)
         with adapter._lock:
             adapter._instances.add(feed)
+
+    def want(self, oids: frozenset[bytes]) -> None:
+        if self._want is not None:
+            self._want(id(self), oids)
 
     def settle(self) -> None:
         # The adapter hands invalidations to the connections while holding its
@@ -121,6 +135,11 @@ class _AdapterSource:
             pass
 
     def close(self) -> None:
+        if self._want is not None:
+            try:
+                self._want(id(self), ())
+            except Exception:  # the storage is closed already: nothing to withdraw
+                pass
         with self._adapter._lock:
             instances = getattr(self._adapter, "_instances", None)
             if instances is not None:
@@ -139,6 +158,9 @@ class _NotifySource:
             self._feed._invalidateCache()
         else:
             self._feed._invalidate(None, oids)
+
+    def want(self, oids: frozenset[bytes]) -> None:
+        pass
 
     def settle(self) -> None:
         # Nothing to wait for: PostgreSQL sent the notification after the commit,

@@ -75,9 +75,10 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from ZEO.asyncio.server import Delay
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
-from ZODB.utils import z64
+from ZODB.utils import p64, u64, z64
 
 __all__ = [
     "FanoutMixin",
@@ -99,7 +100,13 @@ NOTICE = "chatzeo_behind"
 # Beyond this many distinct oids a connection is sent every commit (stock ZEO).
 MAX_WATCHED = 100_000
 
-_METHODS = frozenset({"chatzeo_filter", "chatzeo_sync"})
+# The key of a pushed commit inside an ``info`` message: (tid, oids, [(oid, state)]).
+PUSH = "chatzeo_push"
+# At most this many oids pushed per connection, of at most this many bytes each.
+MAX_WANTED = 64
+MAX_PUSHED_BYTES = 64 * 1024
+
+_METHODS = frozenset({"chatzeo_filter", "chatzeo_sync", "chatzeo_want"})
 
 
 class WatchIndex:
@@ -117,6 +124,8 @@ class WatchIndex:
         self.everything: set[Any] = set()
         self.current: set[Any] = set()
         self.members: set[Any] = set()
+        # oid sets whose new states a connection wants pushed (chatzeo_want).
+        self.wanted: dict[Any, frozenset[bytes]] = {}
 
     def filtered(self, zs: Any) -> bool:
         """Whether ``zs`` is sent only what it watches (opted in, within the limit)."""
@@ -154,6 +163,7 @@ class WatchIndex:
     def leave(self, zs: Any) -> None:
         self._forget_oids(zs)
         self.members.discard(zs)
+        self.wanted.pop(zs, None)
         self.everything.discard(zs)
         self.current.discard(zs)
 
@@ -182,6 +192,7 @@ class Fanout:
         self.oids_sent = 0
         self.notices = 0
         self.stale_loads = 0
+        self.pushed = 0
 
     def index(self, storage_id: str) -> WatchIndex:
         index = self.indexes.get(storage_id)
@@ -209,14 +220,13 @@ class Fanout:
 
         index = self.index(storage_id)
         committer = zeo_storage
+        plain: list[tuple[Any, list[bytes]]] = []
         connections = server.zeo_storages_by_storage_id.get(storage_id, ())
         if len(connections) != len(index.members):
             # A handler without FanoutMixin (created before install_fanout, or by a
             # create_client_handler set after it) is told everything, as by stock ZEO.
-            for zs in connections:
-                if zs not in index.members and zs is not committer and zs.connected:
-                    zs.async_("invalidateTransaction", tid, oids)
-                    self.invalidations += 1
+            plain += [(zs, oids) for zs in connections
+                      if zs not in index.members and zs is not committer]
         if committer is not None:
             index.watch(committer, oids)
         targets: dict[Any, list[bytes]] = {}
@@ -224,28 +234,63 @@ class Fanout:
             for zs in index.watchers.get(oid, ()):
                 if zs is not committer and zs not in index.everything:
                     targets.setdefault(zs, []).append(oid)
-        # Written at once, not scheduled (stock ZEO uses call_soon_threadsafe): a
-        # reply this loop writes later, such as chatzeo_sync's, must follow them.
-        for zs in list(index.everything):
-            if zs is not committer and zs.connected:
+        plain += [(zs, oids) for zs in index.everything if zs is not committer]
+        pushes: list[tuple[Any, list[bytes], list[bytes]]] = []
+        for zs, theirs in targets.items():
+            wanted = index.wanted.get(zs)
+            pushed = [oid for oid in theirs if oid in wanted] if wanted else []
+            if pushed:
+                pushes.append((zs, theirs, pushed))
+            else:
+                plain.append((zs, theirs))
+        noticed = [zs for zs in index.current if zs is not committer and zs not in targets]
+        current = set(targets)
+        if committer is not None and index.filtered(committer):
+            current.add(committer)
+        index.current = current
+        # Sent once this loop step is over, as stock ZEO does: the storage calls us
+        # before it has finished the commit (FileStorage makes it durable after), so
+        # nobody must hear of it, or load the state pushed, any earlier. Replies whose
+        # meaning depends on these messages having gone first (chatzeo_sync, a load
+        # of an old revision) are scheduled the same way, so they follow in order.
+        _soon(self.server, self._send, storage_id, tid, plain, pushes, noticed)
+
+    def _send(
+        self,
+        storage_id: str,
+        tid: bytes,
+        plain: list[tuple[Any, list[bytes]]],
+        pushes: list[tuple[Any, list[bytes], list[bytes]]],
+        noticed: list[Any],
+    ) -> None:
+        for zs, oids in plain:
+            if zs.connected:
                 zs.async_("invalidateTransaction", tid, oids)
                 self.invalidations += 1
                 self.oids_sent += len(oids)
-        for zs, theirs in targets.items():
+        states: dict[bytes, bytes | None] = {}
+        storage = self.server.storages[storage_id]
+        for zs, oids, pushed in pushes:
+            if not zs.connected:
+                continue
+            carried = []
+            for oid in pushed:
+                if oid not in states:
+                    states[oid] = _state_at(storage, oid, tid)
+                data = states[oid]
+                if data is not None:
+                    carried.append((oid, data))
+            if carried:
+                zs.async_("info", {PUSH: (tid, oids, carried)})
+                self.pushed += len(carried)
+            else:
+                zs.async_("invalidateTransaction", tid, oids)
+            self.invalidations += 1
+            self.oids_sent += len(oids)
+        for zs in noticed:
             if zs.connected:
-                zs.async_("invalidateTransaction", tid, theirs)
-                self.invalidations += 1
-                self.oids_sent += len(theirs)
-        for zs in index.current:
-            if zs is not committer and zs not in targets and zs.connected:
                 zs.async_("info", {NOTICE: tid})
                 self.notices += 1
-        current = set(targets)
-        if committer is not None and committer in index.watching and committer not in (
-            index.everything
-        ):
-            current.add(committer)
-        index.current = current
 
     def status(self) -> dict[str, int]:
         return {
@@ -254,6 +299,7 @@ class Fanout:
             "fanout_oids_sent": self.oids_sent,
             "fanout_notices": self.notices,
             "fanout_stale_loads": self.stale_loads,
+            "fanout_pushed_states": self.pushed,
             "fanout_watched_oids": sum(len(i.watchers) for i in self.indexes.values()),
         }
 
@@ -271,6 +317,7 @@ class FanoutMixin:
     storage_id: Any
     storage: Any
     connection: Any
+    connected: Any
 
     def _fanout_index(self) -> WatchIndex | None:
         fanout: Fanout | None = getattr(self.server, "chatzeo_fanout", None)
@@ -311,13 +358,21 @@ class FanoutMixin:
             # A revision that is no longer current (or none yet): the commit that
             # replaced it was not sent here, as nobody here held the object then.
             # Stock ZEO would have sent it; name the oid now, at the last tid (every
-            # other invalidation up to it was sent already), before the reply, so
-            # every ZODB connection of the client drops this revision at its next
-            # transaction, which starts after that tid.
+            # other invalidation up to it is sent already or queued before this), and
+            # only then reply, so every ZODB connection of the client drops this
+            # revision at its next transaction, which starts after that tid.
             last = self.storage.lastTransaction()
-            self.async_("invalidateTransaction", last, [oid])  # type: ignore[attr-defined]
             index.current.add(self)
             fanout.stale_loads += 1
+            delay = Delay()
+
+            def name_then_reply() -> None:
+                if self.connected:
+                    self.async_("invalidateTransaction", last, [oid])  # type: ignore[attr-defined]
+                delay.reply(result)
+
+            _soon(self.server, name_then_reply)
+            return delay
         return result
 
     def chatzeo_filter(self) -> None:
@@ -326,14 +381,29 @@ class FanoutMixin:
         if index is not None:
             index.opt_in(self)
 
-    def chatzeo_sync(self) -> bytes:
+    def chatzeo_sync(self) -> Any:
         """The storage's last tid; every invalidation up to it was written before
         this reply. The connection is current again."""
         index = self._fanout_index()
         if index is not None and index.filtered(self):
             index.current.add(self)
         tid: bytes = self.storage.lastTransaction()
-        return tid
+        delay = Delay()
+        # After the invalidations already queued (see Fanout.invalidate).
+        _soon(self.server, delay.reply, tid)
+        return delay
+
+    def chatzeo_want(self, oids: Any) -> None:
+        """Push the new states of these oids (at most `MAX_WANTED`) with their
+        invalidations, instead of waiting for this client to load them."""
+        index = self._fanout_index()
+        if index is None or not isinstance(oids, (list, tuple)):
+            return
+        valid = [oid for oid in oids[:MAX_WANTED] if isinstance(oid, bytes) and len(oid) == 8]
+        if valid:
+            index.wanted[self] = frozenset(valid)
+        else:
+            index.wanted.pop(self, None)
 
     def server_status(self) -> dict[str, Any]:
         status: dict[str, Any] = super().server_status()  # type: ignore[misc]
@@ -386,6 +456,30 @@ def install_fanout(server: Any, max_watched: int = MAX_WATCHED) -> Fanout:
     return fanout
 
 
+def _soon(server: Any, callback: Any, *args: Any) -> None:
+    """Run ``callback`` after this step of the server's loop (at once without one)."""
+    loop = _server_loop(server)
+    if loop is None:
+        callback(*args)
+    else:
+        loop.call_soon(callback, *args)
+
+
+def _state_at(storage: Any, oid: bytes, tid: bytes) -> bytes | None:
+    """The state ``oid`` got in transaction ``tid``, if small enough to push."""
+    try:
+        found = storage.loadBefore(oid, p64(u64(tid) + 1))
+    except Exception:
+        return None
+    if found is None:
+        return None
+    data, start, _end = found
+    if start != tid or data is None or len(data) > MAX_PUSHED_BYTES:
+        return None
+    state: bytes = data
+    return state
+
+
 def _server_loop(server: Any) -> asyncio.AbstractEventLoop | None:
     acceptor = getattr(server, "acceptor", None)
     loop = getattr(acceptor, "event_loop", None)
@@ -409,16 +503,47 @@ class FanoutClientStorage(ClientStorage):
 
     _fanout_filtered = False
     _fanout_notice: bytes = z64
+    _fanout_wanted: dict[Any, frozenset[bytes]] | None = None
+    _fanout_sent_wanted: frozenset[bytes] = frozenset()
     # Round trips made to catch up (for benchmarks and tests).
     fanout_syncs = 0
 
     def notify_connected(self, conn: Any, info: dict[str, Any]) -> None:
         self._fanout_notice = z64
         self._fanout_filtered = info.get("chatzeo_fanout") == PROTOCOL
+        self._fanout_sent_wanted = frozenset()
         if self._fanout_filtered:
             self._forget_cache()
             conn.call_async("chatzeo_filter", ())
+            wanted = self._fanout_union()
+            if wanted:
+                conn.call_async("chatzeo_want", (sorted(wanted),))
+                self._fanout_sent_wanted = wanted
         super().notify_connected(conn, info)
+
+    def fanout_want(self, key: Any, oids: Iterable[bytes]) -> None:
+        """Ask the server to push the new states of ``oids`` with their invalidations
+        (``key`` names the asker, such as a `ChangeFeed`; no oids withdraws). Any
+        thread; best effort: without a server, or one that does not push, nothing."""
+        if self._fanout_wanted is None:
+            self._fanout_wanted = {}
+        chosen = frozenset(oids)
+        if chosen:
+            self._fanout_wanted[key] = chosen
+        else:
+            self._fanout_wanted.pop(key, None)
+        wanted = self._fanout_union()
+        if wanted == self._fanout_sent_wanted or not self._fanout_filtered:
+            return
+        try:
+            self._server.async_("chatzeo_want", sorted(wanted))
+        except ClientDisconnected:
+            return  # sent again as it reconnects
+        self._fanout_sent_wanted = wanted
+
+    def _fanout_union(self) -> frozenset[bytes]:
+        wanted = self._fanout_wanted or {}
+        return frozenset(oid for oids in list(wanted.values()) for oid in oids)
 
     def _forget_cache(self) -> None:
         # This server-side connection has recorded nothing yet: objects cached over
@@ -433,8 +558,24 @@ class FanoutClientStorage(ClientStorage):
         notice = values.pop(NOTICE, None) if NOTICE in values else None
         if isinstance(notice, bytes) and notice > self._fanout_notice:
             self._fanout_notice = notice
+        push = values.pop(PUSH, None) if PUSH in values else None
+        if push is not None:
+            self._pushed(*push)
         if values:
             super().info(values)
+
+    def _pushed(self, tid: bytes, oids: list[bytes], states: list[tuple[bytes, bytes]]) -> None:
+        """An invalidation carrying new states (IO thread). Does what ZEO's client
+        does for ``invalidateTransaction``, and stores the states as current from
+        ``tid`` before the ZODB connections (and feeds) hear of it, as ZEO does for
+        a client's own commit, so the reader woken by it loads them from the cache."""
+        cache = self._cache
+        for oid in oids:
+            cache.invalidate(oid, tid)
+        for oid, data in states:
+            cache.store(oid, tid, None, data)
+        self.invalidateTransaction(tid, oids)
+        cache.setLastTid(tid)
 
     def lastTransaction(self) -> bytes:  # noqa: N802 (ZODB's name)
         tid: bytes = self._cache.getLastTid()

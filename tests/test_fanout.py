@@ -61,6 +61,21 @@ class Heard:
         io.info = info
 
 
+def _heard_of(db: Any, other: Any) -> None:
+    """Wait until ``db``'s client has heard of ``other``'s last commit: by an
+    invalidation at or after it, or by a notice that it missed commits (which
+    covers every later one until it catches up). Right after a commit returns, the
+    others are told a moment later, by stock ZEO as here."""
+    tid = other.storage.lastTransaction()
+    storage = db.storage
+
+    def heard() -> bool:
+        last = storage._cache.getLastTid()
+        return bool(last >= tid or storage._fanout_notice > last)
+
+    wait_until("the commit's news to arrive", heard)
+
+
 def _drain(client: ChatClient, count: int, timeout: float = 20.0) -> list[str]:
     texts: list[str] = []
     deadline = time.monotonic() + timeout
@@ -117,6 +132,7 @@ def test_joining_a_room_never_loaded_sees_its_newest_post(server: ServerProcess,
     joiner.join("lobby")
     for index in range(5):
         writer.send(f"new {index}")
+    _heard_of(joiner_db, writer.db)
     # The joiner heard nothing of those commits, but its join must see them.
     page = joiner.join("elsewhere")
     assert [m.text for m in page] == [f"new {index}" for index in range(5)]
@@ -134,11 +150,13 @@ def test_without_the_catch_up_that_join_would_be_stale(
     # of the posts would be the catch-up.)
     writer = ChatClient(_open(dbs, server.address), "writer")
     writer.join("elsewhere")
-    joiner = ChatClient(_open(dbs, server.address))
+    joiner_db = _open(dbs, server.address)
+    joiner = ChatClient(joiner_db)
     joiner.join("lobby")
     monkeypatch.setattr(FanoutClientStorage, "_catch_up", lambda self, tid: tid)
     for index in range(5):
         writer.send(f"new {index}")
+    _heard_of(joiner_db, writer.db)
     page = joiner.join("elsewhere")
     assert [m.text for m in page] == []  # stale: the room as it was at the join of lobby
     writer.close()
@@ -149,11 +167,13 @@ def test_a_room_read_before_stays_fresh(server: ServerProcess, dbs: list[Any]):
     writer = ChatClient(_open(dbs, server.address), "writer")
     writer.join("first")
     writer.send("one")
-    reader = ChatClient(_open(dbs, server.address))
+    reader_db = _open(dbs, server.address)
+    reader = ChatClient(reader_db)
     assert [m.text for m in reader.join("first")] == ["one"]
     reader.join("second")  # still holds first's objects in its caches
     for index in range(3):
         writer.send(f"later {index}")
+    _heard_of(reader_db, writer.db)
     page = reader.join("first")
     assert [m.text for m in page] == ["one", "later 0", "later 1", "later 2"]
     writer.close()
@@ -276,6 +296,7 @@ def test_a_client_watching_too_much_is_sent_everything(tmp_path: Path):
     greedy_db = open_db(served.address)
     try:
         _make_objects(writer_db, 30)
+        _heard_of(greedy_db, writer_db)
         heard = Heard(greedy_db)
         _touch(writer_db, 29)  # greedy loaded nothing of it yet
         assert heard.invalidations == 0
@@ -346,6 +367,7 @@ def test_an_old_revision_loaded_late_is_dropped_at_the_next_transaction(
     reader_db = open_db(served.address)
     try:
         _make_objects(writer_db, 2)
+        _heard_of(reader_db, writer_db)
         manager = transaction.TransactionManager()
         connection = reader_db.open(transaction_manager=manager)
         manager.begin()
@@ -361,3 +383,32 @@ def test_an_old_revision_loaded_late_is_dropped_at_the_next_transaction(
         writer_db.close()
         reader_db.close()
         served.close()
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["as-shipped", "without-push"])
+def test_a_woken_reader_loads_nothing_from_the_server(
+    server: ServerProcess, dbs: list[Any], push: bool, monkeypatch: pytest.MonkeyPatch
+):
+    # The room's clock comes with its invalidation (chatzeo_want), so delivering a
+    # post costs the reader no request. The control asks for no push.
+    from bench.fanout import _Wire
+
+    if not push:
+        monkeypatch.setattr(FanoutClientStorage, "fanout_want", lambda self, key, oids: None)
+    writer = ChatClient(_open(dbs, server.address), "writer")
+    writer.join("pushed")
+    reader_db = _open(dbs, server.address)
+    reader = ChatClient(reader_db)
+    reader.join("pushed")
+    wire = _Wire(reader_db.storage)
+    texts: list[str] = []
+    for index in range(20):
+        writer.send(f"p{index}")
+        texts += _drain(reader, 1)  # one at a time: each post is its own delivery
+    assert texts == [f"p{index}" for index in range(20)]
+    if push:
+        assert wire.requests == 0, wire.requests
+    else:
+        assert wire.requests >= 20  # the control: one load of the clock per post
+    writer.close()
+    reader.close()
