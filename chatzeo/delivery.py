@@ -14,9 +14,10 @@ ZEO client, FileStorage (``_AdapterSource``)
 
 RelStorage on PostgreSQL (``_NotifySource``)
     RelStorage has no push: it polls when a transaction starts. A trigger installed
-    by ``chatzeo init-db`` sends ``NOTIFY chatzeo`` with each written oid, and a
-    `chatzeo.pgnotify.Listener` (one extra database connection per feed) hands the
-    oids to the feed.
+    by ``chatzeo init-db`` notifies each written object's own channel, and one
+    `chatzeo.pgnotify.Listener` per process and database (one extra connection,
+    whatever the number of feeds) listens to the channels its feeds watch and
+    hands each feed its oids.
 
 Threads
     ``_invalidate`` and ``_invalidateCache`` run on ZEO's IO thread (a remote
@@ -147,11 +148,11 @@ class _AdapterSource:
 
 
 class _NotifySource:
-    """A PostgreSQL LISTEN connection (RelStorage)."""
+    """This process's PostgreSQL LISTEN connection (RelStorage), shared by all feeds."""
 
     def __init__(self, dsn: str, feed: ChangeFeed) -> None:
         self._feed = feed
-        self._listener = pgnotify.Listener(dsn, self._heard)
+        self._listener = pgnotify.shared_listener(dsn)
 
     def _heard(self, oids: frozenset[bytes] | None) -> None:
         if oids is None:
@@ -160,7 +161,10 @@ class _NotifySource:
             self._feed._invalidate(None, oids)
 
     def want(self, oids: frozenset[bytes]) -> None:
-        pass
+        self._listener.subscribe(self, oids, self._heard)
+        # The reader's snapshot may predate the LISTEN that just began: a commit in
+        # between was never announced, so let the reader look once.
+        self._feed._fire()
 
     def settle(self) -> None:
         # Nothing to wait for: PostgreSQL sent the notification after the commit,
@@ -168,4 +172,5 @@ class _NotifySource:
         pass
 
     def close(self) -> None:
-        self._listener.close()
+        self._listener.subscribe(self, frozenset())
+        pgnotify.release_listener(self._listener)
