@@ -63,11 +63,13 @@ class Settings:
     messages: int
     idle: tuple[int, ...]
     seconds: float
+    hosts: int = HOSTS
 
 
 SETTINGS = {
     "full": Settings((Shape(10, 0), Shape(100, 0), Shape(100, 300)), 300, (0, 100, 400), 5.0),
-    "quick": Settings((Shape(5, 0), Shape(20, 0), Shape(20, 40)), 40, (0, 40), 1.0),
+    # CI's smoke test (tests/test_bench_smoke.py): every path, small, about 20 s.
+    "quick": Settings((Shape(4, 0), Shape(12, 0), Shape(12, 24)), 30, (0, 24), 0.7, hosts=1),
 }
 
 
@@ -247,14 +249,14 @@ class _Group:
     """``count`` clients of one role over `HOSTS` processes."""
 
     def __init__(self, role: str, system: str, target: str, room: str, count: int,
-                 messages: int = 0) -> None:
+                 messages: int = 0, hosts: int = HOSTS) -> None:
         context = multiprocessing.get_context("spawn")
         self.ready = context.Queue()
         self.out = context.Queue()
         self.controls = []
         self.processes = []
         self.count = count
-        hosts = min(HOSTS, count)
+        hosts = min(hosts, count)
         for host in range(hosts):
             threads = count // hosts + (1 if host < count % hosts else 0)
             control = context.Queue()
@@ -340,13 +342,13 @@ def _cpu(pid: int) -> float:
 
 
 def _delivery(system: str, target: str, pid: int, shape: Shape, gaps: list[float],
-              tag: str) -> DeliveryFigures:
+              tag: str, hosts: int) -> DeliveryFigures:
     room = f"fanout-{tag}"
     bystanders = (
-        _Group("idle", system, target, f"bystander-{tag}", shape.bystanders)
+        _Group("idle", system, target, f"bystander-{tag}", shape.bystanders, hosts=hosts)
         if shape.bystanders else None
     )
-    readers = _Group("reader", system, target, room, shape.readers, len(gaps))
+    readers = _Group("reader", system, target, room, shape.readers, len(gaps), hosts)
     try:
         _run_writer(system, target, room, gaps, 0.0, pid)
         deadline = time.monotonic() + 30
@@ -379,7 +381,7 @@ def _throughput(system: str, target: str, pid: int, idle: int, seconds: float,
 
 
 def run(settings: Settings, work: Path, progress: Callable[[str], None]) -> Results:
-    results = Results()
+    results = Results(hosts=settings.hosts)
     rng = random.Random(14)
     gaps = [rng.uniform(0.010, 0.030) for _ in range(settings.messages)]
     systems: list[tuple[str, str, int]] = []
@@ -398,7 +400,8 @@ def run(settings: Settings, work: Path, progress: Callable[[str], None]) -> Resu
                 for system, target, pid in systems:
                     progress(f"delivery {system}: {shape.label}")
                     results.delivery.append(
-                        _delivery(system, target, pid, shape, gaps, f"{shape_index}")
+                        _delivery(system, target, pid, shape, gaps, f"{shape_index}",
+                                  settings.hosts)
                     )
             idle_groups: list[_Group] = []
             try:
@@ -408,7 +411,8 @@ def run(settings: Settings, work: Path, progress: Callable[[str], None]) -> Resu
                         if idle > connected:
                             progress(f"throughput: connecting {idle - connected} idle {system}")
                             idle_groups.append(
-                                _Group("idle", system, target, f"idle-{idle}", idle - connected)
+                                _Group("idle", system, target, f"idle-{idle}", idle - connected,
+                                       hosts=settings.hosts)
                             )
                     connected = idle
                     for system, target, pid in systems:
@@ -435,6 +439,7 @@ class Results:
     skipped: str = ""
     command: str = ""
     seconds: float = 0.0
+    hosts: int = HOSTS
 
     def lost(self) -> bool:
         return any(figures.complete != figures.sent for figures in self.delivery)
@@ -478,7 +483,7 @@ class Results:
             f"`{self.command}` on {os.cpu_count()} cores, {self.seconds:.0f} s "
             f"(load average at the end {os.getloadavg()[0]:.1f}). chatzeo: `ChatClient` "
             "over `chatzeo serve`; Redis Streams with `appendfsync always`; every client "
-            f"its own connection, over {HOSTS} processes per group.",
+            f"its own connection, over {self.hosts} process(es) per group.",
             "",
         ]
         if self.skipped:
