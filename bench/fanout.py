@@ -257,8 +257,16 @@ class _Group:
         self.processes = []
         self.count = count
         hosts = min(hosts, count)
-        for host in range(hosts):
-            threads = count // hosts + (1 if host < count % hosts else 0)
+        shares = [count // hosts + (1 if host < count % hosts else 0) for host in range(hosts)]
+        if system == "chatzeo":
+            # Every room exists before its clients join: hundreds of clients creating
+            # rooms at once would measure the rooms tree's bucket conflicts instead.
+            names = [room] if role == "reader" else [
+                f"{room}-h{host}-{number}"
+                for host, share in enumerate(shares) for number in range(share)
+            ]
+            _create_rooms(target, names)
+        for host, threads in enumerate(shares):
             control = context.Queue()
             process = context.Process(
                 target=_host,
@@ -280,6 +288,21 @@ class _Group:
             if process.is_alive():
                 process.kill()
         return answers
+
+
+def _create_rooms(target: str, names: list[str]) -> None:
+    from chatzeo.database import open_db
+    from chatzeo.realm import get_root
+    from chatzeo.retry import run_in_transaction
+
+    db = open_db(target, wait=60)
+    try:
+        run_in_transaction(
+            db, lambda connection: [get_root(connection).room(name) for name in names],
+            what="creating the benchmark's rooms",
+        )
+    finally:
+        db.close()
 
 
 def _writer(system: str, target: str, room: str, gaps: list[float] | None, seconds: float,

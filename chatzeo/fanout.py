@@ -29,11 +29,12 @@ The client's last tid
     * `FanoutClientStorage` keeps the largest such tid. Its ``lastTransaction``
       (which ZODB asks at every transaction start) sees that the notice is newer
       than its last tid and first makes one round trip, ``chatzeo_sync``, whose
-      reply is the server's last tid. The server writes invalidations and replies
-      on one connection in the order it handles them (invalidations are written at
-      once here, not scheduled as stock ZEO does), and the client's IO thread
-      applies them in that order, so when the reply arrives every invalidation up
-      to that tid has been applied; the connection is current again.
+      reply is the server's last tid. Invalidations are sent once the loop step
+      of their commit is over (FileStorage makes a commit durable only after
+      telling the server, so stock ZEO schedules them too), and that reply is
+      scheduled the same way, so it leaves after every invalidation up to its tid;
+      the client's IO thread applies messages in order, so when the reply arrives
+      they have all been applied, and the connection is current again.
     * An invalidation makes its receiver current too (it has then heard of
       everything up to that tid), and so does the connection's own commit.
     * A load that returns a revision which is no longer current (the client's
@@ -41,6 +42,15 @@ The client's last tid
       held the object then) is preceded by an invalidation of that oid at the last
       tid: what stock ZEO would have sent. Without it a ZODB connection would keep
       that old revision in its cache into later transactions.
+
+Push
+    A client may ask (``chatzeo_want``, at most `MAX_WANTED` oids) for the new
+    states of some objects to come with their invalidations: a `ChangeFeed` asks
+    for its room's clock. The state (read back from the storage once the commit
+    is durable) travels in ``info({"chatzeo_push": (tid, oids, states)})``, and
+    `FanoutClientStorage` stores it in its cache as current from ``tid`` before
+    its ZODB connections and feeds hear of the commit, so the woken reader loads
+    it from there: delivering a post costs the reader no request.
 
     So a transaction sees every commit the server finished before it started,
     give or take messages still in flight, exactly as with stock ZEO; an idle
