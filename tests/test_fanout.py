@@ -412,3 +412,24 @@ def test_a_woken_reader_loads_nothing_from_the_server(
         assert wire.requests >= 20  # the control: one load of the clock per post
     writer.close()
     reader.close()
+
+
+def test_hostile_push_requests_are_bounded_or_ignored(tmp_path: Path):
+    # Every chat user is a full ZEO client: what it may ask of chatzeo_want is
+    # bounded (64 oids of 8 bytes) and nonsense is ignored, the connection working on.
+    served = InProcessServer(tmp_path / "data.fs", max_watched=1000)
+    db = open_db(served.address)
+    try:
+        call = db.storage._server.call
+        index = served.fanout.index("1")
+        call("chatzeo_want", "not a list")
+        call("chatzeo_want", [b"short", 7, None])
+        assert not index.wanted
+        call("chatzeo_want", [n.to_bytes(8, "big") for n in range(10_000)])
+        assert [len(oids) for oids in index.wanted.values()] == [64]
+        tid = call("chatzeo_sync")
+        assert tid == db.storage.lastTransaction()
+        _make_objects(db, 2)  # the connection still commits
+    finally:
+        db.close()
+        served.close()
