@@ -83,6 +83,8 @@ class DeliveryFigures:
     bytes_per_post: float = float("nan")  # per reader
     requests_per_post: float = float("nan")  # per reader
     bystander_wakeups: int = 0
+    client_cpu_per_post: float = float("nan")  # seconds, per reader (its process's CPU)
+    server_cpu_per_post: float = float("nan")  # seconds
 
     @property
     def p50(self) -> float:
@@ -221,6 +223,15 @@ def _host(role: str, system: str, target: str, room: str, threads: int, count: i
     wakeups: list[int] = []
     clients: list[Any] = []
     workers = []
+    local: Any = queue.Queue()  # this host's own "ready"s, to start its CPU clock
+    forward = ready
+
+    class _Relay:
+        def put(self, item: Any) -> None:
+            local.put(item)
+            forward.put(item)
+
+    ready = _Relay()
     for number in range(threads):
         if role == "reader":
             args: tuple[Any, ...] = (system, target, room, count, ready, results, stop)
@@ -230,15 +241,18 @@ def _host(role: str, system: str, target: str, room: str, threads: int, count: i
             worker = threading.Thread(target=_idle_thread, args=args, daemon=True)
         worker.start()
         workers.append(worker)
+    for _ in range(threads):
+        local.get()  # every client of this host is ready: setup is over
+    cpu = time.process_time()
     command = control.get()  # "stop" (readers also stop by themselves when complete)
     assert command == "stop"
     stop.set()
     if role == "reader":
         for worker in workers:
             worker.join(10)
-        out.put(("reader", list(results)))
+        out.put(("reader", list(results), time.process_time() - cpu))
     else:
-        out.put(("idle", len(wakeups)))
+        out.put(("idle", len(wakeups), 0.0))
     out.close()
     out.join_thread()  # the answer is written before the hard exit below
     # 100 clients' orderly goodbyes would take longer than the measurement itself.
@@ -373,7 +387,7 @@ def _delivery(system: str, target: str, pid: int, shape: Shape, gaps: list[float
     )
     readers = _Group("reader", system, target, room, shape.readers, len(gaps), hosts)
     try:
-        _run_writer(system, target, room, gaps, 0.0, pid)
+        _, _, server_cpu = _run_writer(system, target, room, gaps, 0.0, pid)
         deadline = time.monotonic() + 30
         for _ in range(shape.readers):
             try:
@@ -382,9 +396,13 @@ def _delivery(system: str, target: str, pid: int, shape: Shape, gaps: list[float
                 break
     finally:
         answers = readers.stop()
-        woken = sum(count for _, count in bystanders.stop()) if bystanders else 0
-    per_reader = [entry for _, entries in answers for entry in entries]
+        woken = sum(count for _, count, _ in bystanders.stop()) if bystanders else 0
+    per_reader = [entry for _, entries, _ in answers for entry in entries]
     figures = DeliveryFigures(system, shape, len(gaps), [], bystander_wakeups=woken)
+    figures.server_cpu_per_post = server_cpu / len(gaps)
+    figures.client_cpu_per_post = sum(cpu for _, _, cpu in answers) / (
+        len(gaps) * max(1, len(per_reader))
+    )
     for index in range(1, len(gaps) + 1):
         seen = [arrivals[index] for arrivals, _, _ in per_reader if index in arrivals]
         if len(seen) == len(per_reader) == shape.readers:
@@ -524,8 +542,9 @@ class Results:
             "## Delivery: paced posts (10-30 ms apart), time until the last reader has one",
             "",
             "| shape | system | p50 ms | p99 ms | complete | bytes / post / reader "
-            "| requests / post / reader | bystander wake-ups |",
-            "|---|---|---|---|---|---|---|---|",
+            "| requests / post / reader | bystander wake-ups | reader CPU / post ms "
+            "| server CPU / post ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for f in self.delivery:
             extra = (
@@ -534,7 +553,8 @@ class Results:
             )
             lines.append(
                 f"| {f.shape.label} | {f.system} | {ms(f.p50):.1f} | {ms(f.p99):.1f} | "
-                f"{f.complete}/{f.sent} | {extra} | {f.bystander_wakeups} |"
+                f"{f.complete}/{f.sent} | {extra} | {f.bystander_wakeups} | "
+                f"{ms(f.client_cpu_per_post):.3f} | {ms(f.server_cpu_per_post):.3f} |"
             )
         lines += [
             "",

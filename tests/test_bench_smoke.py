@@ -62,12 +62,12 @@ def test_quick_fanout_benchmark_delivers_everything(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
-            if line.startswith("| ") and line.count("|") == 9 and "readers" in line]
+            if line.startswith("| ") and line.count("|") == 11 and "readers" in line]
     systems = {"chatzeo", "redis"} if have_redis else {"chatzeo"}
     assert {row[1].strip() for row in rows} == systems
     assert len(rows) == 3 * len(systems)
     for row in rows:
-        shape, system, _, _, complete, _, requests, woken = (cell.strip() for cell in row)
+        shape, system, _, _, complete, _, requests, woken, _, _ = (cell.strip() for cell in row)
         assert complete == "30/30", row
         assert woken == "0", row  # bystanders never woke for the busy room
         if system == "chatzeo":
