@@ -78,21 +78,24 @@ class Help:
 
 @dataclass(frozen=True)
 class Quit:
-    """Leave the chat."""
+    """Leave the chat, first posting ``message`` if there is one (IRC's quit message)."""
+
+    message: str = ""
 
 
 Command = Say | Join | Rooms | Who | History | Help | Quit
 
 HELP = """\
 Type a message and press Enter to send it. Commands:
-  /join ROOM    leave this room for ROOM (created if it does not exist)
+  /join ROOM    leave this room for ROOM (created if it does not exist; Dev finds dev)
   /rooms        list the rooms and how many messages each holds
   /who          who is in this room now
   /me ACTION    say what you do, e.g. /me waves
   /history N    show the N messages before the oldest one shown
   /help         this text
-  /quit         leave (Ctrl-D and Ctrl-C too)
-Start a message with // to send it with a single leading /."""
+  /quit [TEXT]  leave, posting TEXT first if given (Ctrl-D or Ctrl-C on an empty line too)
+Ctrl-C clears the line being typed. Start a message with // to send it with a single
+leading /."""
 
 
 def parse(line: str) -> Command | None:
@@ -121,7 +124,9 @@ def parse(line: str) -> Command | None:
         return Join(check_room_name(argument))
     if name == "history":
         return History(_count(argument))
-    simple: dict[str, Command] = {"rooms": Rooms(), "who": Who(), "help": Help(), "quit": Quit()}
+    if name == "quit":
+        return Quit(check_text(argument) if argument else "")
+    simple: dict[str, Command] = {"rooms": Rooms(), "who": Who(), "help": Help()}
     if name in simple:
         if argument:
             raise InvalidCommand(f"/{name} takes no argument")

@@ -90,6 +90,8 @@ from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 from ZODB.utils import p64, u64, z64
 
+from .errors import ProtocolViolation
+
 __all__ = [
     "FanoutMixin",
     "FanoutClientStorage",
@@ -341,6 +343,19 @@ class FanoutMixin:
         if index is not None:
             index.join(self)
         return result
+
+    def check_call(self, name: str, args: tuple[Any, ...]) -> None:
+        """The protocol gate's rule for this module's calls (`chatzeo.protocol`):
+        anyone may make them; ``chatzeo_want`` takes one list, which it checks itself
+        (bounded, nonsense ignored), the others none. Other calls: as before."""
+        if name in _METHODS:
+            expected = 1 if name == "chatzeo_want" else 0
+            if len(args) != expected:
+                raise ProtocolViolation(f"{name} takes {expected} arguments, not {len(args)}")
+            return
+        check = getattr(super(), "check_call", None)
+        if check is not None:
+            check(name, args)
 
     def setup_delegation(self) -> None:
         super().setup_delegation()  # type: ignore[misc]

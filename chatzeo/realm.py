@@ -27,16 +27,21 @@ from typing import Any
 
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
+from ZODB.POSException import POSKeyError, StateLoadError
 
-from .errors import TooManyConnections
+from .errors import MalformedRecord, TooManyConnections, UnsafeRecord
+from .records import lease_problem, presence_problem
 from .session import ChatSession
 from .validation import check_room_name, check_user_name
 
-__all__ = ["ChatRoot", "User", "get_root", "ROOT_KEY"]
+__all__ = ["ChatRoot", "User", "get_root", "ROOT_KEY", "MALFORMED_PRESENCE"]
 
 ROOT_KEY = "chatzeo"
 # A renewal writes once less than this share of the lease is left.
 RENEW_FRACTION = 0.5
+# What `ChatRoot.who` lists for a presence entry that breaks the rules: not a valid
+# user name, so it cannot be mistaken for one.
+MALFORMED_PRESENCE = "[malformed presence entry]"
 
 
 class User(Persistent):
@@ -53,7 +58,11 @@ class User(Persistent):
 
     def connections(self, now: float) -> int:
         """How many of this user's connections hold a lease that has not expired."""
-        return sum(1 for _, expiry in self.leases.values() if expiry > now)
+        return sum(
+            1
+            for lease_id, entry in self.leases.items()
+            if lease_problem(lease_id, entry) is None and entry[1] > now
+        )
 
 
 class ChatRoot(Persistent):
@@ -73,6 +82,8 @@ class ChatRoot(Persistent):
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = ChatSession(name)
+        elif not isinstance(room, ChatSession):
+            raise MalformedRecord(f"room {name!r}", f"is a {type(room).__name__}")
         return room
 
     def user(self, name: str) -> User:
@@ -81,6 +92,8 @@ class ChatRoot(Persistent):
         user = self.users.get(name)
         if user is None:
             user = self.users[name] = User(name)
+        elif not _is_user(user):
+            raise MalformedRecord(f"user {name!r}", "is not a User with a leases tree")
         return user
 
     # -- connections and presence ---------------------------------------------
@@ -93,11 +106,12 @@ class ChatRoot(Persistent):
         simultaneous connects of one user conflict, so the limit holds under races.
         """
         user = self.user(user_name)
-        for stale, (room_name, expiry) in list(user.leases.items()):
-            if expiry <= now:
+        for stale, entry in list(user.leases.items()):
+            if lease_problem(stale, entry) is not None:
+                del user.leases[stale]  # malformed (a plain ZEO server stores anything)
+            elif entry[1] <= now:
                 del user.leases[stale]
-                if room_name in self.rooms:
-                    self.rooms[room_name].presence.pop(stale, None)
+                self._leave(entry[0], stale)
         if lease_id not in user.leases and len(user.leases) >= self.max_connections:
             raise TooManyConnections(user.name, self.max_connections)
         user.leases[lease_id] = (None, now + self.lease_seconds)
@@ -110,19 +124,21 @@ class ChatRoot(Persistent):
         if user is None:
             return
         entry = user.leases.pop(lease_id, None)
-        if entry is not None and entry[0] in self.rooms:
-            self.rooms[entry[0]].presence.pop(lease_id, None)
+        if entry is not None:
+            self._leave(entry[0], lease_id)
 
     def enter(self, user_name: str, lease_id: str, room_name: str, now: float) -> ChatSession:
         """Move a connection into ``room_name`` (leaving its previous room)."""
         user = self.user(user_name)
         previous = user.leases.get(lease_id, (None, 0.0))[0]
         room = self.room(room_name)
-        if previous not in (None, room.name) and previous in self.rooms:
-            self.rooms[previous].presence.pop(lease_id, None)
+        if previous not in (None, room.name):
+            self._leave(previous, lease_id)
         expiry = now + self.lease_seconds
         user.leases[lease_id] = (room.name, expiry)
-        room.presence[lease_id] = (user.name, expiry)
+        presence = _presence(room)
+        if presence is not None:
+            presence[lease_id] = (user.name, expiry)
         return room
 
     def renew(self, user_name: str, lease_id: str, now: float) -> bool:
@@ -132,28 +148,74 @@ class ChatRoot(Persistent):
         of the lease is left: most heartbeats commit nothing at all."""
         user = self.users.get(user_name)
         entry = user.leases.get(lease_id) if user is not None else None
-        if entry is None or entry[1] <= now:
+        if entry is None or lease_problem(lease_id, entry) is not None or entry[1] <= now:
             return False
         room_name, expiry = entry
         if expiry - now < self.lease_seconds * RENEW_FRACTION:
             user.leases[lease_id] = (room_name, now + self.lease_seconds)
         return True
 
+    def _alive(self, user_name: str, lease_id: str, room_name: str, now: float) -> bool:
+        """Whether ``user_name`` holds ``lease_id`` in ``room_name``, unexpired."""
+        user = self.users.get(user_name)
+        if not _is_user(user):
+            return False
+        entry = user.leases.get(lease_id)
+        return (
+            entry is not None
+            and lease_problem(lease_id, entry) is None
+            and entry[0] == room_name
+            and entry[1] > now
+        )
+
+    def _leave(self, room_name: Any, lease_id: str) -> None:
+        """Drop ``lease_id``'s presence in ``room_name``, if that room can hold it."""
+        if type(room_name) is str:
+            presence = _presence(self.rooms.get(room_name))
+            if presence is not None:
+                presence.pop(lease_id, None)
+
     def who(self, room_name: str, now: float) -> list[str]:
-        """Names of the users with a live lease in the room, sorted.
+        """Names of the users with a live lease in the room, sorted; then one
+        `MALFORMED_PRESENCE` placeholder per presence entry that breaks
+        `chatzeo.records.presence_problem` (stored through a plain ZEO server).
 
         The room's presence says who entered; the users' leases say who is still
         alive (renewals do not touch the room)."""
         room = self.rooms.get(check_room_name(room_name))
-        if room is None:
+        if not isinstance(room, ChatSession):
             return []
-        present = set()
-        for lease_id, (name, _) in room.presence.items():
-            user = self.users.get(name)
-            entry = user.leases.get(lease_id) if user is not None else None
-            if entry is not None and entry[0] == room.name and entry[1] > now:
-                present.add(name)
-        return sorted(present)
+        names: set[str] = set()
+        malformed = 0
+        presence = room._field("presence")
+        try:
+            items = list(presence.items()) if isinstance(presence, OOBTree) else None
+        except (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError):
+            items = None
+        if items is None:
+            return [MALFORMED_PRESENCE]
+        for lease_id, entry in items:
+            if presence_problem(lease_id, entry) is not None:
+                malformed += 1
+            elif self._alive(entry[0], lease_id, room.name, now):
+                names.add(entry[0])
+        return sorted(names) + [MALFORMED_PRESENCE] * malformed
+
+
+def _is_user(user: Any) -> bool:
+    """A `User` with a leases tree (a plain ZEO server may have stored anything)."""
+    if not isinstance(user, User):
+        return False
+    user._p_activate()
+    return isinstance(user.__dict__.get("leases"), OOBTree)
+
+
+def _presence(room: Any) -> OOBTree | None:
+    """A room's presence tree, or None where a malformed record holds none."""
+    if not isinstance(room, ChatSession):
+        return None
+    presence = room._field("presence")
+    return presence if isinstance(presence, OOBTree) else None
 
 
 def get_root(connection: Any) -> ChatRoot:
