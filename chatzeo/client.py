@@ -511,7 +511,7 @@ class ChatClient:
 
         def renew(root: ChatRoot) -> None:
             now = self.clock()
-            if not root.renew(user, self.lease_id, now, also=others):
+            if not root.renew(user, self.lease_id, now):
                 root.connect(user, self.lease_id, now)
                 for name in [*others, *([self.room.name] if self.room else [])]:
                     root.enter(user, self.lease_id, name, now, stay=True)

@@ -12,6 +12,14 @@ rejoined at the next start) and where they stopped reading (`User.markers`, a
 `chatzeo.markers.ReadMarkers`): never on the room, so reading never writes what
 posting writes. Users stored before these existed load with none of either.
 
+Presence costs little (docs/scaling.md): a lease lives in its user's own ``leases``
+tree, which only that user's connections load, and a renewal writes only there, and
+only once less than half of the lease is left (`RENEW_FRACTION`); a room's
+``presence`` tree is written when a connection enters or leaves it, never by a
+renewal, so heartbeats wake nobody else. `who` takes liveness from the leases.
+With leases of `ChatRoot.lease_seconds` (300 s for new databases), 1,000 users
+renew about 7 times a second in all.
+
 Everything here changes objects in the caller's transaction; `chatzeo.client` runs
 each operation in its own retried transaction. Creating a room or user twice at once
 is safe: both insert the same key into one BTree bucket, which conflicts, and the
@@ -36,6 +44,8 @@ from .validation import check_room_name, check_user_name
 __all__ = ["ChatRoot", "User", "get_root", "ROOT_KEY", "MALFORMED_PRESENCE"]
 
 ROOT_KEY = "chatzeo"
+# A renewal writes once less than this share of the lease is left.
+RENEW_FRACTION = 0.5
 # What `ChatRoot.who` lists for a presence entry that breaks the rules: not a valid
 # user name, so it cannot be mistaken for one.
 MALFORMED_PRESENCE = "[malformed presence entry]"
@@ -94,7 +104,7 @@ class User(Persistent):
 class ChatRoot(Persistent):
     """The top of chatzeo's object graph: rooms, users and the connection rules."""
 
-    def __init__(self, *, max_connections: int = 8, lease_seconds: float = 60.0) -> None:
+    def __init__(self, *, max_connections: int = 8, lease_seconds: float = 300.0) -> None:
         self.rooms = OOBTree()
         self.users = OOBTree()
         self.max_connections = max_connections
@@ -178,23 +188,30 @@ class ChatRoot(Persistent):
             presence[lease_id] = (user.name, expiry)
         return room
 
-    def renew(
-        self, user_name: str, lease_id: str, now: float, also: Iterable[str] = ()
-    ) -> bool:
-        """Extend a live lease, and its presence in its room and the rooms in
-        ``also``; False if it expired or was never granted."""
+    def renew(self, user_name: str, lease_id: str, now: float) -> bool:
+        """Extend a live lease; False if it expired or was never granted.
+
+        Writes only the user's own leases, and only when less than `RENEW_FRACTION`
+        of the lease is left: most heartbeats commit nothing at all."""
         user = self.users.get(user_name)
         entry = user.leases.get(lease_id) if user is not None else None
-        if user is None or entry is None:
+        if entry is None or lease_problem(lease_id, entry) is not None or entry[1] <= now:
             return False
-        room_name, _ = entry
-        expiry = now + self.lease_seconds
-        user.leases[lease_id] = (room_name, expiry)
-        for name in {room_name, *also}:
-            presence = _presence(self.rooms.get(name)) if name is not None else None
-            if presence is not None:
-                presence[lease_id] = (user.name, expiry)
+        room_name, expiry = entry
+        if expiry - now < self.lease_seconds * RENEW_FRACTION:
+            user.leases[lease_id] = (room_name, now + self.lease_seconds)
         return True
+
+    def _alive(self, user_name: str, lease_id: str, room_name: str, now: float) -> bool:
+        """Whether ``user_name`` holds ``lease_id`` unexpired (``room_name``'s
+        presence names the lease). The lease names only the connection's current
+        room: a client of several rooms is present in each (`enter` with ``stay``),
+        and leaving one drops its presence there (`leave`)."""
+        user = self.users.get(user_name)
+        if not _is_user(user):
+            return False
+        entry = user.leases.get(lease_id)
+        return entry is not None and lease_problem(lease_id, entry) is None and entry[1] > now
 
     def _leave(self, room_name: Any, lease_id: str) -> None:
         """Drop ``lease_id``'s presence in ``room_name``, if that room can hold it."""
@@ -206,7 +223,10 @@ class ChatRoot(Persistent):
     def who(self, room_name: str, now: float) -> list[str]:
         """Names of the users with a live lease in the room, sorted; then one
         `MALFORMED_PRESENCE` placeholder per presence entry that breaks
-        `chatzeo.records.presence_problem` (stored through a plain ZEO server)."""
+        `chatzeo.records.presence_problem` (stored through a plain ZEO server).
+
+        The room's presence says who entered; the users' leases say who is still
+        alive (renewals do not touch the room)."""
         room = self.rooms.get(check_room_name(room_name))
         if not isinstance(room, ChatSession):
             return []
@@ -222,7 +242,7 @@ class ChatRoot(Persistent):
         for lease_id, entry in items:
             if presence_problem(lease_id, entry) is not None:
                 malformed += 1
-            elif entry[1] > now:
+            elif self._alive(entry[0], lease_id, room.name, now):
                 names.add(entry[0])
         return sorted(names) + [MALFORMED_PRESENCE] * malformed
 
