@@ -513,7 +513,7 @@ class ChatClient:
             now = self.clock()
             if not root.renew(user, self.lease_id, now):
                 root.connect(user, self.lease_id, now)
-                for name in [*others, *([self.room.name] if self.room else [])]:
+                for name in [*others, *([self.room.name] if self.room is not None else [])]:
                     root.enter(user, self.lease_id, name, now, stay=True)
 
         self._write(renew, "renewing presence")

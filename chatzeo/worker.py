@@ -491,7 +491,7 @@ class ClientWorker:
                 self._deliver(self._open(client, name, switched=bool(opened)))
                 self._snapshot(client)
             elif isinstance(request, Part):
-                name = request.room or (client.room.name if client.room else "")
+                name = request.room or (client.room.name if client.room is not None else "")
                 matches = [n for n in client.open_rooms if n.casefold() == name.casefold()]
                 if not matches:
                     self._deliver(Problem(f"#{name} is not open"))
