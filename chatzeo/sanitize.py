@@ -71,7 +71,15 @@ def _kept_in_sequence(cluster: str) -> set[int]:
             kept.add(index)
     tags = [index for index, char in enumerate(cluster) if ord(char) in _TAGS]
     end = cluster.find(_CANCEL_TAG)
-    if tags and end > tags[-1] and tags == list(range(tags[0], end)):
+    # A tag sequence is base + tags + cancel tag, its base one emoji with at most a
+    # modifier or selector (UTS #51): no format character before the tags, or
+    # escaping it would strand the tags on the escape's text (not idempotent).
+    if (
+        tags
+        and end > tags[-1]
+        and tags == list(range(tags[0], end))
+        and not any(_unsafe(char) for char in cluster[1 : tags[0]])
+    ):
         kept.update(tags)
         kept.add(end)
     return kept
