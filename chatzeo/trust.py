@@ -27,7 +27,9 @@ What is checked
     that base, not with the newest state, is what makes the checks hold under
     conflict resolution: BTrees and `RoomClock` merge a writer's *change* into the
     newest state (the clock also raises the keys of the entries it appends), and it
-    is that change which is checked.
+    is that change which is checked. So is retention's "oldest": against the room's
+    tree as of the writer's clock base (a tree changes only with its clock), not the
+    tree a concurrent flush has since filled with the entries the writer trims.
 
 The rules (each refusal names one; docs/security.md explains them)
     ``schema``      every checked record keeps `chatzeo.records`' shape: message
@@ -92,6 +94,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ZODB.POSException import ConflictError, POSKeyError
+from ZODB.utils import p64, u64
 
 from . import records
 from .allowlist import is_allowed
@@ -390,9 +393,21 @@ class TrustIndex:
         while self.cached_bytes > self.cache_bytes:
             self._forget(next(iter(states)))
 
-    def current(self, storage: Any, oid: bytes) -> tuple[str, Any]:
-        """The newest committed state of ``oid``, decoded once per revision."""
+    def current(self, storage: Any, oid: bytes, as_of: bytes | None = None) -> tuple[str, Any]:
+        """The newest committed state of ``oid``, decoded once per revision; with
+        ``as_of``, its state in the view of transaction ``as_of`` (an older revision
+        if a later commit changed it). Raises `ConflictError` if that revision was
+        packed away: the writer then retries from a fresh view."""
         data, tid = storage.load(oid)
+        if as_of is not None and tid > as_of:
+            try:
+                older = storage.loadBefore(oid, p64(u64(as_of) + 1))
+            except POSKeyError:
+                older = None
+            if older is None:
+                raise ConflictError(oid=oid, serials=(as_of,))
+            data, start, _ = older
+            return self.cached(oid, start) or decode(data)  # kept: the newest only
         found = self.cached(oid, tid)
         if found is None:
             found = decode(data)
@@ -1004,7 +1019,10 @@ class _Commit:
         elif new.get("flushed") != old.get("flushed"):
             self.refuse("history", "a room clock's flushed mark moved without a flush")
         if removed:
-            self._check_retention(room, sorted(removed), new["count"], new_pending)
+            # The tree as the writer saw it: a tree changes only with its clock, so
+            # its revision at the clock's base is the one the writer's view held.
+            seen = None if clock.is_new else clock.serial
+            self._check_retention(room, sorted(removed), new["count"], new_pending, seen)
         if new["head"] != (max(added) if added else old["head"]):
             self.refuse("history", "a room clock's head must be its newest message's key")
         if new["count"] - old["count"] != len(added) - len(removed):
@@ -1019,13 +1037,27 @@ class _Commit:
             self.refuse("history", "a room clock's total does not match the messages posted")
 
     def _check_retention(
-        self, room: RoomInfo, removed: list[int], count: int, pending: dict[int, Any]
+        self,
+        room: RoomInfo,
+        removed: list[int],
+        count: int,
+        pending: dict[int, Any],
+        seen: bytes | None,
     ) -> None:
+        """The ``removed`` keys are ones retention removes: older than ``max_age``, or
+        below every message that stays while ``max_messages`` do. What stays is the
+        writer's ``pending`` and the room's tree as the writer leaves it: its records
+        in this commit, the others as of ``seen`` (the base of the writer's clock),
+        not as committed since. A commit that flushed the pending entries this one
+        trims, from an older view, holds them in the newest tree; judged against that
+        tree, an honest trim would look like a deletion of kept messages. Conflict
+        resolution refuses such a commit anyway (its clock was flushed meanwhile), as
+        a `ConflictError` the writer retries."""
         if room.max_age is not None:
             bound = int((self.now + FUTURE_SKEW - room.max_age) * 1_000_000)
             removed = [key for key in removed if key >= bound]
         if removed and room.max_messages is not None:
-            first = self._first_key(room.messages)
+            first = self._first_key(room.messages, seen)
             if first is None and pending:
                 first = min(pending)
             if count >= room.max_messages and (first is None or removed[-1] < first):
@@ -1033,8 +1065,10 @@ class _Commit:
         if removed:
             self.refuse("history", "a message was removed that retention does not remove")
 
-    def _first_key(self, oid: bytes | None) -> Any:
-        """The smallest key of the tree or bucket ``oid`` once this commit is written."""
+    def _first_key(self, oid: bytes | None, seen: bytes | None = None) -> Any:
+        """The smallest key of the tree or bucket ``oid`` once this commit is written:
+        its records in this commit, the others as committed, or with ``seen`` as of
+        transaction ``seen``."""
         for _ in range(len(self.records) + 2):
             if oid is None:
                 return None
@@ -1042,12 +1076,12 @@ class _Commit:
             if record is not None:
                 shape = self._shapes(record)[1]
             else:
-                class_name, state = self.index.current(self.storage, oid)
-                shape = _shape(class_name, state)
+                shape = _shape(*self.index.current(self.storage, oid, seen))
             if shape.items:
                 return min(shape.items)
             oid = shape.link
         return None
+
 
 def _ref(state: Any, name: str) -> bytes:
     value = state.get(name) if isinstance(state, dict) else None

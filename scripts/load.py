@@ -5,10 +5,14 @@
 Starts its own server on a free loopback port (in a temporary directory), starts the
 readers (each follows the room live with `ChatClient.receive` and records the ids it
 gets, in order), then the writers (each sends back to back until the time is up and
-records the ids its sends returned, and how many retries and conflicts it met). While
+records the ids its sends returned, and how many retries and conflicts it met). The
+``--seconds`` window opens once every writer has connected and joined (a `go` file
+holds its end), so a loaded machine, where starting 12 processes can take longer
+than the window, still measures that many seconds of all writers at once. While
 they run it samples the server's resident memory (``VmRSS``) every second.
 
 Then it checks, and exits 1 if any check fails:
+- every writer sent (the window opened with all of them connected);
 - nothing lost: every acknowledged id is stored;
 - nothing duplicated: every stored id is stored once, and was acknowledged;
 - one order for all: every reader's live sequence equals the stored history;
@@ -37,6 +41,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ROOM = "load"
+# How long the workers may take to connect before the window opens: a bound for a
+# loaded machine, not a pause (the run starts as soon as all are ready).
+SETUP_SECONDS = 180.0
 
 
 def free_port() -> int:
@@ -56,7 +63,18 @@ def wait_for(label: str, condition: Any, timeout: float) -> None:
 # -- workers -------------------------------------------------------------------------
 
 
-def writer(address: str, name: str, end: float, out: Path) -> None:
+def opened_at(go: Path, give_up: float) -> float | None:
+    """The end of the window once the run opened it (the `go` file), else None;
+    exits if ``give_up`` (epoch seconds) passes first."""
+    if time.time() > give_up:
+        raise SystemExit(f"load: {go} did not appear in time")
+    try:
+        return float(go.read_text())
+    except (OSError, ValueError):  # not there yet (it is renamed into place whole)
+        return None
+
+
+def writer(address: str, name: str, go: Path, out: Path) -> None:
     from ZODB.POSException import ConflictError
 
     from chatzeo import ChatClient, RetryPolicy, open_db
@@ -71,6 +89,10 @@ def writer(address: str, name: str, end: float, out: Path) -> None:
     db = open_db(address, wait=60)
     client = ChatClient(db, name, policy=RetryPolicy(max_seconds=60.0, on_retry=on_retry))
     client.join(ROOM, history=0)
+    out.with_suffix(".ready").touch()
+    give_up = time.time() + SETUP_SECONDS
+    while (end := opened_at(go, give_up)) is None:
+        time.sleep(0.01)
     acked: list[str] = []
     latencies: list[float] = []
     failed = 0
@@ -85,13 +107,14 @@ def writer(address: str, name: str, end: float, out: Path) -> None:
         latencies.append(time.perf_counter() - started)
         acked.append(message.id)
         number += 1
+    last = time.time()  # the last send returned: closing is not part of the window
     client.close()
     db.close()
     out.write_text(json.dumps({"acked": acked, "latencies": latencies, "failed": failed,
-                               **counts}))
+                               "last": last, **counts}))
 
 
-def reader(address: str, name: str, directory: Path, give_up: float) -> None:
+def reader(address: str, name: str, directory: Path, grace: float) -> None:
     from chatzeo import ChatClient, open_db
 
     db = open_db(address, wait=60)
@@ -100,7 +123,12 @@ def reader(address: str, name: str, directory: Path, give_up: float) -> None:
     (directory / f"{name}.ready").touch()
     expected_file = directory / "expected"
     seen: list[str] = []
+    setup_ends = time.time() + SETUP_SECONDS
+    end: float | None = None
+    give_up = setup_ends + grace
     while time.time() < give_up:
+        if end is None and (end := opened_at(directory / "go", setup_ends)) is not None:
+            give_up = end + grace
         client.wait(0.5)
         seen.extend(message.id for message in client.receive())
         if expected_file.exists() and len(seen) >= int(expected_file.read_text()):
@@ -188,24 +216,35 @@ def run(seconds: float, writers: int, readers: int, work: Path) -> dict[str, Any
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        give_up = time.time() + seconds + 120
         processes += [
-            spawn("reader", address, f"reader-{n}", str(work), str(give_up))
+            spawn("reader", address, f"reader-{n}", str(work), "120")
             for n in range(readers)
         ]
-        wait_for("the readers", lambda: len(list(work.glob("*.ready"))) == readers, 120)
-        end = time.time() + seconds
-        write_started = time.monotonic()
+        wait_for("the readers", lambda: len(list(work.glob("reader-*.ready"))) == readers,
+                 SETUP_SECONDS)
+        spawned = time.monotonic()
         writer_procs = [
-            spawn("writer", address, f"w{n}", str(end), str(work / f"writer-{n}.json"))
+            spawn("writer", address, f"w{n}", str(work / "go"), str(work / f"writer-{n}.json"))
             for n in range(writers)
         ]
         processes += writer_procs
+
+        def writers_ready() -> bool:
+            for process in writer_procs:
+                if process.poll() is not None:
+                    raise SystemExit(f"load: a writer exited early: "
+                                     f"{process.communicate()[1].decode()[-2000:]}")
+            return len(list(work.glob("writer-*.ready"))) == writers
+
+        wait_for("the writers", writers_ready, SETUP_SECONDS)
+        ready_seconds = time.monotonic() - spawned
+        opened = time.time()
+        (work / "go.tmp").write_text(repr(opened + seconds))
+        (work / "go.tmp").rename(work / "go")  # whole, so no worker reads half of it
         for process in writer_procs:
             _, err = process.communicate(timeout=seconds + 180)
             if process.returncode:
                 raise SystemExit(f"load: a writer failed: {err.decode()[-2000:]}")
-        write_seconds = time.monotonic() - write_started
         stored = stored_ids(address)
         (work / "expected").write_text(str(len(stored)))
         for process in processes[:readers]:
@@ -231,15 +270,20 @@ def run(seconds: float, writers: int, readers: int, work: Path) -> dict[str, Any
         check_problem = str(error)
 
     results = [json.loads((work / f"writer-{n}.json").read_text()) for n in range(writers)]
+    # From the opening of the window to the last send's return (past the window's end
+    # by at most one send).
+    write_seconds = max(r["last"] for r in results) - opened
     acked = [i for r in results for i in r["acked"]]
     latencies = sorted(x for r in results for x in r["latencies"])
     seen = [json.loads((work / f"reader-{n}.json").read_text()) for n in range(readers)]
     stored_set = set(stored)
     report = {
         "seconds": round(write_seconds, 2),
+        "writers_ready_s": round(ready_seconds, 2),
         "writers": writers,
         "readers": readers,
         "messages": len(acked),
+        "writers_that_sent": sum(1 for r in results if r["acked"]),
         "throughput_per_s": round(len(acked) / write_seconds, 1),
         "retries": sum(r["retries"] for r in results),
         "conflicts": sum(r["conflicts"] for r in results),
@@ -266,7 +310,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args, rest = parser.parse_known_args()
     if args.role == "writer":
-        writer(rest[0], rest[1], float(rest[2]), Path(rest[3]))
+        writer(rest[0], rest[1], Path(rest[2]), Path(rest[3]))
         return 0
     if args.role == "reader":
         reader(rest[0], rest[1], Path(rest[2]), float(rest[3]))
@@ -275,7 +319,8 @@ def main() -> int:
         report = run(args.seconds, args.writers, args.readers, Path(work))
     rss = report["rss_kib"]
     print(f"{report['messages']} messages in {report['seconds']}s from {args.writers} writers "
-          f"({report['throughput_per_s']}/s), {args.readers} readers")
+          f"({report['throughput_per_s']}/s), {args.readers} readers; the writers took "
+          f"{report['writers_ready_s']}s to connect")
     print(f"retries {report['retries']} (conflicts {report['conflicts']}), failed sends "
           f"{report['failed_sends']}, send p50 {report['send_p50_ms']} ms "
           f"p99 {report['send_p99_ms']} ms")
@@ -293,7 +338,7 @@ def main() -> int:
         and report["failed_sends"] == 0
         and report["readers_in_stored_order"] == args.readers
         and report["check"] == "ok"
-        and report["messages"] > 0
+        and report["writers_that_sent"] == args.writers
     )
     print("load: OK" if ok else "load: FAILED")
     return 0 if ok else 1

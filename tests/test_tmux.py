@@ -184,7 +184,8 @@ def test_two_users_talk_while_one_is_typing(
     bob.wait_for("bob> half way thr")
     alice.enter("interrupting you")
     screen = bob.wait_for("<alice> interrupting you", "bob> half way thr")
-    assert prompt_line(bob) == "[#lobby] bob> half way thr"
+    # prompt_line is "" mid-redraw: wait for the redrawn line, which must be this one.
+    wait_until("bob's line redrawn", lambda: prompt_line(bob) == "[#lobby] bob> half way thr")
     assert screen.index("<alice> interrupting you") < screen.rindex("bob> half way thr")
     bob.enter("ough, done")
     alice.wait_for("<bob> half way through, done")
@@ -208,7 +209,7 @@ def test_two_users_talk_while_one_is_typing(
     # A refused line stays in the input to be corrected; Ctrl-C clears it.
     bob.enter("/frobnicate")
     bob.wait_for("!! unknown command /frobnicate")
-    assert prompt_line(bob) == "[#dev] bob> /frobnicate"
+    wait_until("the refused line kept", lambda: prompt_line(bob) == "[#dev] bob> /frobnicate")
     bob.key("C-c")
     wait_until("a cleared line", lambda: prompt_line(bob) == "[#dev] bob>")
     bob.enter("z" * 4100)
@@ -374,7 +375,7 @@ def test_keys_typed_while_messages_pour_in_stay_in_the_input_line(
         bob.close()
         db.close()
     alice.wait_for("<bob> burst 39", f"alice> {typed}")
-    assert prompt_line(alice) == f"[#lobby] alice> {typed}"
+    wait_until("alice's line redrawn", lambda: prompt_line(alice) == f"[#lobby] alice> {typed}")
     messages = [line for line in alice.lines() if "<bob> burst" in line]
     # Nothing the user typed was echoed into the output by the tty.
     assert [line.split("<bob> ")[1] for line in messages] == [f"burst {i}" for i in range(40)]

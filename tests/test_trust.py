@@ -22,6 +22,7 @@ import transaction
 import ZODB
 from conftest import ServerProcess, chatzeo_command, free_port, require, wait_until
 from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ConflictError
 
 from bench.trust.certs import Pki, client_context, make_pki, server_conf
 from chatzeo import open_db
@@ -406,6 +407,61 @@ def test_splits_concurrent_posts_retention_pack_and_restart(guarded, alice_db, b
 
     refused(guarded, bob_db, "history", rewrite_first)
     refused(guarded, alice_db, "author", lambda root: root.rooms["capped"].post("z", "bob"))
+
+
+def test_a_trim_racing_a_flush_from_an_older_view_is_retried_not_refused(
+    guarded, alice_db, bob_db, monkeypatch
+):
+    """The interleaving `test_splits_...` met about once in 13 runs, made in order.
+
+    Alice's view has 39 messages, all pending (tree empty); she flushes them into
+    the tree. Before she commits, bob posts the 40th, then starts a post that trims
+    the oldest pending entry (his tree is still empty) and does not write the tree.
+    Alice commits (resolution keeps 41 messages: no trim from her view). Bob's trim
+    was honest in his view; the guard once judged it against alice's tree, where
+    the entry he removed is the oldest message still kept, and refused it as
+    "history". It must pass the guard; resolution then refuses it as a conflict
+    (alice moved those entries), and bob's retry lands."""
+    chance = {"value": 1.0}  # random.random() for FLUSH_CHANCE: 1.0 never, 0.0 always
+    monkeypatch.setattr("chatzeo.session.random.random", lambda: chance["value"])
+    cap = 40
+    edit(alice_db, lambda root: root.rooms.__setitem__("raced", ChatSession("raced",
+                                                                          max_messages=cap)))
+    edit(alice_db, lambda root: [root.rooms["raced"].post(f"fill {n}", "alice")
+                                 for n in range(cap - 1)])
+    first_keys = [key for key, _ in messages(alice_db, "raced")[:3]]
+
+    alice = transaction.TransactionManager()
+    alice_room = get_root(alice_db.open(transaction_manager=alice)).rooms["raced"]
+    chance["value"] = 0.0
+    alice_room.post("alice flushes", "alice")  # 39 pending >= FLUSH: moved into the tree
+    assert alice_room._clock.pending[-1][1][2] == "alice flushes"
+    assert len(alice_room._messages) == cap - 1
+
+    chance["value"] = 1.0
+    edit(bob_db, lambda root: root.rooms["raced"].post("bob 40th", "bob"))
+    bob = transaction.TransactionManager()
+    bob_room = get_root(bob_db.open(transaction_manager=bob)).rooms["raced"]
+    bob_room.post("bob trims", "bob")  # 41 in his view: the oldest pending entry goes
+    assert len(bob_room._messages) == 0 and len(bob_room._clock.pending) == cap
+    assert bob_room._clock.pending[0][0] == first_keys[1]
+
+    alice.commit()
+    with pytest.raises(ConflictError):
+        bob.commit()
+    bob.abort()
+    bob_room.post("bob trims", "bob")  # the retry, from the view alice's commit left
+    bob.commit()
+    wait_until("alice sees bob's retry", lambda: any(
+        record[2] == "bob trims" for _, record in messages(alice_db, "raced")))
+    stored = messages(alice_db, "raced")
+    assert len(stored) == cap == read(alice_db, lambda root: len(root.rooms["raced"]))
+    # The two oldest went (alice's commit left 41), nothing else.
+    assert [record[2] for _, record in stored[:2]] == ["fill 2", "fill 3"]
+    assert [record[2] for _, record in stored[-3:]] == ["bob 40th", "alice flushes", "bob trims"]
+    assert first_keys[0] < first_keys[1] < stored[0][0]
+    alice.abort()
+    bob.abort()
 
 
 def test_tree_surgery_is_refused(guarded, alice_db):

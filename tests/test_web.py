@@ -125,6 +125,17 @@ def _texts(browser: Any) -> list[str]:
     return [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#messages li .text")]
 
 
+def _text_of(browser: Any, by: str, value: str) -> str:
+    """The text of the element, or "" while the page that holds it is still loading
+    (a form just submitted: the old document is gone, the new one not yet parsed)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return str(browser.find_element(by, value).text)
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
+
+
 def _fill(browser: Any, form: str, **fields: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -250,7 +261,7 @@ def test_an_aborted_close_changes_nothing_and_a_real_close_is_seen_live(site):
     )
     _fill(alice, "close", name="alice")
     wait_until("the error page", lambda: "nothing of this request was saved"
-               in alice.find_element(By.TAG_NAME, "body").text, timeout=20)
+               in _text_of(alice, By.TAG_NAME, "body"), timeout=20)
     # Bob's stream is in commit order: once his own later message arrives, a committed
     # "closed by" would have arrived before it.
     _delivery(bob, bob, "bob", "after the failed close")
@@ -264,7 +275,7 @@ def test_an_aborted_close_changes_nothing_and_a_real_close_is_seen_live(site):
     _live(alice)
     _fill(bob, "close", name="bob")
     wait_until("bob's page after closing",
-               lambda: bob.find_element(By.ID, "state").text == "closed by bob", timeout=20)
+               lambda: _text_of(bob, By.ID, "state") == "closed by bob", timeout=20)
     wait_until("the close on alice's page", lambda: "closed by bob" in _texts(alice), timeout=20)
     assert _history(site, room)[-1] == "closed by bob"
     assert f"committed to {room} by bob: 'closed by bob'" in site["app"].log.read_text()
@@ -278,7 +289,7 @@ def test_bad_input_is_one_line_and_changes_nothing(site):
     alice, bob = site["alice"], site["bob"]
     _fill(alice, "post", name="not a name!", text="hello")
     wait_until("the error line", lambda: "invalid user name" in
-               alice.find_element(By.ID, "error").text, timeout=20)
+               _text_of(alice, By.ID, "error"), timeout=20)
     _delivery(bob, alice, "bob", "still fine")
     assert "hello" not in _texts(alice)
     for bad in ("12abc", "%C2%B2", "9" * 30, "-1"):  # "²" is a digit to str.isdigit
