@@ -17,22 +17,28 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import transaction
-from ZODB.POSException import ReadConflictError
+from ZODB.POSException import POSKeyError, ReadConflictError
 
 from .delivery import ChangeFeed
-from .errors import NoSuchRoom
+from .errors import ChatError, NoSuchRoom
 from .message import Message, MessageKind, new_message_id
+from .privacy import NotOwner, PrivateRoom, PrivateRoomsNeedTLS, new_key
 from .realm import ChatRoot, get_root
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .session import ChatSession
 from .validation import check_room_name, check_user_name
 
-__all__ = ["ChatClient", "RoomInfo"]
+__all__ = ["ChatClient", "RoomInfo", "NotAMember", "NotOwner"]
 
 RoomInfo = tuple[str, int]
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+class NotAMember(ChatError, LookupError):
+    """A private room this user is not (or no longer) a member of, or no such room:
+    the server answers both alike."""
 
 
 class ChatClient:
@@ -53,6 +59,11 @@ class ChatClient:
         self.clock = clock
         self.policy = policy
         self.room: ChatSession | None = None
+        # The private room (or direct conversation) being talked in, if any.
+        self.private: PrivateRoom | None = None
+        # Whether this connection proves a name with a TLS client certificate: only
+        # then does the server keep private rooms private (chatzeo.readguard).
+        self.certified = bool(getattr(getattr(db, "storage", None), "_chatzeo_ssl", False))
         self._manager = transaction.TransactionManager()
         self._connection = db.open(transaction_manager=self._manager)
         self.feed = ChangeFeed(db, notify)
@@ -78,13 +89,19 @@ class ChatClient:
         comes after them. A missing room is created, or with ``create=False``
         refused with `NoSuchRoom`.
         """
+        if room_name.startswith("@"):
+            return self.query(room_name[1:], history=history, create=create)
         name = check_room_name(room_name)
+        self._manager.begin()
+        private = self._find_private(name)
+        if private is not None:
+            return self._enter_private(private, history)
         if not create:
-            self._manager.begin()
             if name not in self._root().rooms:
                 raise NoSuchRoom(name)
         user = self.user
         if user is not None:
+            self.private = None
             self._write(
                 lambda root: root.enter(user, self.lease_id, name, self.clock()),
                 f"joining room {name!r}",
@@ -93,6 +110,10 @@ class ChatClient:
             self._write(lambda root: root.room(name), f"creating room {name!r}")
         self._manager.begin()
         room = self._root().rooms[name]
+        self.private = None
+        return self._watch(room, history)
+
+    def _watch(self, room: ChatSession, history: int) -> list[Message]:
         self.room = room
         self.feed.watch([room._clock])
         page = room.latest(history)
@@ -100,13 +121,171 @@ class ChatClient:
         return page
 
     def rooms(self) -> list[RoomInfo]:
-        """Every room's name and message count, by name."""
-        return self._read(lambda: [(name, len(room)) for name, room in self._root().rooms.items()])
+        """Every room's name and message count, by name: the public rooms, then the
+        private rooms and direct conversations this user is a member of, shown as
+        ``#name (private)`` and ``@other``."""
+
+        def listing() -> list[RoomInfo]:
+            public = [(name, len(room)) for name, room in self._root().rooms.items()]
+            private = sorted(
+                (_shown(room, self.user), len(room.session)) for room in self._visible()
+            )
+            return public + private
+
+        return self._read(listing)
 
     def who(self, room_name: str | None = None) -> list[str]:
-        """Users present in a room now (the current one by default)."""
+        """Users present in a room now (the current one by default). In a private
+        room: its members, each followed by `` (online)`` while connected."""
+        if room_name is None and self.private is not None:
+            private = self.private
+            return self._read(lambda: self._members_online(private))
         name = room_name or self._current().name
         return self._read(lambda: self._root().who(name, self.clock()))
+
+    # -- private rooms and direct conversations ------------------------------
+
+    def create_private(self, room_name: str, history: int = 50) -> list[Message]:
+        """Create the invite-only room ``room_name``, owned by this user, and enter
+        it. Raises `PrivateRoomsNeedTLS` without client certificates, `ChatError` if
+        a room of that name (public, or private and visible) exists."""
+        name = check_room_name(room_name)
+        owner = self._certified_user()
+        self._manager.begin()
+        if name in self._root().rooms or self._find_private(name) is not None:
+            raise ChatError(f"a room named {name!r} exists already")
+        key = new_key()
+        self._write(lambda root: self._add_private(root, key, name, "room", owner, ()),
+                    f"creating private room {name!r}")
+        self._manager.begin()
+        return self._enter_private(self._root().private[key], history)
+
+    def query(self, other: str, history: int = 50, create: bool = True) -> list[Message]:
+        """Enter the direct conversation with ``other`` (created on first use)."""
+        room = self.direct(other, create=create)
+        self._manager.begin()
+        return self._enter_private(self._root().private[room], history)
+
+    def direct(self, other: str, create: bool = True) -> str:
+        """The key of this user's direct conversation with ``other``, created if
+        missing (unless ``create`` is false: then `NotAMember`)."""
+        other = check_user_name(other)
+        me = self._certified_user()
+        if other == me:
+            raise ChatError("a direct conversation needs someone else")
+        pair = tuple(sorted({me, other}))
+        self._manager.begin()
+        for room in self._visible():
+            if room.kind == "dm" and room.members == pair:
+                return str(room.key)
+        if not create:
+            raise NotAMember(f"no conversation with {other}")
+        key = new_key()
+        self._write(lambda root: self._add_private(root, key, "dm", "dm", me, (other,)),
+                    f"starting a conversation with {other!r}")
+        return key
+
+    def send_direct(self, other: str, text: str, kind: MessageKind = "say") -> Message:
+        """Post ``text`` to the direct conversation with ``other`` without leaving
+        the current room."""
+        key = self.direct(other)
+        self._manager.begin()
+        session = self._root().private[key].session
+        return session.add_message(text, self.user, kind=kind, policy=self.policy,
+                                   clock=self.clock)
+
+    def invite(self, name: str) -> bool:
+        """Let ``name`` into the current private room (its owner only); False if
+        already a member."""
+        return self._change_members(name, add=True)
+
+    def kick(self, name: str) -> bool:
+        """Remove ``name`` from the current private room (its owner only); its
+        connections lose access as soon as this commits. False if not a member."""
+        return self._change_members(name, add=False)
+
+    def members(self) -> tuple[str, tuple[str, ...]]:
+        """The current private room's owner and members."""
+        private = self._current_private()
+        return self._read(lambda: (private.owner, tuple(private.members)))
+
+    def _change_members(self, name: str, add: bool) -> bool:
+        name = check_user_name(name)
+        private = self._current_private()
+        me = self._certified_user()
+        oid = private._p_oid
+
+        def change(root: ChatRoot) -> bool:
+            room = root._p_jar.get(oid)
+            return room.add_member(me, name) if add else room.remove_member(me, name)
+
+        what = f"{'inviting' if add else 'removing'} {name!r}"
+        return bool(self._write(change, what))
+
+    def _current_private(self) -> PrivateRoom:
+        if self.private is None:
+            raise ChatError("this is not a private room: /create NAME makes one")
+        return self.private
+
+    def _certified_user(self) -> str:
+        if self.user is None:
+            raise ChatError("private rooms need a user name")
+        if not self.certified:
+            raise PrivateRoomsNeedTLS()
+        return self.user
+
+    def _add_private(self, root: ChatRoot, key: str, name: str, kind: str, owner: str,
+                     members: tuple[str, ...]) -> None:
+        if root.private is None:
+            raise PrivateRoomsNeedTLS(
+                "this server keeps no private rooms: it runs without TLS client "
+                "certificates (chatzeo serve --tls auto), so anyone could read them"
+            )
+        if key not in root.private:
+            root.private[key] = PrivateRoom(key, name, kind, owner, members)
+
+    def _visible(self) -> list[PrivateRoom]:
+        """The private rooms this connection may read, in the current transaction.
+        The server refuses the others as if they did not exist (POSKeyError)."""
+        directory = self._root().private
+        if directory is None:
+            return []
+        visible = []
+        for room in directory.values():
+            try:
+                if self.user in room.members:
+                    visible.append(room)
+            except POSKeyError:
+                continue
+        return visible
+
+    def _find_private(self, name: str) -> PrivateRoom | None:
+        if not self.certified:
+            return None
+        for room in self._visible():
+            if room.kind == "room" and room.name.lower() == name.lower():
+                return room
+        return None
+
+    def _enter_private(self, private: PrivateRoom, history: int) -> list[Message]:
+        user = self.user
+        if user is not None:
+            self._write(lambda root: root.enter_private(user, self.lease_id, self.clock()),
+                        "entering a private room")
+            self._manager.begin()
+        self.private = private
+        try:
+            return self._watch(private.session, history)
+        except POSKeyError:
+            self.private = None
+            raise NotAMember(f"you are not a member of {_shown(private, user)}") from None
+
+    def _members_online(self, private: PrivateRoom) -> list[str]:
+        now, users = self.clock(), self._root().users
+        return [
+            f"{name} (online)" if name in users and users[name].connections(now) else name
+            for name in private.members
+        ]
 
     # -- messages --------------------------------------------------------------
 
@@ -117,8 +296,15 @@ class ChatClient:
         )
 
     def receive(self) -> list[Message]:
-        """Messages committed to the current room since the last call, oldest first."""
-        return self._read(lambda: self._current().new_messages())
+        """Messages committed to the current room since the last call, oldest first.
+        Raises `NotAMember` once this user was removed from the current private room."""
+        try:
+            return self._read(lambda: self._current().new_messages())
+        except POSKeyError:
+            if self.private is None:
+                raise
+            shown = _shown(self.private, self.user)
+            raise NotAMember(f"you are no longer a member of {shown}") from None
 
     def history(self, limit: int, before: Message | None = None) -> list[Message]:
         """The ``limit`` messages before ``before`` (default: the latest), oldest first."""
@@ -144,7 +330,9 @@ class ChatClient:
             now = self.clock()
             if not root.renew(user, self.lease_id, now):
                 root.connect(user, self.lease_id, now)
-                if self.room is not None:
+                if self.private is not None:
+                    root.enter_private(user, self.lease_id, now)
+                elif self.room is not None:
                     root.enter(user, self.lease_id, self.room.name, now)
 
         self._write(renew, "renewing presence")
@@ -212,3 +400,8 @@ class ChatClient:
             what=what,
             policy=policy or self.policy,
         )
+
+
+def _shown(room: PrivateRoom, viewer: str | None) -> str:
+    shown = room.shown_name(viewer)
+    return f"{shown} (private)" if room.kind == "room" else shown

@@ -114,6 +114,8 @@ def _open_zeo(
         storage = _ClientStorage(address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None)
     except ClientDisconnected:
         raise ServerUnavailable(shown, wait) from None
+    # Whether this client proves its name with a certificate (chatzeo.client asks).
+    storage._chatzeo_ssl = ssl is not None
     return _db(storage, db_options, shown=shown, wait=wait)
 
 

@@ -47,7 +47,14 @@ class User(Persistent):
 
 
 class ChatRoot(Persistent):
-    """The top of chatzeo's object graph: rooms, users and the connection rules."""
+    """The top of chatzeo's object graph: rooms, users and the connection rules.
+
+    ``private`` is the directory of private rooms (`chatzeo.privacy`): None (also
+    for roots stored before it existed) unless the server runs with client
+    certificates, which creates it.
+    """
+
+    private: Any = None
 
     def __init__(self, *, max_connections: int = 8, lease_seconds: float = 60.0) -> None:
         self.rooms = OOBTree()
@@ -114,6 +121,16 @@ class ChatRoot(Persistent):
         user.leases[lease_id] = (room.name, expiry)
         room.presence[lease_id] = (user.name, expiry)
         return room
+
+    def enter_private(self, user_name: str, lease_id: str, now: float) -> None:
+        """Move a connection into a private room: out of its public room's presence,
+        its lease naming no room (a lease is readable by everybody, so it must not
+        say which private room its holder is in)."""
+        user = self.user(user_name)
+        previous = user.leases.get(lease_id, (None, 0.0))[0]
+        if previous is not None and previous in self.rooms:
+            self.rooms[previous].presence.pop(lease_id, None)
+        user.leases[lease_id] = (None, now + self.lease_seconds)
 
     def renew(self, user_name: str, lease_id: str, now: float) -> bool:
         """Extend a live lease; False if it expired or was never granted."""

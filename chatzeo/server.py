@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 from importlib import resources
 from pathlib import Path
@@ -31,12 +32,15 @@ import zc.lockfile
 import ZConfig
 import ZEO
 import ZODB
+from BTrees.OOBTree import OOBTree
 from ZEO.runzeo import create_server
 
 from .allowlist import guard_conflict_resolution
 from .database import default_data_dir, parse_address
 from .errors import ChatError
 from .guard import install_guard
+from .identity import IdentityError, Revocations, ensure_authority, server_context
+from .readguard import install_read_guard
 from .realm import get_root
 
 __all__ = ["serve", "load_config", "ServerConfigError", "default_config_path"]
@@ -77,6 +81,7 @@ def load_config(
     except (OSError, UnicodeDecodeError) as error:
         raise ServerConfigError(f"cannot read config file {path}: {error}") from None
     define = _DATA_DIR_DEFINE.search(text)
+    data_directory: Path | None = None
     if define is None:
         if data_dir is not None:
             raise ServerConfigError(f"config file {path} has no '%define DATA_DIR' to override")
@@ -86,6 +91,7 @@ def load_config(
             base = Path.cwd() if data_dir is not None else path.parent
             directory = base.resolve() / directory
         directory.mkdir(parents=True, exist_ok=True)
+        data_directory = directory
         text = text[: define.start()] + f"%define DATA_DIR {directory}" + text[define.end():]
     schema = ZConfig.loadSchema(os.path.join(os.path.dirname(ZEO.__file__), "schema.xml"))
     try:
@@ -93,6 +99,8 @@ def load_config(
     except Exception as error:
         reason = " ".join(str(error).split())
         raise ServerConfigError(f"config file {path} is broken: {reason}") from None
+    # Where `--tls auto` keeps its CA and the revocation list lives.
+    config.chatzeo_data_dir = data_directory or path.resolve().parent
     if address is not None:
         parsed = parse_address(address)
         config.zeo.address = SimpleNamespace(
@@ -108,8 +116,16 @@ def serve(
     data_dir: Path | None = None,
     guard: str = "auto",
     max_connections: int | None = None,
+    tls: str = "config",
 ) -> int:
     """Run the server until SIGINT or SIGTERM; return the exit status.
+
+    ``tls`` is ``"config"`` (TLS as the config's ``<ssl>`` says, none without one)
+    or ``"auto"``: require client certificates signed by the server's own CA in
+    ``DATA_DIR/tls``, created on first use (`chatzeo.identity`); ``chatzeo invite``
+    issues them. With client certificates, private rooms are served to their
+    members only (`chatzeo.readguard`); a database holding private rooms is
+    refused without them.
 
     ``max_connections``, if given, becomes the per-user connection limit stored in
     chatzeo's root (`ChatRoot.max_connections`). ``guard`` is ``"auto"`` (check
@@ -127,17 +143,31 @@ def serve(
     bound = config.zeo.address.address
     _check_port(bound)
     guard_conflict_resolution()
+    tls_directory = Path(config.chatzeo_data_dir) / "tls"
+    if tls == "auto":
+        host = bound[0] if isinstance(bound, tuple) else None
+        try:
+            authority = ensure_authority(tls_directory, [host] if host else [])
+            config.zeo.ssl = server_context(authority)
+        except (OSError, IdentityError, ssl.SSLError) as error:
+            raise ServerConfigError(f"cannot set up TLS in {tls_directory}: {error}") from None
+        log.info("TLS: clients need a certificate from 'chatzeo invite NAME' (CA in %s)",
+                 tls_directory)
+    elif tls != "config":
+        raise ServerConfigError(f"--tls must be auto or config, not {tls!r}")
     guarded = _guarded(config, guard)
     storages = {opener.name or "1": _open_storage(opener) for opener in config.storages}
     _warn_about_shared_databases(storages)
     server = None
     try:
         for storage in storages.values():
-            _prepare(storage, max_connections)
+            _prepare(storage, max_connections, private=guarded)
         server = create_server(storages, _server_options(config))
         if guarded:
+            storage = next(iter(storages.values()))
             try:
-                install_guard(server, next(iter(storages.values())))
+                install_guard(server, storage)
+                install_read_guard(server, storage, Revocations(tls_directory / "revoked.json"))
             except Exception as error:
                 raise ServerConfigError(
                     f"cannot index the storage for the commit guard: {error}"
@@ -193,9 +223,11 @@ def _warn_about_shared_databases(storages: dict[str, Any]) -> None:
             )
 
 
-def _prepare(storage: Any, max_connections: int | None) -> None:
+def _prepare(storage: Any, max_connections: int | None, private: bool = False) -> None:
     """Create ZODB's root and chatzeo's root in ``storage`` if they are missing,
-    and set the per-user connection limit if one is given.
+    and set the per-user connection limit if one is given. With ``private`` (client
+    certificates and the guards), create the directory of private rooms; without,
+    refuse a storage that holds private rooms: anyone could read them.
 
     The DB is dropped without closing it: closing would close the storage the
     server is about to serve.
@@ -207,6 +239,13 @@ def _prepare(storage: Any, max_connections: int | None) -> None:
         root = get_root(connection)
         if max_connections is not None and root.max_connections != max_connections:
             root.max_connections = max_connections
+        if private and root.private is None:
+            root.private = OOBTree()
+        elif not private and root.private:
+            raise ServerConfigError(
+                "this database holds private rooms: serve it with client certificates "
+                "(--tls auto, or <ssl> in the config) and the guard, or anyone can read them"
+            )
         manager.commit()
     finally:
         connection.close()

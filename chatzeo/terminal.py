@@ -314,7 +314,8 @@ def run_chat(args: argparse.Namespace) -> int:
     room = check_room_name(args.room)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
-    tls = context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    tls = getattr(args, "ssl_context", None) or context_from_options(
+        args.tls_cert, args.tls_key, args.tls_ca)
     db = open_db(args.server, wait=args.wait, ssl=tls)
     finished = True
     try:

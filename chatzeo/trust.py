@@ -76,13 +76,15 @@ ROOT_OID = Z64
 # bound of retention by as much.
 FUTURE_SKEW = 300.0
 
-_TREE_KINDS = ("messages", "presence", "rooms", "users", "leases")
+_TREE_KINDS = ("messages", "presence", "rooms", "users", "leases", "private")
 _CLASSES = {
     "messages": ("BTrees.LOBTree.LOBTree", "BTrees.LOBTree.LOBucket"),
     "presence": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
     "rooms": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
     "users": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
     "leases": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
+    "private": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
+    "access": ("chatzeo.privacy.PrivateRoom",),
     "session": ("chatzeo.session.ChatSession",),
     "clock": ("chatzeo.session.RoomClock",),
     "user": ("chatzeo.realm.User",),
@@ -278,6 +280,14 @@ class TrustIndex:
             index.roles[value.oid] = ("user", name)
             _, user = _load(storage, value.oid)
             list(index._walk(storage, user["leases"].oid, ("leases", name)))
+        # Private rooms (chatzeo.privacy): their sessions are rooms like any other;
+        # who may read and change them is chatzeo.readguard's business.
+        private = state.get("private")
+        if isinstance(private, Ref):
+            for _, value in index._walk(storage, private.oid, ("private", None)):
+                index.roles[value.oid] = ("access", value.oid)
+                _, access = _load(storage, value.oid)
+                index._add_room(storage, access["session"].oid, access["name"])
         return index
 
     def apply(self, update: IndexUpdate, tid: bytes, resolved: Iterable[bytes] = ()) -> None:
@@ -487,6 +497,9 @@ class _Commit:
             elif kind == "users":
                 linked += [(v.oid, ("user", k)) for k, v in new.items.items()
                            if isinstance(v, Ref)]
+            elif kind == "private":
+                linked += [(v.oid, ("access", v.oid)) for v in new.items.values()
+                           if isinstance(v, Ref)]
             return linked
         state = record.new_state
         if kind == "session" and record.is_new and isinstance(state, dict):
@@ -495,6 +508,9 @@ class _Commit:
                     (_ref(state, "presence"), ("presence", record.oid))]
         if kind == "user" and record.is_new and isinstance(state, dict):
             return [(_ref(state, "leases"), ("leases", owner))]
+        if kind == "access" and record.is_new and isinstance(state, dict):
+            session = _ref(state, "session")
+            return [(session, ("session", session))]
         return []
 
     # -- decoding
@@ -591,7 +607,7 @@ class _Commit:
                           *(v for pair in group.changed.values() for v in pair)):
                 if not (isinstance(value, tuple) and value and value[0] == self.identity):
                     self.refuse("presence", "a presence entry may only name its writer")
-        elif kind in ("rooms", "users"):
+        elif kind in ("rooms", "users", "private"):
             self._check_directory(kind, group)
         elif kind == "messages":
             self._check_messages(owner, group, clocks.get(owner))
@@ -649,7 +665,7 @@ class _Commit:
                 self.refuse("structure", "a new bucket is not in its tree's bucket chain")
 
     def _check_directory(self, kind: str, group: _Group) -> None:
-        noun = "room" if kind == "rooms" else "user"
+        noun = {"rooms": "room", "users": "user", "private": "private room"}[kind]
         if group.changed:
             self.refuse(noun, f"{noun} {next(iter(group.changed))!r} cannot be replaced")
         if group.removed:
@@ -661,7 +677,8 @@ class _Commit:
             assert target is not None
             self._decode(target)
             state = target.new_state
-            name = state.get("name") if isinstance(state, dict) else None
+            name = state.get("key" if kind == "private" else "name") if isinstance(
+                state, dict) else None
             if name != key:
                 self.refuse(noun, f"{noun} {name!r} is filed under another name, {key!r}")
             if kind == "users" and key != self.identity:
