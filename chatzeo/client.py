@@ -61,6 +61,7 @@ class ChatClient:
         self.room: ChatSession | None = None
         # The private room (or direct conversation) being talked in, if any.
         self.private: PrivateRoom | None = None
+        self._private_shown = ""
         # Whether this connection proves a name with a TLS client certificate: only
         # then does the server keep private rooms private (chatzeo.readguard).
         self.certified = bool(getattr(getattr(db, "storage", None), "_chatzeo_ssl", False))
@@ -92,6 +93,7 @@ class ChatClient:
         if room_name.startswith("@"):
             return self.query(room_name[1:], history=history, create=create)
         name = check_room_name(room_name)
+        self._catch_up()
         self._manager.begin()
         private = self._find_private(name)
         if private is not None:
@@ -132,6 +134,7 @@ class ChatClient:
             )
             return public + private
 
+        self._catch_up()
         return self._read(listing)
 
     def who(self, room_name: str | None = None) -> list[str]:
@@ -174,6 +177,7 @@ class ChatClient:
         if other == me:
             raise ChatError("a direct conversation needs someone else")
         pair = tuple(sorted({me, other}))
+        self._catch_up()
         self._manager.begin()
         for room in self._visible():
             if room.kind == "dm" and room.members == pair:
@@ -222,6 +226,24 @@ class ChatClient:
         what = f"{'inviting' if add else 'removing'} {name!r}"
         return bool(self._write(change, what))
 
+    def _catch_up(self, bound: float = 2.0) -> None:
+        """Wait (at most ``bound`` seconds) until this client has heard of every
+        commit the ZEO server had finished when asked. A new transaction sees only
+        the invalidations already received, so without this a room someone was just
+        invited to would not be found yet, and joining it would make a public room
+        of that name instead. One round trip; nothing for other storages."""
+        storage = self.db.storage
+        call = getattr(storage, "_call", None)
+        if call is None or not self.is_connected():
+            return
+        try:
+            target = call("lastTransaction")
+        except Exception:  # a lost server: the caller's own read will say so
+            return
+        deadline = time.monotonic() + bound
+        while (storage.lastTransaction() or b"") < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+
     def _current_private(self) -> PrivateRoom:
         if self.private is None:
             raise ChatError("this is not a private room: /create NAME makes one")
@@ -251,12 +273,15 @@ class ChatClient:
         if directory is None:
             return []
         visible = []
+        storage = self._connection._storage  # loads as of this transaction's start
         for room in directory.values():
             try:
-                if self.user in room.members:
-                    visible.append(room)
+                # Asked of the storage first: a refused ghost load would log a traceback.
+                storage.load(room._p_oid)
             except POSKeyError:
                 continue
+            if self.user in room.members:
+                visible.append(room)
         return visible
 
     def _find_private(self, name: str) -> PrivateRoom | None:
@@ -274,11 +299,12 @@ class ChatClient:
                         "entering a private room")
             self._manager.begin()
         self.private = private
+        self._private_shown = _shown(private, user)
         try:
             return self._watch(private.session, history)
         except POSKeyError:
             self.private = None
-            raise NotAMember(f"you are not a member of {_shown(private, user)}") from None
+            raise NotAMember(f"you are not a member of {self._private_shown}") from None
 
     def _members_online(self, private: PrivateRoom) -> list[str]:
         now, users = self.clock(), self._root().users
@@ -303,8 +329,7 @@ class ChatClient:
         except POSKeyError:
             if self.private is None:
                 raise
-            shown = _shown(self.private, self.user)
-            raise NotAMember(f"you are no longer a member of {shown}") from None
+            raise NotAMember(f"you are no longer a member of {self._private_shown}") from None
 
     def history(self, limit: int, before: Message | None = None) -> list[Message]:
         """The ``limit`` messages before ``before`` (default: the latest), oldest first."""
