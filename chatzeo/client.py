@@ -122,6 +122,13 @@ class ChatClient:
         room.skip_to_end()
         return page
 
+    def shown_room(self) -> str:
+        """The current room as shown to this user: ``#lobby``, ``#plans (private)``,
+        ``@bob``."""
+        if self.private is not None:
+            return self._private_shown
+        return f"#{self._current().name}"
+
     def rooms(self) -> list[RoomInfo]:
         """Every room's name and message count, by name: the public rooms, then the
         private rooms and direct conversations this user is a member of, shown as

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidInput
 from .message import MessageKind
-from .validation import check_room_name, check_text
+from .validation import check_room_name, check_text, check_user_name
 
 __all__ = [
     "Command",
@@ -25,6 +25,12 @@ __all__ = [
     "History",
     "Help",
     "Quit",
+    "Create",
+    "Invite",
+    "Kick",
+    "Members",
+    "Msg",
+    "Query",
     "InvalidCommand",
     "parse",
     "HELP",
@@ -72,6 +78,47 @@ class History:
 
 
 @dataclass(frozen=True)
+class Create:
+    """Create the invite-only room ``room``, owned by this user, and enter it."""
+
+    room: str
+
+
+@dataclass(frozen=True)
+class Invite:
+    """Let ``user`` into the current private room (its owner only)."""
+
+    user: str
+
+
+@dataclass(frozen=True)
+class Kick:
+    """Remove ``user`` from the current private room (its owner only)."""
+
+    user: str
+
+
+@dataclass(frozen=True)
+class Members:
+    """List the current private room's owner and members."""
+
+
+@dataclass(frozen=True)
+class Msg:
+    """Post ``text`` to the direct conversation with ``user``, staying here."""
+
+    user: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Query:
+    """Enter the direct conversation with ``user``."""
+
+    user: str
+
+
+@dataclass(frozen=True)
 class Help:
     """Show the commands."""
 
@@ -81,7 +128,10 @@ class Quit:
     """Leave the chat."""
 
 
-Command = Say | Join | Rooms | Who | History | Help | Quit
+Command = (
+    Say | Join | Rooms | Who | History | Help | Quit
+    | Create | Invite | Kick | Members | Msg | Query
+)
 
 HELP = """\
 Type a message and press Enter to send it. Commands:
@@ -90,6 +140,11 @@ Type a message and press Enter to send it. Commands:
   /who          who is in this room now
   /me ACTION    say what you do, e.g. /me waves
   /history N    show the N messages before the oldest one shown
+  /create ROOM  make an invite-only room you own (needs a TLS server)
+  /invite USER  let USER into this private room (its owner only)
+  /kick USER    remove USER from this private room (its owner only)
+  /members      who may read this private room
+  /msg USER TEXT  send USER a direct message; /query USER opens the conversation
   /help         this text
   /quit         leave (Ctrl-D and Ctrl-C too)
 Start a message with // to send it with a single leading /."""
@@ -121,7 +176,25 @@ def parse(line: str) -> Command | None:
         return Join(check_room_name(argument))
     if name == "history":
         return History(_count(argument))
-    simple: dict[str, Command] = {"rooms": Rooms(), "who": Who(), "help": Help(), "quit": Quit()}
+    if name == "create":
+        if not argument or " " in argument:
+            raise InvalidCommand("/create needs one room name, e.g. /create plans")
+        return Create(check_room_name(argument))
+    if name in ("invite", "kick", "query"):
+        if not argument or " " in argument:
+            raise InvalidCommand(f"/{name} needs one user name, e.g. /{name} bob")
+        user = check_user_name(argument.removeprefix("@"))
+        if name == "invite":
+            return Invite(user)
+        return Kick(user) if name == "kick" else Query(user)
+    if name == "msg":
+        user, _, text = argument.partition(" ")
+        if not user or not text.strip():
+            raise InvalidCommand("/msg needs a user and a message, e.g. /msg bob hello")
+        return Msg(check_user_name(user.removeprefix("@")), check_text(text))
+    simple: dict[str, Command] = {
+        "rooms": Rooms(), "who": Who(), "help": Help(), "quit": Quit(), "members": Members(),
+    }
     if name in simple:
         if argument:
             raise InvalidCommand(f"/{name} takes no argument")

@@ -41,7 +41,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.renderer import print_formatted_text as render_text
 
 from .client import ChatClient
-from .commands import HELP, Help, History, Join, Quit, Rooms, Say, Who, parse
+from .commands import HELP, Help, History, Quit, Say, parse
 from .database import open_db
 from .display import STYLE, error_line, info_line, message_line, prompt_text, stamp, status_text
 from .errors import ChatError, InvalidInput
@@ -175,7 +175,6 @@ class ChatScreen:
             else:
                 self._submit(Earlier(command.count, self.oldest))
         else:
-            assert isinstance(command, Join | Rooms | Who)
             self._submit(command)
         return True
 
@@ -191,7 +190,8 @@ class ChatScreen:
             shown = f"the last {count} messages above" if count else "no messages yet"
             lines.append(
                 info_line(
-                    f"you are in #{event.room} ({shown}; /history N for earlier ones, "
+                    f"you are in {event.shown or '#' + event.room} ({shown}; "
+                    "/history N for earlier ones, "
                     "/help for commands)"
                 )
             )

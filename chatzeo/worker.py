@@ -36,10 +36,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .client import ChatClient
-from .commands import Join, Rooms, Who
+from .client import ChatClient, NotAMember
+from .commands import Create, Invite, Join, Kick, Members, Msg, Query, Rooms, Who
 from .errors import RetryLimitExceeded
 from .message import Message, MessageKind
 
@@ -84,7 +84,9 @@ class Earlier:
     before: Message
 
 
-Request = Outgoing | Earlier | Join | Rooms | Who
+Request = (
+    Outgoing | Earlier | Join | Rooms | Who | Create | Invite | Kick | Members | Msg | Query
+)
 
 
 # -- events: worker -> UI thread -----------------------------------------------
@@ -92,10 +94,12 @@ Request = Outgoing | Earlier | Join | Rooms | Who
 
 @dataclass(frozen=True)
 class Joined:
-    """Now in ``room``; ``page`` is its latest history, oldest first."""
+    """Now in ``room``; ``page`` is its latest history, oldest first. ``shown`` is
+    how the room is named on screen (``#plans (private)``, ``@bob``)."""
 
     room: str
     page: tuple[Message, ...]
+    shown: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ class ClientWorker:
             page = client.join(self._room, history=HISTORY_PAGE)
             assert client.room is not None
             self._client = client
-            self._ready.set_result(Joined(client.room.name, tuple(page)))
+            self._ready.set_result(_joined(client, page))
         except BaseException as error:
             client.close()
             self._ready.set_exception(error)
@@ -274,13 +278,33 @@ class ClientWorker:
                 self._flush(client)
                 self._answer(client, request)
 
-    def _answer(self, client: ChatClient, request: Earlier | Join | Rooms | Who) -> None:
+    def _answer(self, client: ChatClient, request: Request) -> None:
         try:
-            if isinstance(request, Join):
+            if isinstance(request, Join | Create | Query):
                 self._receive(client)  # show what arrived in the room being left
-                page = client.join(request.room, history=HISTORY_PAGE)
-                assert client.room is not None
-                self._deliver(Joined(client.room.name, tuple(page)))
+                if isinstance(request, Join):
+                    page = client.join(request.room, history=HISTORY_PAGE)
+                elif isinstance(request, Create):
+                    page = client.create_private(request.room, history=HISTORY_PAGE)
+                else:
+                    page = client.query(request.user, history=HISTORY_PAGE)
+                self._deliver(_joined(client, page))
+            elif isinstance(request, Invite | Kick):
+                done = (client.invite if isinstance(request, Invite) else client.kick)(
+                    request.user)
+                verb = "invited" if isinstance(request, Invite) else "removed"
+                if not done:
+                    verb = "already a member:" if isinstance(request, Invite) else "not a member:"
+                self._deliver(Notice((f"{verb} {request.user}",)))
+            elif isinstance(request, Members):
+                owner, members = client.members()
+                shown = ", ".join(f"{name} (owner)" if name == owner else name
+                                  for name in members)
+                self._deliver(Notice((f"members: {shown}",)))
+            elif isinstance(request, Msg):
+                client.send_direct(request.user, request.text)
+                self._deliver(Notice((f"-> {request.user}: {request.text}",
+                                      f"(/query {request.user} to read the conversation)")))
             elif isinstance(request, Earlier):
                 older = client.history(request.count, before=request.before)
                 self._deliver(EarlierPage(request.before, tuple(older)))
@@ -288,7 +312,8 @@ class ClientWorker:
                 assert client.room is not None
                 names = client.who()
                 shown = ", ".join(names) if names else "nobody"
-                self._deliver(Notice((f"in #{client.room.name}: {shown}",)))
+                where = client.shown_room() if client.private else f"#{client.room.name}"
+                self._deliver(Notice((f"in {where}: {shown}",)))
             else:
                 rooms = client.rooms()
                 lines = [f"#{name}: {count} messages" for name, count in rooms]
@@ -334,6 +359,15 @@ class ClientWorker:
     def _read(self, client: ChatClient) -> list[Message] | None:
         try:
             return client.receive()
+        except NotAMember as error:
+            # Removed from the private room: say so once, and go back to the lobby.
+            self._deliver(Problem(str(error)))
+            try:
+                page = client.join("lobby", history=HISTORY_PAGE)
+                self._deliver(_joined(client, page))
+            except Exception as failure:
+                self._deliver(Problem(_one_line(failure)))
+            return []
         except Exception:  # the server went away mid-read; read again once back
             log.info("reading the room failed", exc_info=True)
             return None
@@ -346,6 +380,11 @@ class ClientWorker:
             log.info("heartbeat failed", exc_info=True)
             return min(self._heartbeat_every, 5.0)
         return self._heartbeat_every
+
+
+def _joined(client: ChatClient, page: list[Message]) -> Joined:
+    assert client.room is not None
+    return Joined(client.room.name, tuple(page), client.shown_room())
 
 
 def _one_line(error: BaseException) -> str:

@@ -435,6 +435,70 @@ def test_revocation_closes_open_connections_and_refuses_new_ones(people: Site) -
     assert again.returncode == 1 and "no certificate was issued" in again.stderr
 
 
+def test_slash_commands_in_the_chat_worker(people: Site) -> None:
+    """What /create, /invite, /members, /msg, /query and a /kick do in `chatzeo chat`'s
+    worker (the terminal's database thread), as the terminal sends them."""
+    from test_terminal import Events
+
+    from chatzeo.commands import parse
+    from chatzeo.worker import Arrived, ClientWorker, Joined, Landed, Notice, Outgoing, Problem
+
+    identity = load_identity(people.identities["bob"])
+    bob_db = open_db(identity.server, ssl=identity.context, wait=15)
+    events = Events()
+    worker = ClientWorker(lambda: ChatClient(bob_db, "bob"), "lobby", events.deliver)
+    alice = people.client("alice")
+    try:
+        assert worker.start().result(timeout=30).room == "lobby"
+        name = unique("crew")
+        worker.submit(parse(f"/create {name}"))  # type: ignore[arg-type]
+        joined = events.next(Joined)
+        assert joined.shown == f"#{name} (private)" and joined.room.startswith("p-")
+        worker.submit(parse("/invite alice"))  # type: ignore[arg-type]
+        assert events.next(Notice).lines == ("invited alice",)
+        worker.submit(parse("/members"))  # type: ignore[arg-type]
+        assert events.next(Notice).lines == ("members: alice, bob (owner)",)
+        worker.submit(Outgoing(1, "welcome aboard"))
+        assert [m.text for m in events.next(Landed).messages] == ["welcome aboard"]
+        assert [m.text for m in alice.join(name)] == ["welcome aboard"]
+        alice.send("thanks")
+        assert [m.text for m in events.next(Arrived).messages] == ["thanks"]
+        with pytest.raises(Exception, match="only bob"):
+            alice.kick("bob")
+        worker.submit(parse("/msg alice a word in private"))  # type: ignore[arg-type]
+        assert events.next(Notice).lines[0] == "-> alice: a word in private"
+        assert [m.text for m in alice.join("@bob")] == ["a word in private"]
+        worker.submit(parse("/query alice"))  # type: ignore[arg-type]
+        joined = events.next(Joined)
+        assert joined.shown == "@alice" and [m.text for m in joined.page] == [
+            "a word in private"]
+        worker.submit(parse(f"/join {name}"))  # type: ignore[arg-type]
+        assert events.next(Joined).shown == f"#{name} (private)"
+        worker.submit(parse("/kick alice"))  # type: ignore[arg-type]
+        assert events.next(Notice).lines == ("removed alice",)
+        worker.submit(parse("/kick alice"))  # type: ignore[arg-type]
+        assert events.next(Notice).lines == ("not a member: alice",)
+        # alice, inside the room when removed, is told and put back in the lobby.
+        alice_events = Events()
+        alice_worker = ClientWorker(lambda: ChatClient(alice.db, "alice"), "lobby",
+                                    alice_events.deliver)
+        try:
+            alice_worker.start().result(timeout=30)
+            worker.submit(parse("/invite alice"))  # type: ignore[arg-type]
+            events.next(Notice)
+            alice_worker.submit(parse(f"/join {name}"))  # type: ignore[arg-type]
+            assert alice_events.next(Joined).shown == f"#{name} (private)"
+            worker.submit(parse("/kick alice"))  # type: ignore[arg-type]
+            events.next(Notice)
+            assert "no longer a member" in alice_events.next(Problem).text
+            assert alice_events.next(Joined).room == "lobby"
+        finally:
+            alice_worker.stop()
+    finally:
+        worker.stop()
+        bob_db.close()
+
+
 def test_serving_private_rooms_without_tls_is_refused(site: Site, tmp_path: Path) -> None:
     """A database with private rooms must not be served to everybody: the server
     refuses to start without client certificates."""
