@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "created on first use ('chatzeo invite' issues them); config: as zeo.conf says",
     )
     serve.add_argument(
+        "--private-rooms",
+        choices=("on", "off"),
+        default="on",
+        help="with client certificates, serve private rooms to their members only "
+        "(off: no private rooms, no read checks)",
+    )
+    serve.add_argument(
         "--max-connections",
         type=_positive,
         metavar="N",
@@ -316,7 +323,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     return serve(args.config, args.address, args.data_dir, args.guard, args.max_connections,
-                 tls=args.tls)
+                 tls=args.tls, private_rooms=args.private_rooms == "on")
 
 
 def _authority(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -55,7 +55,13 @@ from .identity import Revocations
 from .privacy import access_problem
 from .trust import Ref, decode
 
-__all__ = ["ReadIndex", "ReadGuard", "install_read_guard", "check_private_commit"]
+__all__ = [
+    "ReadIndex",
+    "ReadGuard",
+    "install_read_guard",
+    "install_revocation_check",
+    "check_private_commit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -408,10 +414,80 @@ class _ReadState:
     extra: dict[bytes, dict[Any, list[bytes]]] = field(default_factory=dict)
 
 
-def _with_read_guard(cls: type) -> type:
-    if issubclass(cls, ReadGuard):
-        return cls
-    return type(f"Read{cls.__name__}", (ReadGuard, cls), {})
+def _poll_revocations(server: Any, state: _ReadState) -> None:
+    """About once a second, close the open connections of revoked certificates."""
+    loop = getattr(getattr(server, "acceptor", None), "event_loop", None)
+    if loop is None:
+        return
+    revocations = state.revocations
+
+    def poll() -> None:
+        try:
+            if revocations.refresh():
+                for zs in list(state.connections):
+                    if revocations.is_revoked(getattr(zs, "_read_peercert", None)):
+                        log.warning("closing %s: certificate %r was revoked",
+                                    zs.log_label, zs.identity)
+                        state.connections.discard(zs)
+                        zs.connection.close()
+        finally:
+            loop.call_later(REVOCATION_POLL, poll)
+
+    loop.call_soon(poll)
+
+
+class _RevocationOnly(ReadGuard):
+    """`ReadGuard`'s revocation check without its read checks (``--private-rooms
+    off``): every object is readable, no invalidation is filtered."""
+
+    def _check_read(self, oid: bytes) -> None:
+        pass
+
+    def _filtered(self, send: Callable[..., Any]) -> Callable[..., Any]:
+        return send
+
+    def getInvalidations(self, tid: bytes) -> Any:  # noqa: N802 (ZEO's name)
+        return super(ReadGuard, self).getInvalidations(tid)  # type: ignore[misc]
+
+    def iterator_record_next(self, iid: Any) -> Any:
+        return super(ReadGuard, self).iterator_record_next(iid)  # type: ignore[misc]
+
+    def loadBefore(self, oid: bytes, tid: bytes) -> Any:  # noqa: N802 (ZEO's name)
+        return super(ReadGuard, self).loadBefore(oid, tid)  # type: ignore[misc]
+
+    def _vote(self, delay: Any = None) -> Any:
+        return super(ReadGuard, self)._vote(delay)  # type: ignore[misc]
+
+    def _invalidate(self, tid: bytes) -> Any:
+        self._read_stores = []
+        return super(ReadGuard, self)._invalidate(tid)  # type: ignore[misc]
+
+
+def install_revocation_check(server: Any, revocations: Revocations) -> None:
+    """Refuse and close revoked certificates' connections, without read checks."""
+    state = _ReadState(ReadIndex(), revocations)
+    revocations.refresh()
+    _install(server, state, _RevocationOnly)
+    _poll_revocations(server, state)
+
+
+def _install(server: Any, state: _ReadState, mixin: type) -> None:
+    create = server.create_client_handler
+    classes: dict[type, type] = {}
+
+    def create_client_handler() -> Any:
+        handler = create()
+        base = type(handler)
+        if base not in classes:
+            classes[base] = base if issubclass(base, mixin) else type(
+                f"{mixin.__name__.strip('_')}{base.__name__}", (mixin, base), {})
+        # Same instance layout, one more base: safe to re-class (as fanout does).
+        handler.__class__ = classes[base]
+        handler._reads = state
+        handler._read_stores = []
+        return handler
+
+    server.create_client_handler = create_client_handler
 
 
 def install_read_guard(server: Any, storage: Any, revocations: Revocations) -> ReadIndex:
@@ -421,36 +497,8 @@ def install_read_guard(server: Any, storage: Any, revocations: Revocations) -> R
     revocation check. Call before the server loops."""
     state = _ReadState(ReadIndex.build(storage), revocations)
     revocations.refresh()
-    create = server.create_client_handler
-    classes: dict[type, type] = {}
-
-    def create_client_handler() -> Any:
-        handler = create()
-        base = type(handler)
-        if base not in classes:
-            classes[base] = _with_read_guard(base)
-        # Same instance layout, one more base: safe to re-class (as fanout does).
-        handler.__class__ = classes[base]
-        handler._reads = state
-        handler._read_stores = []
-        return handler
-
-    server.create_client_handler = create_client_handler
-    loop = getattr(getattr(server, "acceptor", None), "event_loop", None)
-    if loop is not None:
-        def poll() -> None:
-            try:
-                if revocations.refresh():
-                    for zs in list(state.connections):
-                        if revocations.is_revoked(getattr(zs, "_read_peercert", None)):
-                            log.warning("closing %s: certificate %r was revoked",
-                                        zs.log_label, zs.identity)
-                            state.connections.discard(zs)
-                            zs.connection.close()
-            finally:
-                loop.call_later(REVOCATION_POLL, poll)
-
-        loop.call_soon(poll)
+    _install(server, state, ReadGuard)
+    _poll_revocations(server, state)
     log.info("private rooms are read by their members only (%d rooms, %d objects)",
              len(state.index.rooms), len(state.index.room_of))
     return state.index

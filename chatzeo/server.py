@@ -40,7 +40,7 @@ from .database import default_data_dir, parse_address
 from .errors import ChatError
 from .guard import install_guard
 from .identity import IdentityError, Revocations, ensure_authority, server_context
-from .readguard import install_read_guard
+from .readguard import install_read_guard, install_revocation_check
 from .realm import get_root
 
 __all__ = ["serve", "load_config", "ServerConfigError", "default_config_path"]
@@ -117,6 +117,7 @@ def serve(
     guard: str = "auto",
     max_connections: int | None = None,
     tls: str = "config",
+    private_rooms: bool = True,
 ) -> int:
     """Run the server until SIGINT or SIGTERM; return the exit status.
 
@@ -125,7 +126,8 @@ def serve(
     ``DATA_DIR/tls``, created on first use (`chatzeo.identity`); ``chatzeo invite``
     issues them. With client certificates, private rooms are served to their
     members only (`chatzeo.readguard`); a database holding private rooms is
-    refused without them.
+    refused without them. ``private_rooms=False`` serves no private rooms even
+    then (no read checks; a database holding some is refused).
 
     ``max_connections``, if given, becomes the per-user connection limit stored in
     chatzeo's root (`ChatRoot.max_connections`). ``guard`` is ``"auto"`` (check
@@ -161,13 +163,17 @@ def serve(
     server = None
     try:
         for storage in storages.values():
-            _prepare(storage, max_connections, private=guarded)
+            _prepare(storage, max_connections, private=guarded and private_rooms)
         server = create_server(storages, _server_options(config))
         if guarded:
             storage = next(iter(storages.values()))
             try:
                 install_guard(server, storage)
-                install_read_guard(server, storage, Revocations(tls_directory / "revoked.json"))
+                revocations = Revocations(tls_directory / "revoked.json")
+                if private_rooms:
+                    install_read_guard(server, storage, revocations)
+                else:
+                    install_revocation_check(server, revocations)
             except Exception as error:
                 raise ServerConfigError(
                     f"cannot index the storage for the commit guard: {error}"
