@@ -537,3 +537,39 @@ def test_serving_private_rooms_without_tls_is_refused(site: Site, tmp_path: Path
         assert_cannot_read(carol, oids)
     finally:
         site.close()
+
+
+def test_a_database_served_without_tls_gains_private_rooms_with_it(tmp_path: Path) -> None:
+    """A file written by a server without certificates (chatzeo before private
+    rooms, or today without TLS: the root has no ``private``) keeps working when
+    served with ``--tls auto``, which adds the directory of private rooms."""
+    data = tmp_path / "data"
+    plain = ServerProcess(data).start()
+    try:
+        db = open_db(plain.address)
+        client = ChatClient(db, "alice")
+        client.join("lobby")
+        client.send("from before TLS")
+        client.close()
+        db.close()
+    finally:
+        plain.stop()
+    secured = ServerProcess(data, port=plain.port, options=("--tls", "auto")).start()
+    try:
+        out = tmp_path / "alice.chatzeo"
+        done = run("invite", "alice", "--data-dir", str(data), "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        identity = load_identity(out)
+        assert identity.server == "127.0.0.1:8765"  # the config's, unless told otherwise
+        db = open_db(secured.address, ssl=identity.context)
+        client = ChatClient(db, "alice")
+        try:
+            assert [m.text for m in client.join("lobby")] == ["from before TLS"]
+            client.create_private("first")
+            client.send("kept")
+            assert ("#first (private)", 1) in client.rooms()
+        finally:
+            client.close()
+            db.close()
+    finally:
+        secured.stop()
