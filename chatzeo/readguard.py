@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 
 Z64 = b"\0" * 8
 _ACCESS_CLASS = "chatzeo.privacy.PrivateRoom"
-_MARK = b"PrivateRoom"
 # How often open connections are checked against the revocation list (seconds).
 REVOCATION_POLL = 1.0
 
@@ -212,34 +211,55 @@ def check_private_commit(
     load_serial: Callable[[bytes, bytes], bytes],
 ) -> None:
     """Refuse (`TrustViolation`, rule ``private``) a commit that writes an object
-    of a private room its writer is not a member of, or a `PrivateRoom` state that
-    `chatzeo.privacy.access_problem` refuses."""
+    of a private room its writer is not a member of, links into ``ChatRoot.private``
+    anything but a new `PrivateRoom` (or the directory's own new nodes), or writes a
+    `PrivateRoom` state that `chatzeo.privacy.access_problem` refuses."""
     stores = list(stores)
+    data_of = {oid: data for oid, _, data in stores}
     new = {oid for oid, serial, _ in stores if serial == Z64}
+    directory = [oid for oid in data_of if oid in index.directory]
     for oid, serial, data in stores:
         room = index.room_of.get(oid)
         if room is not None and not index.readable(identity, oid):
             raise TrustViolation("private: only the members of a private room write to it")
-        if room == oid or (serial == Z64 and _MARK in data):
-            try:
-                class_name, state = decode(data)
-                old = None
-                if serial != Z64:
-                    old_class, old = decode(load_serial(oid, serial))
-                    if old_class != _ACCESS_CLASS:
-                        raise TrustViolation("private: a record was replaced by a private room")
-            except TrustViolation:
-                raise
-            except Exception:
-                raise TrustViolation("private: a private room record is malformed") from None
-            if class_name != _ACCESS_CLASS:
-                if room == oid:
-                    raise TrustViolation("private: a private room was replaced by another record")
+        if room == oid:
+            class_name, state = _decoded(data)
+            old_class, old = _decoded(load_serial(oid, serial))
+            if class_name != _ACCESS_CLASS or old_class != _ACCESS_CLASS:
+                raise TrustViolation("private: a private room was replaced by another record")
+            _check_access(identity, old, state, new)
+    # What the directory links that is new: its own new nodes, or new private rooms.
+    seen: set[bytes] = set()
+    while directory:
+        for child in referencesf(data_of[directory.pop()]):
+            if child not in new or child in seen:
                 continue
-            session = state.get("session") if isinstance(state, dict) else None
-            problem = access_problem(identity, old, state, getattr(session, "oid", None) in new)
-            if problem is not None:
-                raise TrustViolation(f"private: {problem}")
+            seen.add(child)
+            class_name, state = _decoded(data_of[child])
+            if class_name in _DIRECTORY_CLASSES:
+                directory.append(child)
+            elif class_name == _ACCESS_CLASS:
+                _check_access(identity, None, state, new)
+            else:
+                raise TrustViolation("private: the directory of private rooms holds "
+                                     "only private rooms")
+
+
+_DIRECTORY_CLASSES = ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket")
+
+
+def _decoded(data: bytes) -> tuple[str, Any]:
+    try:
+        return decode(data)
+    except Exception:
+        raise TrustViolation("private: a private room record is malformed") from None
+
+
+def _check_access(identity: str | None, old: Any, state: Any, new: set[bytes]) -> None:
+    session = state.get("session") if isinstance(state, dict) else None
+    problem = access_problem(identity, old, state, getattr(session, "oid", None) in new)
+    if problem is not None:
+        raise TrustViolation(f"private: {problem}")
 
 
 class ReadGuard:
@@ -259,19 +279,23 @@ class ReadGuard:
     def notify_connected(self, conn: Any) -> None:
         super().notify_connected(conn)  # type: ignore[misc]
         reads = self._reads
-        reads.revocations.refresh()
-        peercert = _peercert(conn)
-        self._read_peercert = peercert
-        if reads.revocations.is_revoked(peercert):
-            log.warning("refused a revoked certificate (%r) from %s",
-                        getattr(self, "identity", None), getattr(self, "log_label", "?"))
-            self.connection.close()  # type: ignore[attr-defined]
-            return
+        self._read_peercert = _peercert(conn)
         reads.connections.add(self)
         for name in ("async_", "async_threadsafe"):
             send = getattr(self, name, None)
             if send is not None:
                 setattr(self, name, self._filtered(send))
+
+    def register(self, storage_id: str, read_only: bool) -> Any:
+        # Refused here rather than by closing in notify_connected: the client hears
+        # why, closes, and ZEO's own disconnect bookkeeping runs as usual.
+        revocations = self._reads.revocations
+        revocations.refresh()
+        if revocations.is_revoked(self._read_peercert):
+            log.warning("refused a revoked certificate (%r) from %s",
+                        getattr(self, "identity", None), getattr(self, "log_label", "?"))
+            raise TrustViolation("identity: this certificate was revoked")
+        return super().register(storage_id, read_only)  # type: ignore[misc]
 
     def notify_disconnected(self) -> None:
         self._reads.connections.discard(self)
@@ -428,12 +452,25 @@ def _poll_revocations(server: Any, state: _ReadState) -> None:
                     if revocations.is_revoked(getattr(zs, "_read_peercert", None)):
                         log.warning("closing %s: certificate %r was revoked",
                                     zs.log_label, zs.identity)
-                        state.connections.discard(zs)
-                        zs.connection.close()
+                        _drop(zs)
         finally:
             loop.call_later(REVOCATION_POLL, poll)
 
     loop.call_soon(poll)
+
+
+def _drop(zs: Any) -> None:
+    """Close ``zs``'s connection from the server's side. ZEO's close marks the
+    protocol closed first, so its ``connection_lost`` skips ``notify_disconnected``
+    (docs/operations.md): call it here, so that an open transaction is aborted and
+    the connection leaves the server's lists."""
+    connection = zs.connection
+    try:
+        if zs.connected:
+            zs.notify_disconnected()
+    finally:
+        if connection is not None:
+            connection.close()
 
 
 class _RevocationOnly(ReadGuard):
