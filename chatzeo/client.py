@@ -150,6 +150,12 @@ class ChatClient:
         if room_name is None and self.private is not None:
             private = self.private
             return self._read(lambda: self._members_online(private))
+        if room_name is not None:
+            self._catch_up()
+            self._manager.begin()
+            found = self._find_private(check_room_name(room_name))
+            if found is not None:
+                return self._read(lambda: self._members_online(found))
         name = room_name or self._current().name
         return self._read(lambda: self._root().who(name, self.clock()))
 
