@@ -1,4 +1,4 @@
-"""The ``chatzeo`` command: serve, chat, send, tail, history, rooms, who, check, pack.
+"""The ``chatzeo`` command: serve, chat, send, tail, history, rooms, who, ping, check, pack.
 
 Exit status: 0 on success, 2 for a usage error (bad options, unknown command), 1 with
 a one-line ``chatzeo: error: ...`` on standard error for anything else (server
@@ -10,9 +10,12 @@ Runs in the main thread; `chatzeo chat` hands over to `chatzeo.terminal`.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from transaction.interfaces import TransientError
+from ZODB.POSException import POSError
 
 from .client import ChatClient
-from .database import DEFAULT_ADDRESS, open_db
-from .errors import ChatError, InvalidInput
+from .database import DEFAULT_ADDRESS
+from .errors import ChatError, InvalidInput, InvalidName, NoSuchRoom
 from .message import Message
+from .reach import open_for_command
 from .retry import RetryPolicy, is_transient
 from .sanitize import clean
 from .validation import (
@@ -35,10 +40,18 @@ from .validation import (
     decode_text,
 )
 
-__all__ = ["main", "build_parser", "format_line"]
+__all__ = ["main", "build_parser", "format_line", "default_name"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEFAULT_ROOM = "lobby"
+# Bounds a user can mean: a day of waiting, a century of keeping old revisions.
+MAX_WAIT = 86400.0
+MAX_PACK_DAYS = 36500.0
+# How often `tail --wait-for-room` looks for the room (a local read: ZEO's cache
+# answers it until a commit changes the room list).
+ROOM_POLL = 0.5
+# Messages a room that appeared during `tail --wait-for-room` may already hold.
+WAITED_HISTORY = 10_000
 
 
 def format_line(message: Message) -> str:
@@ -51,8 +64,24 @@ def format_line(message: Message) -> str:
     return f"{stamp} <{author}> {text}"
 
 
-def _default_name() -> str:
-    return os.environ.get("CHATZEO_NAME") or os.environ.get("USER") or "guest"
+def default_name() -> str:
+    """``$CHATZEO_NAME``, else the login name made into a valid user name, else ``guest``.
+
+    A login name may hold characters chatzeo names may not (``John Doe``); those are
+    dropped rather than refusing to start, and the result is cut to the limit.
+    """
+    explicit = os.environ.get("CHATZEO_NAME")
+    if explicit:
+        return explicit
+    try:
+        login = getpass.getuser()
+    except Exception:  # no login name (e.g. a uid with no passwd entry)
+        return "guest"
+    name = re.sub(r"[^A-Za-z0-9._-]", "", login).lstrip("._-")[:32]
+    try:
+        return check_user_name(name)
+    except InvalidName:
+        return "guest"
 
 
 def _resolve_connection(args: argparse.Namespace) -> None:
@@ -86,7 +115,7 @@ def _resolve_connection(args: argparse.Namespace) -> None:
     if identity is None:
         args.ssl_context = context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
         if getattr(args, "name", "") is None:
-            args.name = _default_name()
+            args.name = default_name()
         return
     args.ssl_context = identity.context
     if getattr(args, "name", "") is None:
@@ -107,6 +136,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog="chatzeo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"chatzeo {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, target: bool = True, room: bool = False) -> Any:
@@ -124,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "else ~/.config/chatzeo/identity.chatzeo if it exists)",
             )
             sub.add_argument(
-                "--wait", type=float, default=10.0,
+                "--wait", type=_seconds, default=10.0, metavar="SECONDS",
                 help="seconds to wait for the server to answer, and then for each write "
                 "to get through conflicts or a lost server (default: %(default)s)",
             )
@@ -144,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--guard",
         choices=("auto", "on", "off"),
         default="auto",
-        help="check commits against client certificates (auto: when <ssl> is configured)",
+        help="auto: check every commit against chatzeo's record rules, and with <ssl> against "
+        "client certificates too; on: the same, <ssl> required; off: no checks (plain ZEO)",
     )
     serve.add_argument(
         "--tls",
@@ -166,20 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="how many connections one user may hold at once (kept in the database; default 8)",
     )
+    serve.add_argument(
+        "--operator", action="append", default=[], metavar="NAME",
+        help="under TLS, a certificate name that may pack (repeatable; without TLS any "
+        "loopback or unix-socket client may)",
+    )
+    serve.add_argument(
+        "--protocol-checks", choices=("on", "off"), default="on",
+        help="off serves every ZEO call unchecked: only to measure what the checks cost",
+    )
 
-    name_help = "your user name (default: the identity's, else $CHATZEO_NAME or $USER)"
+    name_help = ("(default: the identity's name, else $CHATZEO_NAME, else your login name: "
+                 f"{default_name()})")
     chat = command("chat", "talk in a room, in this terminal", room=True)
-    chat.add_argument("--name", default=None, help=name_help)
+    chat.add_argument("--name", default=None, help=f"your user name {name_help}")
 
     send = command("send", "post one message", room=True)
-    send.add_argument("--name", default=None, help=name_help)
-    send.add_argument("text", help="the message, or - to read it from standard input")
+    send.add_argument("--name", default=None, help=f"author name {name_help}")
+    # nargs="*" only to say what to do about `send hi there`: one argument is posted.
+    send.add_argument("text", nargs="*", metavar="TEXT",
+                      help="the message, quoted as one argument, or - to read standard input")
 
     tail = command("tail", "print messages as they arrive, until interrupted", room=True)
     tail.add_argument(
         "--history", type=_count, default=0, metavar="N", help="print the last N first"
     )
     tail.add_argument("--json", action="store_true", help="print JSON lines")
+    tail.add_argument("--wait-for-room", action="store_true",
+                      help="if the room does not exist yet, wait for someone to create it")
 
     history = command("history", "print a room's latest messages", room=True)
     history.add_argument("--limit", type=_count, default=50, metavar="N")
@@ -192,10 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CHATZEO_SERVER", DEFAULT_ADDRESS),
         help="postgres:// URI, ZConfig file or any other target (default: $CHATZEO_SERVER)",
     )
-    init_db.add_argument("--wait", type=float, default=10.0, help="seconds to wait for it")
+    init_db.add_argument("--wait", type=_seconds, default=10.0, metavar="SECONDS",
+                         help="seconds to wait for it")
 
-    command("rooms", "list rooms and their message counts")
-    command("who", "list users present in a room", room=True)
+    command("ping", "say whether a chatzeo server answers (exit 0) or why not (exit 1)")
+
+    rooms = command("rooms", "list rooms and their message counts")
+    rooms.add_argument("--json", action="store_true", help="print JSON lines")
+    who = command("who", "list users present in a room", room=True)
+    who.add_argument("--json", action="store_true", help="print JSON lines")
 
     check = command("check", "verify a FileStorage data file", target=False)
     check.add_argument("path", type=Path, help="the data file, e.g. var/chat.fs")
@@ -212,9 +262,38 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="the address clients reach the server at, written "
                                   "into the file (default: the config's)")
     pack = command("pack", "pack the storage through the server")
-    pack.add_argument("--days", type=float, default=0.0,
+    pack.add_argument("--days", type=_days, default=0.0,
                       help="keep old revisions younger than this (default: %(default)s)")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chatzeo")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def _number(text: str, what: str, maximum: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of {what}, not {text!r}") from None
+    if not (math.isfinite(value) and 0 <= value <= maximum):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of {what} from 0 to {maximum:g}, not {text!r}"
+        )
+    return value
+
+
+def _seconds(text: str) -> float:
+    return _number(text, "seconds", MAX_WAIT)
+
+
+def _days(text: str) -> float:
+    return _number(text, "days", MAX_PACK_DAYS)
 
 
 def _count(text: str, minimum: int = 0) -> int:
@@ -246,6 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A read that met a lost server or a conflict after the retries gave up.
         print(f"chatzeo: error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+    except (OSError, POSError) as error:
+        # The storage itself failed (the server's disk is full, a file vanished):
+        # not the user's mistake, but still one line, and nothing half-written
+        # (the server aborted the transaction).
+        print(f"chatzeo: error: the storage failed: {type(error).__name__}: "
+              f"{_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:
@@ -272,7 +358,7 @@ def _quiet_logging(command: str) -> None:
 
 
 def _client(args: argparse.Namespace, user: str | None = None) -> ChatClient:
-    db = open_db(args.server, wait=args.wait, ssl=_tls(args))
+    db = open_for_command(args.server, args.wait, _tls(args), _cert(args))
     try:
         return ChatClient(db, user, policy=RetryPolicy(max_seconds=args.wait))
     except BaseException:
@@ -291,18 +377,44 @@ def _with_client(
         client.db.close()
 
 
+def _cert(args: argparse.Namespace) -> str | None:
+    from .tls import TLS_ENVIRONMENT
+
+    # An identity file holds the certificate too (the first one in it).
+    return (args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"])
+            or getattr(args, "identity", None) or os.environ.get("CHATZEO_IDENTITY") or None)
+
+
 def _tls(args: argparse.Namespace) -> Any:
     return args.ssl_context
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .maintenance import check_file
+    from .maintenance import StorageDamaged, check_file
 
+    path: Path = args.path
+    if not path.exists():
+        raise ChatError(f"no such file: {path}")
+    if path.is_dir():
+        raise ChatError(f"{path} is a directory; give the data file, e.g. {path / 'chat.fs'}")
+    if not path.is_file():
+        raise ChatError(f"{path} is not a regular file, so not a FileStorage data file")
     try:
-        counts = check_file(args.path)
-    except FileNotFoundError:
-        print(f"chatzeo: error: no such file: {args.path}", file=sys.stderr)
-        return EXIT_ERROR
+        with open(path, "rb") as file:
+            magic = file.read(4)
+    except OSError as error:
+        raise ChatError(f"cannot read {path}: {error.strerror}") from None
+    if magic != b"FS21":
+        # Every FileStorage file starts so; anything else is another kind of file,
+        # not a damaged data file.
+        raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS21)")
+    try:
+        counts = check_file(path)
+    except StorageDamaged as damaged:
+        # The report: every problem, one a line (each already made printable).
+        for problem in damaged.problems:
+            print(f"{path}: {problem}")
+        raise
     print(f"{args.path}: ok ({counts['objects']} objects, {counts['rooms']} rooms, "
           f"{counts['messages']} messages)")
     return EXIT_OK
@@ -311,7 +423,7 @@ def _check(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from .maintenance import pack
 
-    db = open_db(args.server, wait=args.wait, ssl=_tls(args))
+    db = open_for_command(args.server, args.wait, _tls(args), _cert(args))
     try:
         pack(db, args.days)
     finally:
@@ -322,8 +434,18 @@ def _pack(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    return serve(args.config, args.address, args.data_dir, args.guard, args.max_connections,
-                 tls=args.tls, private_rooms=args.private_rooms == "on")
+    data_dir: Path | None = args.data_dir
+    if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        raise ChatError(f"--data-dir {data_dir} is a file; it must be a directory")
+    try:
+        return serve(
+            args.config, args.address, args.data_dir, args.guard, args.max_connections,
+            operators=tuple(args.operator), protocol_checks=args.protocol_checks == "on",
+            tls=args.tls, private_rooms=args.private_rooms == "on",
+        )
+    except OSError as error:  # e.g. a data directory that cannot be created
+        where = f": {error.filename}" if error.filename else ""
+        raise ChatError(f"cannot serve: {error.strerror or error}{where}") from None
 
 
 def _authority(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -381,6 +503,13 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
+    if len(args.text) != 1:
+        words = " ".join(args.text)
+        example = f"chatzeo send {_quoted(words or 'hello there')}"
+        print(f"chatzeo send: error: give the message as one argument: quote it, e.g. "
+              f"{example}", file=sys.stderr)
+        return EXIT_USAGE
+    args.text = args.text[0]
     if args.text == "-":
         data = sys.stdin.buffer.read(MAX_MESSAGE_BYTES * 4 + 1)
         text = decode_text(data)
@@ -398,6 +527,13 @@ def _send(args: argparse.Namespace) -> int:
     return _with_client(args, send, user=name)
 
 
+def _quoted(text: str) -> str:
+    import shlex
+
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return shlex.quote(clean(shown))
+
+
 def _print(message: Message, as_json: bool) -> None:
     if as_json:
         print(json.dumps(message.as_json(), ensure_ascii=False), flush=True)
@@ -406,8 +542,10 @@ def _print(message: Message, as_json: bool) -> None:
 
 
 def _tail(args: argparse.Namespace) -> int:
+    room = check_room_name(args.room)
+
     def tail(client: ChatClient) -> int:
-        for message in client.join(args.room, history=args.history):
+        for message in _join_existing(client, room, args.history, args.wait_for_room):
             _print(message, args.json)
         behind = False  # a read failed: try again even without a new push
         while True:
@@ -435,6 +573,26 @@ def _tail(args: argparse.Namespace) -> int:
     return _with_client(args, tail)
 
 
+def _join_existing(
+    client: ChatClient, room: str, history: int, wait_for_it: bool
+) -> list[Message]:
+    """Join ``room`` without creating it: reading commands never create rooms, so a
+    typo is reported instead of becoming a room for ever."""
+    announced = False
+    while True:
+        try:
+            # A room that appeared while we waited is new from its first message on.
+            return client.join(room, history=WAITED_HISTORY if announced else history,
+                               create=False)
+        except NoSuchRoom:
+            if not wait_for_it:
+                raise NoSuchRoom(room) from None
+        if not announced:
+            print(f"chatzeo: no room named {room!r} yet; waiting for it", file=sys.stderr)
+            announced = True
+        time.sleep(ROOM_POLL)
+
+
 def _history(args: argparse.Namespace) -> int:
     def history(client: ChatClient) -> int:
         for message in client.join(args.room, history=args.limit, create=False):
@@ -452,19 +610,39 @@ def _init_db(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ping(args: argparse.Namespace) -> int:
+    from .reach import is_server_address, wait_for_server
+
+    if not is_server_address(args.server):
+        raise ChatError(f"ping needs a server address (host:port or a socket), not {args.server!r}")
+    wait_for_server(args.server, _tls(args), args.wait, cert=_cert(args))
+    print(f"a chatzeo server answers at {clean(args.server)}")
+    return EXIT_OK
+
+
 def _rooms(args: argparse.Namespace) -> int:
     def rooms(client: ChatClient) -> int:
         for name, count in client.rooms():
-            print(f"{name}\t{count}")
+            if args.json:
+                print(json.dumps({"room": name, "messages": count}, ensure_ascii=False))
+            else:
+                print(f"{clean(name)}\t{count}")
         return EXIT_OK
 
     return _with_client(args, rooms)
 
 
 def _who(args: argparse.Namespace) -> int:
+    room = check_room_name(args.room)
+
     def who(client: ChatClient) -> int:
-        for name in client.who(args.room):
-            print(name)
+        names = client.who(room)
+        if args.json:
+            print(json.dumps({"room": client.find_room(room), "present": names},
+                             ensure_ascii=False))
+        else:
+            for name in names:
+                print(clean(name))
         return EXIT_OK
 
     return _with_client(args, who)
@@ -477,6 +655,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "tail": _tail,
     "history": _history,
     "init-db": _init_db,
+    "ping": _ping,
     "rooms": _rooms,
     "who": _who,
     "check": _check,

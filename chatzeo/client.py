@@ -17,18 +17,22 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import transaction
-from ZODB.POSException import POSKeyError, ReadConflictError
+from ZODB.POSException import POSKeyError, ReadConflictError, StateLoadError
 
 from .delivery import ChangeFeed
-from .errors import ChatError, NoSuchRoom
+from .errors import ChatError, InvalidInput, NoSuchRoom, UnsafeRecord
 from .message import Message, MessageKind, new_message_id
 from .privacy import NotOwner, PrivateRoom, PrivateRoomsNeedTLS, new_key
 from .realm import ChatRoot, get_root
+from .records import MAX_ROOM_NAME, name_problem
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .session import ChatSession
 from .validation import check_room_name, check_user_name
 
-__all__ = ["ChatClient", "RoomInfo", "NotAMember", "NotOwner"]
+__all__ = ["ChatClient", "RoomInfo", "AmbiguousRoom", "MALFORMED_ROOM", "NotAMember", "NotOwner"]
+
+# What `ChatClient.rooms` lists for a room entry that breaks the rules.
+MALFORMED_ROOM = "[malformed room]"
 
 RoomInfo = tuple[str, int]
 T = TypeVar("T")
@@ -39,6 +43,18 @@ log = logging.getLogger(__name__)
 class NotAMember(ChatError, LookupError):
     """A private room this user is not (or no longer) a member of, or no such room:
     the server answers both alike."""
+
+
+class AmbiguousRoom(InvalidInput):
+    """A room name matches, without regard to case, several rooms and none exactly
+    (a database from before names were matched so may hold ``Dev`` and ``dev``)."""
+
+    def __init__(self, name: str, matches: list[str]):
+        self.name = name
+        self.matches = matches
+        super().__init__(
+            f"{name!r} matches several rooms: {', '.join(matches)}; type the exact name"
+        )
 
 
 class ChatClient:
@@ -86,9 +102,10 @@ class ChatClient:
     def join(self, room_name: str, history: int = 50, create: bool = True) -> list[Message]:
         """Enter ``room_name``, leaving the current room.
 
-        Returns its latest ``history`` messages; `receive` then returns only what
-        comes after them. A missing room is created, or with ``create=False``
-        refused with `NoSuchRoom`.
+        Room names match without regard to case (``Dev`` finds ``dev``; `find_room`
+        says how). Returns its latest ``history`` messages; `receive` then returns
+        only what comes after them. A missing room is created, or with
+        ``create=False`` refused with `NoSuchRoom`.
         """
         if room_name.startswith("@"):
             return self.query(room_name[1:], history=history, create=create)
@@ -98,9 +115,11 @@ class ChatClient:
         private = self._find_private(name)
         if private is not None:
             return self._enter_private(private, history)
-        if not create:
-            if name not in self._root().rooms:
-                raise NoSuchRoom(name)
+        found = self.find_room(name)
+        if found is not None:
+            name = found
+        elif not create:
+            raise NoSuchRoom(name)
         user = self.user
         if user is not None:
             self.private = None
@@ -117,7 +136,7 @@ class ChatClient:
 
     def _watch(self, room: ChatSession, history: int) -> list[Message]:
         self.room = room
-        self.feed.watch([room._clock])
+        self.feed.watch([room.watch_target()])
         page = room.latest(history)
         room.skip_to_end()
         return page
@@ -129,35 +148,96 @@ class ChatClient:
             return self._private_shown
         return f"#{self._current().name}"
 
+    def find_room(self, room_name: str) -> str | None:
+        """The stored spelling of the room ``room_name`` names, or None if none does.
+
+        An exact match wins; otherwise the one room whose name differs only in case.
+        Raises `AmbiguousRoom` when several do and none matches exactly. The exact
+        look-up is one BTree search; only a miss scans the room names.
+        """
+        name = check_room_name(room_name)
+
+        def find() -> str | None:
+            rooms = self._root().rooms
+            if name in rooms:
+                return name
+            wanted = name.casefold()
+            matches = [stored for stored in rooms.keys() if stored.casefold() == wanted]
+            if len(matches) > 1:
+                raise AmbiguousRoom(name, matches)
+            return matches[0] if matches else None
+
+        return self._read(find)
+
     def rooms(self) -> list[RoomInfo]:
         """Every room's name and message count, by name: the public rooms, then the
         private rooms and direct conversations this user is a member of, shown as
-        ``#name (private)`` and ``@other``."""
+        ``#name (private)`` and ``@other``. A room stored against the rules
+        (`chatzeo.records`) is listed as ``MALFORMED_ROOM`` with count 0."""
 
         def listing() -> list[RoomInfo]:
-            public = [(name, len(room)) for name, room in self._root().rooms.items()]
-            private = sorted(
+            found: list[RoomInfo] = []
+            try:
+                for name, room in self._root().rooms.items():
+                    if (
+                        not isinstance(room, ChatSession)
+                        or name_problem("room", name, MAX_ROOM_NAME) is not None
+                        or room.display_name() != name
+                    ):
+                        found.append((MALFORMED_ROOM, 0))
+                    else:
+                        found.append((name, len(room)))
+            except (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError):
+                # A bucket of the directory cannot be loaded: the rest is unknown.
+                found.append((MALFORMED_ROOM, 0))
+            found += sorted(
                 (_shown(room, self.user), len(room.session)) for room in self._visible()
             )
-            return public + private
+            return found
 
         self._catch_up()
         return self._read(listing)
 
     def who(self, room_name: str | None = None) -> list[str]:
         """Users present in a room now (the current one by default). In a private
-        room: its members, each followed by `` (online)`` while connected."""
+        room: its members, each followed by `` (online)`` while connected. Raises
+        `NoSuchRoom` for a named room that does not exist (never creates it)."""
         if room_name is None and self.private is not None:
             private = self.private
             return self._read(lambda: self._members_online(private))
-        if room_name is not None:
+        if room_name is None:
+            name = self._current().name
+        else:
             self._catch_up()
             self._manager.begin()
-            found = self._find_private(check_room_name(room_name))
-            if found is not None:
-                return self._read(lambda: self._members_online(found))
-        name = room_name or self._current().name
+            private_room = self._find_private(check_room_name(room_name))
+            if private_room is not None:
+                return self._read(lambda: self._members_online(private_room))
+            found = self.find_room(room_name)
+            if found is None:
+                raise NoSuchRoom(check_room_name(room_name))
+            name = found
         return self._read(lambda: self._root().who(name, self.clock()))
+
+    def other_connections(self) -> int:
+        """How many live connections this client's user holds besides this one (the
+        same name used in another terminal, or by someone else: without TLS client
+        certificates a name proves nothing)."""
+        user = self.user
+        if user is None:
+            return 0
+
+        def count() -> int:
+            record = self._root().users.get(user)
+            if record is None:
+                return 0
+            now = self.clock()
+            return sum(
+                1 for lease, (_, expiry) in record.leases.items()
+                if expiry > now and lease != self.lease_id
+            )
+
+        return self._read(count)
 
     # -- private rooms and direct conversations ------------------------------
 

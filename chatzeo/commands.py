@@ -125,7 +125,9 @@ class Help:
 
 @dataclass(frozen=True)
 class Quit:
-    """Leave the chat."""
+    """Leave the chat, first posting ``message`` if there is one (IRC's quit message)."""
+
+    message: str = ""
 
 
 Command = (
@@ -135,7 +137,7 @@ Command = (
 
 HELP = """\
 Type a message and press Enter to send it. Commands:
-  /join ROOM    leave this room for ROOM (created if it does not exist)
+  /join ROOM    leave this room for ROOM (created if it does not exist; Dev finds dev)
   /rooms        list the rooms and how many messages each holds
   /who          who is in this room now
   /me ACTION    say what you do, e.g. /me waves
@@ -146,8 +148,9 @@ Type a message and press Enter to send it. Commands:
   /members      who may read this private room
   /msg USER TEXT  send USER a direct message; /query USER opens the conversation
   /help         this text
-  /quit         leave (Ctrl-D and Ctrl-C too)
-Start a message with // to send it with a single leading /."""
+  /quit [TEXT]  leave, posting TEXT first if given (Ctrl-D or Ctrl-C on an empty line too)
+Ctrl-C clears the line being typed. Start a message with // to send it with a single
+leading /."""
 
 
 def parse(line: str) -> Command | None:
@@ -192,8 +195,10 @@ def parse(line: str) -> Command | None:
         if not user or not text.strip():
             raise InvalidCommand("/msg needs a user and a message, e.g. /msg bob hello")
         return Msg(check_user_name(user.removeprefix("@")), check_text(text))
+    if name == "quit":
+        return Quit(check_text(argument) if argument else "")
     simple: dict[str, Command] = {
-        "rooms": Rooms(), "who": Who(), "help": Help(), "quit": Quit(), "members": Members(),
+        "rooms": Rooms(), "who": Who(), "help": Help(), "members": Members(),
     }
     if name in simple:
         if argument:

@@ -17,6 +17,7 @@ are not.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import ssl as ssl_module
@@ -35,7 +36,14 @@ from ZEO.Exceptions import ClientDisconnected
 from ZODB.POSException import ReadConflictError
 
 from .allowlist import class_factory, guard_conflict_resolution
-from .errors import InvalidTarget, ServerUnavailable, TrustViolation
+from .errors import (
+    CommitLockTimeout,
+    InvalidTarget,
+    ProtocolViolation,
+    ServerUnavailable,
+    TooManyConnections,
+    TrustViolation,
+)
 
 __all__ = ["open_db", "default_data_dir", "parse_address", "DEFAULT_ADDRESS"]
 
@@ -80,9 +88,10 @@ def open_db(
     """Open the database ``target`` names (see the module docstring) and return it.
 
     A ZEO client waits at most ``wait`` seconds for its server, then raises
-    `ServerUnavailable`; ``ssl`` is the client's TLS context for a ZEO server that
-    requires one. Raises `InvalidTarget` for a target it cannot understand or a
-    broken config file. ``db_options`` go to `ZODB.DB`.
+    `ServerUnavailable`, and a commit waits at most ``wait`` seconds for the
+    server's commit lock, then raises `CommitLockTimeout`; ``ssl`` is the client's TLS
+    context for a ZEO server that requires one. Raises `InvalidTarget` for a target it
+    cannot understand or a broken config file. ``db_options`` go to `ZODB.DB`.
     """
     db_options.setdefault("class_factory", class_factory)
     guard_conflict_resolution()
@@ -105,18 +114,39 @@ def _open_zeo(
     db_options: dict[str, Any],
 ) -> ZODB.DB:
     shown = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
-    # A guarded server's refusal (chatzeo.guard) arrives by name; give it its class.
-    exc_factories.setdefault(
-        f"{TrustViolation.__module__}.{TrustViolation.__name__}",
-        lambda _name, args: TrustViolation(*args),
-    )
     try:
-        storage = _ClientStorage(address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None)
+        storage = _ClientStorage(
+            address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None, vote_timeout=wait
+        )
     except ClientDisconnected:
         raise ServerUnavailable(shown, wait) from None
     # Whether this client proves its name with a certificate (chatzeo.client asks).
     storage._chatzeo_ssl = ssl is not None
     return _db(storage, db_options, shown=shown, wait=wait)
+
+
+def register_server_errors() -> None:
+    """Make ZEO's client raise chatzeo's own classes for the server's refusals
+    (`chatzeo.guard`, `chatzeo.protocol`), which arrive by name. Idempotent; done
+    when this module is imported."""
+    for refusal in (TrustViolation, ProtocolViolation):
+        exc_factories.setdefault(
+            f"{refusal.__module__}.{refusal.__name__}",
+            lambda _name, args, refusal=refusal: refusal(*args),
+        )
+    exc_factories.setdefault(
+        f"{TooManyConnections.__module__}.{TooManyConnections.__name__}",
+        _too_many_connections,
+    )
+
+
+def _too_many_connections(_name: str, args: Any) -> Exception:
+    # ZEO sends an exception with attributes as its __dict__.
+    if isinstance(args, dict) and isinstance(args.get("user"), str) and type(
+        args.get("limit")
+    ) is int:
+        return TooManyConnections(args["user"], args["limit"])
+    return ProtocolViolation(f"too many connections: {args!r}"[:200])
 
 
 def _open_uri(uri: str, wait: float, db_options: dict[str, Any]) -> ZODB.DB:
@@ -213,15 +243,43 @@ def _one_line(error: BaseException) -> str:
 
 
 class _ClientStorage(ClientStorage):
-    """ZEO's client, forgetting on disconnect the oids it fetched in advance.
+    """ZEO's client, forgetting on disconnect the oids it fetched in advance, and
+    waiting a bounded time for the commit lock.
 
-    ZEO keeps them across a reconnect, but a server that died never recorded them as
-    allocated (FileStorage does at commit), so once restarted it hands the same oids
-    to other clients: two new objects would share an oid, and the connection that
-    loaded one refuses to store the other ("A different object already has the same
-    oid"). Runs in ZEO's IO thread; ``new_oid`` then fetches a fresh batch.
+    ZEO keeps pre-fetched oids across a reconnect, but a server that died never
+    recorded them as allocated (FileStorage does at commit), so once restarted it
+    hands the same oids to other clients: two new objects would share an oid, and
+    the connection that loaded one refuses to store the other ("A different object
+    already has the same oid"). ``notify_disconnected`` runs in ZEO's IO thread;
+    ``new_oid`` then fetches a fresh batch.
+
+    ZEO's vote waits for the server's commit lock without any bound: while another
+    writer holds it (up to the server's ``transaction-timeout``) the committing
+    thread would block. Here a vote waits at most ``vote_timeout`` seconds, then
+    raises `CommitLockTimeout`; the transaction manager's abort then withdraws the
+    vote on the server (its ``tpc_abort`` drops a waiting vote).
     """
+
+    def __init__(self, *args: Any, vote_timeout: float | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.vote_timeout = vote_timeout
+        self._unbounded_call: Any = self._call  # type: ignore[has-type]
+        self._call = self._bounded_call
+
+    def _bounded_call(self, method: str, *args: Any, **kw: Any) -> Any:
+        if method != "vote" or not self.vote_timeout:
+            return self._unbounded_call(method, *args, **kw)
+        future = self._server.call(method, *args, wait=False)
+        try:
+            return future.result(self.vote_timeout)
+        except concurrent.futures.TimeoutError:
+            # Not cancelled: ZEO's IO thread would then meet a cancelled future when
+            # a late reply comes. The abort that follows withdraws the vote.
+            raise CommitLockTimeout(self.vote_timeout) from None
 
     def notify_disconnected(self) -> None:
         self._oids.clear()
         super().notify_disconnected()
+
+
+register_server_errors()

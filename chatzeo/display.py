@@ -6,19 +6,24 @@ that came from the database or from typed input passes through
 `chatzeo.sanitize.clean` here, in one place, so no escape sequence any client
 stored can reach the terminal.
 
+Long messages are wrapped here too (`wrap`), at word boundaries, measuring each
+grapheme cluster as the terminal draws it (`wcwidth`), with continuation lines
+indented under the start of the text, so a wrapped message still reads as one.
+
 Pure functions; the terminal's UI thread calls them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.styles import Style
+from wcwidth import width as text_width
 
 from .message import Message
-from .sanitize import clean
+from .sanitize import clean, graphemes
 
 __all__ = [
     "STYLE",
@@ -29,6 +34,10 @@ __all__ = [
     "prompt_text",
     "status_text",
     "stamp",
+    "plural",
+    "day_line",
+    "message_lines",
+    "wrap",
 ]
 
 STYLE = Style.from_dict(
@@ -41,6 +50,8 @@ STYLE = Style.from_dict(
         "info": "ansicyan",
         "error": "bold ansired",
         "pending": "#888888 italic",
+        "day": "bold ansicyan",
+        "frame": "bold ansicyan",
         "not-sent": "ansired",
         "prompt": "bold",
         "bottom-toolbar": "noreverse bg:#303030 #ffffff",
@@ -63,9 +74,31 @@ def stamp(when: float, now: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", local)
 
 
-def message_line(message: Message, me: str | None, now: float) -> FormattedText:
-    """One message: time, a mark for one's own, author and text, all sanitized."""
-    own = me is not None and message.author == me
+def plural(count: int, noun: str) -> str:
+    """``1 message``, ``2 messages``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def day_line(when: float) -> FormattedText:
+    """The line that opens a day's messages: ``-- Monday 23 November 2026 --``."""
+    local = time.localtime(when)
+    day = time.strftime("%A %d %B %Y", local).replace(" 0", " ", 1)
+    return FormattedText([("class:day", f"-- {day} --")])
+
+
+def message_lines(message: Message, own: bool, now: float, width: int) -> list[FormattedText]:
+    """`message_line`, wrapped to ``width`` columns with continuation lines indented
+    under the start of the text."""
+    line = message_line(message, own, now)
+    # The last fragment is the text (" text"); it starts one column after the rest.
+    indent = text_width("".join(text for _, text, *_ in line[:-1])) + 1
+    return wrap(line, width, indent)
+
+
+def message_line(message: Message, own: bool, now: float) -> FormattedText:
+    """One message: time, a mark if this connection sent it, author and text, all
+    sanitized. "Own" is decided by the caller from the ids it sent, never by the
+    author name (anyone may use any name without TLS)."""
     author = clean(message.author or "anonymous")
     text = clean(message.text)
     fragments: list[tuple[str, str]] = [
@@ -111,15 +144,104 @@ def prompt_text(
     return FormattedText(fragments)
 
 
-def status_text(user: str, room: str, server: str, connected: bool, pending: int) -> FormattedText:
-    """The bottom bar: room, user, server and whether the connection is up."""
-    fragments: list[tuple[str, str]] = [
-        ("", f" #{clean(room)} | {clean(user)} @ {clean(server)} | "),
-        ("class:status.ok", "connected")
-        if connected
-        else ("class:status.down", "reconnecting..."),
-    ]
-    if pending:
-        fragments.append(("", f" | {pending} pending"))
-    fragments.append(("", " | /help "))
-    return FormattedText(fragments)
+def status_text(
+    user: str, room: str, server: str, connected: bool, pending: int, width: int = 1000
+) -> FormattedText:
+    """The bottom bar: the connection state, room, pending count, user, server.
+
+    It fits ``width`` columns by dropping the least useful parts first (``/help``,
+    the server, the user, then cutting the room name): the connection state and the
+    pending count always stay.
+    """
+    state = ("class:status.ok", "connected") if connected else (
+        "class:status.down", "reconnecting...")
+    room_part = f"#{clean(room)}"
+    parts = [room_part, f"{clean(user)} @ {clean(server)}"]
+    tail = [f"{pending} pending"] if pending else []
+    for middle, extra in ((parts, ["/help"]), (parts, []), (parts[:1], [])):
+        text = _status(middle, state, tail + extra)
+        if text_width("".join(t for _, t in text)) <= width:
+            return FormattedText(text)
+    fixed = text_width("".join(t for _, t in _status([], state, tail)))
+    cut = _cut(room_part, width - fixed - 3)  # 3: the " | " after the room
+    return FormattedText(_status([cut] if len(cut) > 2 else [], state, tail))
+
+
+def _status(
+    middle: Sequence[str], state: tuple[str, str], tail: Sequence[str]
+) -> list[tuple[str, str]]:
+    # Leading space, parts joined by " | ", the state styled, the tail after it.
+    fragments: list[tuple[str, str]] = [("", " " + "".join(f"{p} | " for p in middle)), state]
+    fragments += [("", f" | {part}") for part in tail]
+    fragments.append(("", " "))
+    return fragments
+
+
+def _cut(text: str, columns: int) -> str:
+    """``text`` cut to ``columns`` columns, ending in an ellipsis if it was cut."""
+    if text_width(text) <= columns:
+        return text
+    out, used = [], 0
+    for cluster in graphemes(text):
+        size = max(text_width(cluster), 0)
+        if used + size > columns - 1:
+            break
+        out.append(cluster)
+        used += size
+    return "".join(out) + "\u2026" if out else ""
+
+
+def wrap(line: FormattedText, width: int, indent: int) -> list[FormattedText]:
+    """``line`` broken into lines of at most ``width`` columns, at spaces where it
+    can be, continuation lines starting with ``indent`` spaces.
+
+    A word longer than a whole line is cut between grapheme clusters (never inside
+    one, so an emoji sequence stays whole). Styles carry over to every piece.
+    """
+    if width <= 0 or indent >= width - 10:
+        indent = 0  # too narrow to indent usefully: use the whole width
+    if width <= 1:
+        return [line]
+    lines: list[list[tuple[str, str]]] = [[]]
+    used = 0
+    for style, word in _words(line):
+        size = text_width(word) if word != " " else 1
+        if word == " ":
+            if used + 1 <= width:
+                lines[-1].append((style, " "))
+                used += 1
+            continue
+        if used + size > width and used > indent:
+            # Start a new line; trailing spaces are dropped from the full one.
+            while lines[-1] and lines[-1][-1][1] == " ":
+                lines[-1].pop()
+            lines.append([("", " " * indent)] if indent else [])
+            used = indent
+        if used + size <= width:
+            lines[-1].append((style, word))
+            used += size
+            continue
+        for cluster in graphemes(word):  # longer than a line: cut it
+            cluster_size = max(text_width(cluster), 0)
+            if used + cluster_size > width:
+                lines.append([("", " " * indent)] if indent else [])
+                used = indent
+            lines[-1].append((style, cluster))
+            used += cluster_size
+    return [FormattedText(fragments) for fragments in lines]
+
+
+def _words(line: FormattedText) -> list[tuple[str, str]]:
+    """The fragments of ``line`` split into single spaces and runs of non-spaces."""
+    words: list[tuple[str, str]] = []
+    for style, text, *_ in line:
+        start = 0
+        for index, char in enumerate(text):
+            if char == " ":
+                if index > start:
+                    words.append((style, text[start:index]))
+                words.append((style, " "))
+                start = index + 1
+        if start < len(text):
+            words.append((style, text[start:]))
+    return words

@@ -24,6 +24,9 @@ __all__ = [
     "NoSuchRoom",
     "UnsafeRecord",
     "TrustViolation",
+    "MalformedRecord",
+    "ProtocolViolation",
+    "CommitLockTimeout",
 ]
 
 
@@ -126,3 +129,37 @@ class TrustViolation(ChatError, StorageError):
     deleted history, or changed someone else's object (docs/security.md).
     Nothing of the transaction was written; retrying cannot help. The message names
     the rule. It carries no attributes, so ZEO sends it to the client as its args."""
+
+
+class MalformedRecord(ChatError):
+    """A stored record breaks `chatzeo.records`' rules (written through a plain ZEO
+    server, or by an older, unguarded one). Readers show a placeholder for it;
+    writing to the object that holds it is refused with this error. ``where``
+    names the object, ``problem`` says what is wrong."""
+
+    def __init__(self, where: str, problem: str):
+        self.where = where
+        self.problem = problem
+        super().__init__(f"{where} holds a malformed record: {problem}; see chatzeo check")
+
+
+class ProtocolViolation(ChatError, StorageError):
+    """`chatzeo serve` refused a call of the ZEO protocol: one chatzeo's clients never
+    make (undo, history, iterators, blobs, ...), one reserved to an operator (pack),
+    or one whose arguments break its limits (a client-chosen tid or status, an
+    extension that is not a plain mapping, a record or transaction above the size
+    limits; `chatzeo.protocol`). Nothing of the transaction was written; retrying
+    cannot help. The message names the rule. It carries no attributes, so ZEO sends
+    it to the client as its args."""
+
+
+class CommitLockTimeout(ChatError, TransientError):
+    """A commit waited longer than its bound for the server's commit lock, which
+    another writer held; the transaction was aborted, nothing was written. Retryable:
+    the server frees the lock of a hung writer after its ``transaction-timeout``."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        super().__init__(
+            f"the server's commit lock stayed busy for {seconds:g}s (another writer holds it)"
+        )

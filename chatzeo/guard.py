@@ -1,12 +1,17 @@
-"""The guard of a `chatzeo serve` with TLS client certificates: who commits, and what.
+"""The guard of every `chatzeo serve`: what each commit stores, and (with TLS) who commits.
 
-Identity
+Every server
     ZEO's `StorageServer` makes one `ZEOStorage` per client connection through
     ``create_client_handler``; `install_guard` makes it a `GuardedZEOStorage`, which
-    reads the connection's verified peer certificate when the ZEO handshake is done
-    (``notify_connected``). The identity is the certificate subject's commonName,
-    verbatim; a certificate with no commonName, or more than one, has no identity,
-    and every commit touching chatzeo's graph is refused for it.
+    checks each commit against `chatzeo.trust`'s record, history and structure
+    rules (the shapes of `chatzeo.records`), TLS or not.
+
+Identity (``install_guard(..., identities=True)``: a server with client certificates)
+    The handler reads the connection's verified peer certificate when the ZEO
+    handshake is done (``notify_connected``). The identity is the certificate
+    subject's commonName, verbatim; a certificate with no commonName, or more than
+    one, has no identity, and every commit touching chatzeo's graph is refused for
+    it. The identity rules (authors, users' own objects) then apply as well.
 
 Checking
     ZEO logs each store of a transaction and replays them in ``_vote`` once it holds
@@ -27,9 +32,9 @@ import logging
 from typing import Any
 
 from ZEO.asyncio.server import Delay, ServerProtocol
-from ZEO.StorageServer import ZEOStorage
 
 from .errors import TrustViolation
+from .protocol import ChatZEOStorage
 from .trust import IndexUpdate, TrustIndex, check_commit
 
 __all__ = ["GuardedZEOStorage", "install_guard", "identity_of"]
@@ -50,7 +55,7 @@ def identity_of(peercert: dict[str, Any] | None) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-class GuardedZEOStorage(ZEOStorage):
+class GuardedZEOStorage(ChatZEOStorage):
     """A ZEO client handler that checks every commit against `chatzeo.trust`."""
 
     identity: str | None = None
@@ -60,16 +65,22 @@ class GuardedZEOStorage(ZEOStorage):
     _stored: list[tuple[bytes, bytes, bytes]]
     _refused: str | None = None
 
-    def __init__(self, server: Any, read_only: Any, index: TrustIndex) -> None:
+    def __init__(
+        self, server: Any, read_only: Any, index: TrustIndex, identities: bool = True
+    ) -> None:
         super().__init__(server, read_only)
         self._index = index
+        self._identities = identities
 
     def notify_connected(self, conn: Any) -> None:
         super().notify_connected(conn)
+        if not self._identities:
+            return
         transport = conn.sm_protocol.transport if conn.sm_protocol is not None else None
         peercert = transport.get_extra_info("peercert") if transport is not None else None
         self.identity = identity_of(peercert)
-        self.log(f"client certificate identity: {self.identity!r}")
+        # ascii(): a CN is the certificate owner's text, and may hold escapes.
+        self.log(f"client certificate identity: {ascii(self.identity)}")
 
     def tpc_begin(self, id: Any, *args: Any, **kw: Any) -> None:
         fresh = self.transaction is None
@@ -99,12 +110,13 @@ class GuardedZEOStorage(ZEOStorage):
         if self.connected and self.transaction is not None:
             try:
                 self._pending = check_commit(
-                    self.identity, self._stores(), self.storage, self._index
+                    self.identity, self._stores(), self.storage, self._index,
+                    enforce_identity=self._identities,
                 )
             except TrustViolation as refusal:
                 log.warning(
-                    "refused a commit from %s (certificate %r): %s",
-                    self.log_label, self.identity, refusal,
+                    "refused a commit from %s (certificate %s): %s",
+                    self.log_label, ascii(self.identity), refusal,
                 )
                 self._clear_transaction()
                 raise
@@ -131,17 +143,22 @@ class GuardedZEOStorage(ZEOStorage):
         return self._stored
 
 
-def install_guard(server: Any, storage: Any) -> TrustIndex:
+def install_guard(server: Any, storage: Any, *, identities: bool = True) -> TrustIndex:
     """Make every new connection of ``server`` (ZEO's `StorageServer`) a
-    `GuardedZEOStorage` over ``storage``'s graph. Call before the server loops."""
+    `GuardedZEOStorage` over ``storage``'s graph. Call before the server loops.
+
+    ``identities``: the server has TLS client certificates, so the identity rules
+    apply too; without it only the record rules do."""
     index = TrustIndex.build(storage)
     # The warning in `GuardedZEOStorage._vote` says it all; ZEO would add a traceback.
     for quiet in (ServerProtocol, Delay):
         if TrustViolation not in quiet.unlogged_exception_types:
             quiet.unlogged_exception_types += (TrustViolation,)
-    server.create_client_handler = lambda: GuardedZEOStorage(server, server.read_only, index)
+    server.create_client_handler = lambda: GuardedZEOStorage(
+        server, server.read_only, index, identities
+    )
     log.info(
-        "commits are checked against client certificates (%d objects of %d rooms known)",
-        len(index.roles), len(index.rooms),
+        "commits are checked against chatzeo's record rules%s (%d objects of %d rooms known)",
+        " and client certificates" if identities else "", len(index.roles), len(index.rooms),
     )
     return index

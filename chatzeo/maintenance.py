@@ -6,12 +6,16 @@ live server (it then sees the file as of the moment it opened it). It checks, in
 1. the file's framing, as ZODB's ``fstest`` does (every transaction and data record
    has a consistent length, status and back pointer);
 2. references, as ``fsrefs`` does: every object the current records refer to exists;
+   every transaction extension is a plain mapping (read without unpickling it:
+   `chatzeo.protocol.unsafe_extensions`; ZODB's undo log would run any other);
 3. chatzeo's invariants, loading only allowlisted classes: in each room the message
    tree is sound (``BTrees.check``) and the clock's pending entries have strictly
    increasing keys, all above the tree's; the clock's ``count`` is the number of
    messages in both places, its ``head`` is at least the largest key (equal unless
-   retention removed every message), its ``flushed`` at least the tree's largest key,
-   and every message record is a well-formed ``(id, author, text, kind)``.
+   retention removed every message), its ``flushed`` at least the tree's largest key;
+   and every record (root, rooms, clocks, messages, presence, users, leases) keeps
+   the shapes of `chatzeo.records`, the same rules the server enforces and readers
+   apply. A record that cannot even be loaded is reported, never a crash.
 
 It stops at the first framing error (nothing after it can be trusted) and otherwise
 collects every problem. Runs in the calling thread.
@@ -20,21 +24,25 @@ collects every problem. Runs in the calling thread.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import transaction
 import ZODB
 import ZODB.FileStorage
 from BTrees.check import check as check_btree
+from ZODB.POSException import POSError
 from ZODB.scripts.fstest import FormatError
 from ZODB.scripts.fstest import check as fstest_check
 from ZODB.serialize import referencesf
 from ZODB.utils import oid_repr
 
+from . import records
 from .allowlist import class_factory
 from .errors import ChatError
-from .message import _KINDS
-from .realm import ROOT_KEY
+from .protocol import unsafe_extensions
+from .realm import ROOT_KEY, User
+from .session import ChatSession
 
 __all__ = ["check_file", "pack", "StorageDamaged"]
 
@@ -45,6 +53,7 @@ class StorageDamaged(ChatError):
     def __init__(self, path: str, problems: list[str]):
         self.path = path
         self.problems = problems
+        # One line; ``chatzeo check`` prints every problem before it.
         shown = "; ".join(problems[:5])
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         super().__init__(f"{path} is damaged: {shown}{more}")
@@ -66,6 +75,7 @@ def check_file(path: str | os.PathLike[str]) -> dict[str, int]:
     storage = ZODB.FileStorage.FileStorage(path, read_only=True)
     try:
         problems, counts = _check_references(storage)
+        problems += unsafe_extensions(storage)
         db = ZODB.DB(storage, class_factory=class_factory)
         try:
             problems += _check_rooms(db, counts)
@@ -108,38 +118,110 @@ def _check_rooms(db: Any, counts: dict[str, int]) -> list[str]:
         chat_root = connection.root().get(ROOT_KEY)
         if chat_root is None:
             return problems
-        for name, room in chat_root.rooms.items():
+        chat_root._p_activate()
+        problem = records.root_problem(dict(chat_root.__dict__))
+        if problem is not None:
+            return [problem]
+        for name, room in _items(chat_root.rooms, "the room directory", problems):
             counts["rooms"] += 1
-            problems += [f"room {name!r}: {p}" for p in _check_room(room, counts)]
-    except ChatError as error:
-        problems.append(str(error))
+            label = f"room {ascii(name)}"
+            problems += [f"{label}: {p}" for p in _guarded(_check_room, name, room, counts)]
+        now = time.time()
+        for name, user in _items(chat_root.users, "the user directory", problems):
+            label = f"user {ascii(name)}"
+            problems += [f"{label}: {p}" for p in _guarded(
+                _check_user, name, user, chat_root, now
+            )]
+    except _DATA_ERRORS as error:
+        problems.append(f"chatzeo's root cannot be read: {_one_line(error)}")
     finally:
         manager.abort()
         connection.close()
     return problems
 
 
-def _check_room(room: Any, counts: dict[str, int]) -> list[str]:
+# What a record that cannot be loaded raises; transient errors are not among them.
+_DATA_ERRORS = (ChatError, POSError, TypeError, ValueError, AttributeError, KeyError, IndexError)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {ascii(text)[1:-1][:120]}" if text else type(error).__name__
+
+
+def _items(tree: Any, what: str, problems: list[str]) -> list[tuple[Any, Any]]:
+    try:
+        return list(tree.items())
+    except _DATA_ERRORS as error:
+        problems.append(f"{what} cannot be read: {_one_line(error)}")
+        return []
+
+
+def _guarded(check: Any, *args: Any) -> list[str]:
+    """``check(*args)``'s problems; a check that meets an unreadable record reports
+    it instead of stopping the whole run."""
+    try:
+        found: list[str] = check(*args)
+        return found
+    except _DATA_ERRORS as error:
+        return [f"cannot be read: {_one_line(error)}"]
+
+
+def _check_user(name: Any, user: Any, root: Any, now: float) -> list[str]:
     problems: list[str] = []
+    problem = records.name_problem("user", name, records.MAX_USER_NAME)
+    if problem is not None:
+        problems.append(f"name {problem}")
+    if not isinstance(user, User):
+        return [*problems, f"is a {type(user).__name__}, not a User"]
+    user._p_activate()
+    problem = records.user_problem(dict(user.__dict__))
+    if problem is not None:
+        return [*problems, problem]
+    live = 0
+    for lease_id, entry in _items(user.leases, "leases", problems):
+        problem = records.lease_problem(lease_id, entry) or records.expiry_problem(
+            entry[1], now, root.lease_seconds
+        )
+        if problem is not None:
+            problems.append(problem)
+        elif entry[1] > now:
+            live += 1
+    if live > root.max_connections:
+        problems.append(f"holds {live} live leases; the limit is {root.max_connections}")
+    return problems
+
+
+def _check_room(name: Any, room: Any, counts: dict[str, int]) -> list[str]:
+    problems: list[str] = []
+    problem = records.name_problem("room", name, records.MAX_ROOM_NAME)
+    if problem is not None:
+        problems.append(f"name {problem}")
+    if not isinstance(room, ChatSession):
+        return [*problems, f"is a {type(room).__name__}, not a ChatSession"]
+    if room.problem is not None:
+        return [*problems, room.problem]
+    if room.name != name:
+        problems.append(f"is filed under another name than its own {ascii(room.name)}")
     tree = room._messages
     try:
         check_btree(tree)
     except AssertionError as error:
         problems.append(f"message tree is damaged: {error}")
-    keys = list(tree.keys())
+    except _DATA_ERRORS as error:
+        return [*problems, f"message tree cannot be read: {_one_line(error)}"]
+    tree_items = _items(tree, "message tree", problems)
+    keys = [key for key, _ in tree_items]
     clock = room._clock
     pending = clock.pending
-    if not (isinstance(pending, tuple) and all(
-        isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], int)
-        for entry in pending
-    )):
-        return [*problems, f"clock's pending entries are malformed: {pending!r:.80}"]
     pending_keys = [key for key, _ in pending]
     counts["messages"] += len(keys) + len(pending_keys)
+    for key in keys:
+        problem = records.key_problem(key)
+        if problem is not None:
+            problems.append(f"message tree {problem}")
     if not _increasing(keys):
         problems.append("message keys are not strictly increasing")
-    if not _increasing(pending_keys):
-        problems.append("pending message keys are not strictly increasing")
     if keys and pending_keys and pending_keys[0] <= keys[-1]:
         problems.append(f"pending key {pending_keys[0]} is not above the tree's {keys[-1]}")
     held = len(keys) + len(pending_keys)
@@ -150,27 +232,22 @@ def _check_room(room: Any, counts: dict[str, int]) -> list[str]:
         problems.append(f"clock head {clock.head} is below the largest key {newest}")
     if keys and clock.flushed is not None and clock.flushed < keys[-1]:
         problems.append(f"clock flushed {clock.flushed} is below the tree's largest key {keys[-1]}")
-    for key, record in [*tree.items(), *pending]:
-        if not _well_formed(record):
-            problems.append(f"message at key {key} is malformed: {record!r:.80}")
+    for key, record in [*tree_items, *pending]:
+        problem = records.message_problem(record)
+        if problem is not None:
+            problems.append(f"message at key {key} is malformed: {problem}")
+    for lease_id, entry in _items(room.presence, "presence", problems):
+        problem = records.presence_problem(lease_id, entry)
+        if problem is not None:
+            problems.append(problem)
     return problems
 
 
-def _increasing(keys: list[int]) -> bool:
-    return all(earlier < later for earlier, later in zip(keys, keys[1:], strict=False))
-
-
-def _well_formed(record: Any) -> bool:
-    if not (isinstance(record, tuple) and len(record) == 4):
+def _increasing(keys: list[Any]) -> bool:
+    try:
+        return all(earlier < later for earlier, later in zip(keys, keys[1:], strict=False))
+    except TypeError:
         return False
-    message_id, author, text, kind = record
-    return (
-        isinstance(message_id, str)
-        and (author is None or isinstance(author, str))
-        and isinstance(text, str)
-        and isinstance(kind, int)
-        and 0 <= kind < len(_KINDS)
-    )
 
 
 def pack(db: Any, days: float = 0.0) -> None:

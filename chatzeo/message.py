@@ -1,9 +1,11 @@
-"""`Message`: the immutable record a reader gets back for each stored chat message.
+"""`Message`: the immutable value a reader gets back for each stored chat message.
 
-In the database a message is a plain tuple ``(id, author, text, kind)`` stored as a
-value of the room's BTree, under its key (see `chatzeo.session`). Plain tuples keep
-the buckets small, and let any ZEO server merge concurrent inserts without importing
-chatzeo. `Message` is built from that tuple when read.
+In the database a message is a plain tuple ``(id, author, text, kind)`` (its rules
+are `chatzeo.records`'), stored under its key in the room clock's pending entries
+or in the room's BTree (see `chatzeo.session`). Plain tuples keep the records small,
+and let any ZEO server merge concurrent inserts without importing chatzeo.
+`Message.from_record` builds a `Message` from that tuple when it is read; a tuple
+that breaks the rules becomes a placeholder message, never an exception.
 """
 
 from __future__ import annotations
@@ -12,11 +14,24 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Message", "MessageKind", "new_message_id"]
+from .records import KINDS, message_problem
+
+__all__ = ["Message", "MessageKind", "new_message_id", "PLACEHOLDER", "Unreadable"]
 
 MessageKind = Literal["say", "action"]
-# A record stores its kind as an index into this tuple.
+# A record stores its kind as an index into this tuple (chatzeo.records.KINDS).
 _KINDS: tuple[MessageKind, ...] = ("say", "action")
+assert _KINDS == KINDS
+# The text a reader shows for a record that breaks chatzeo.records' rules.
+PLACEHOLDER = "[malformed message record]"
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Stands, in a reader's entries, for a part of a room that cannot be loaded
+    (a bucket holding a float key, a class chatzeo does not load, ...)."""
+
+    reason: str
 
 
 def new_message_id() -> str:
@@ -40,6 +55,13 @@ class Message:
     author: str | None
     text: str
     kind: MessageKind = "say"
+    # For a placeholder: what is wrong with the stored record (`chatzeo.records`).
+    problem: str | None = None
+
+    @property
+    def malformed(self) -> bool:
+        """True for a placeholder standing in for a record that breaks the rules."""
+        return self.problem is not None
 
     @property
     def time(self) -> float:
@@ -58,24 +80,23 @@ class Message:
             "room": self.room,
             "text": self.text,
             "kind": self.kind,
+            **({"malformed": self.problem} if self.problem is not None else {}),
         }
 
     @classmethod
     def from_record(cls, room: str, key: int, record: Any) -> Message:
         """Build a message from a stored ``(id, author, text, kind)`` tuple.
 
-        Any client can write any record, so a malformed one becomes a visible
-        placeholder instead of an exception in every reader.
+        Any client of a plain ZEO server can write any record, so one that breaks
+        `chatzeo.records.message_problem` becomes a placeholder (text `PLACEHOLDER`,
+        no author, ``problem`` saying what is wrong) instead of an exception in
+        every reader.
         """
-        try:
+        problem = record.reason if isinstance(record, Unreadable) else message_problem(record)
+        if problem is None:
             message_id, author, text, kind = record
-            if not (isinstance(message_id, str) and isinstance(text, str)):
-                raise TypeError
-            if author is not None and not isinstance(author, str):
-                raise TypeError
             return cls(message_id, room, key, author, text, _KINDS[kind])
-        except (TypeError, ValueError, IndexError):
-            return cls(f"malformed-{key}", room, key, None, "[malformed message record]")
+        return cls(f"malformed-{key}", room, key, None, PLACEHOLDER, "say", problem)
 
     def to_record(self) -> tuple[str, str | None, str, int]:
         """The tuple stored in the room's BTree."""

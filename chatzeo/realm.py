@@ -19,14 +19,19 @@ from typing import Any
 
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
+from ZODB.POSException import POSKeyError, StateLoadError
 
-from .errors import TooManyConnections
+from .errors import TooManyConnections, UnsafeRecord
+from .records import lease_problem, presence_problem
 from .session import ChatSession
 from .validation import check_room_name, check_user_name
 
-__all__ = ["ChatRoot", "User", "get_root", "ROOT_KEY"]
+__all__ = ["ChatRoot", "User", "get_root", "ROOT_KEY", "MALFORMED_PRESENCE"]
 
 ROOT_KEY = "chatzeo"
+# What `ChatRoot.who` lists for a presence entry that breaks the rules: not a valid
+# user name, so it cannot be mistaken for one.
+MALFORMED_PRESENCE = "[malformed presence entry]"
 
 
 class User(Persistent):
@@ -43,7 +48,11 @@ class User(Persistent):
 
     def connections(self, now: float) -> int:
         """How many of this user's connections hold a lease that has not expired."""
-        return sum(1 for _, expiry in self.leases.values() if expiry > now)
+        return sum(
+            1
+            for lease_id, entry in self.leases.items()
+            if lease_problem(lease_id, entry) is None and entry[1] > now
+        )
 
 
 class ChatRoot(Persistent):
@@ -90,11 +99,13 @@ class ChatRoot(Persistent):
         simultaneous connects of one user conflict, so the limit holds under races.
         """
         user = self.user(user_name)
-        for stale, (room_name, expiry) in list(user.leases.items()):
-            if expiry <= now:
+        for stale, entry in list(user.leases.items()):
+            if lease_problem(stale, entry) is not None:
+                del user.leases[stale]  # malformed (a plain ZEO server stores anything)
+            elif entry[1] <= now:
                 del user.leases[stale]
-                if room_name in self.rooms:
-                    self.rooms[room_name].presence.pop(stale, None)
+                if entry[0] in self.rooms:
+                    self.rooms[entry[0]].presence.pop(stale, None)
         if lease_id not in user.leases and len(user.leases) >= self.max_connections:
             raise TooManyConnections(user.name, self.max_connections)
         user.leases[lease_id] = (None, now + self.lease_seconds)
@@ -146,11 +157,27 @@ class ChatRoot(Persistent):
         return True
 
     def who(self, room_name: str, now: float) -> list[str]:
-        """Names of the users with a live lease in the room, sorted."""
+        """Names of the users with a live lease in the room, sorted; then one
+        `MALFORMED_PRESENCE` placeholder per presence entry that breaks
+        `chatzeo.records.presence_problem` (stored through a plain ZEO server)."""
         room = self.rooms.get(check_room_name(room_name))
-        if room is None:
+        if not isinstance(room, ChatSession):
             return []
-        return sorted({name for name, expiry in room.presence.values() if expiry > now})
+        names: set[str] = set()
+        malformed = 0
+        presence = room._field("presence")
+        try:
+            items = list(presence.items()) if isinstance(presence, OOBTree) else None
+        except (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError):
+            items = None
+        if items is None:
+            return [MALFORMED_PRESENCE]
+        for lease_id, entry in items:
+            if presence_problem(lease_id, entry) is not None:
+                malformed += 1
+            elif entry[1] > now:
+                names.add(entry[0])
+        return sorted(names) + [MALFORMED_PRESENCE] * malformed
 
 
 def get_root(connection: Any) -> ChatRoot:

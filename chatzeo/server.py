@@ -3,9 +3,11 @@
 It reads the same ZConfig file as ``runzeo -C zeo.conf`` (ZEO's own schema), applies
 the ``--address`` and ``--data-dir`` overrides, creates chatzeo's root objects before
 the first client connects (two clients creating the root of an empty storage at once
-would conflict), makes conflict resolution load only allowlisted classes, with TLS
-client certificates checks every commit against its certificate (`chatzeo.guard`,
-``--guard``), and then runs ZEO's `StorageServer` until SIGINT or SIGTERM.
+would conflict), makes conflict resolution load only allowlisted classes, accepts
+only the ZEO calls chatzeo's clients make (`chatzeo.protocol`), checks every commit
+against chatzeo's record rules and, with TLS client certificates, against its
+certificate (`chatzeo.guard`, ``--guard``), and then runs ZEO's `StorageServer`
+until SIGINT or SIGTERM.
 
 Threads: everything here runs in the main thread; the server's network IO runs in
 ZEO's asyncio loop, which `StorageServer.loop` runs in that same thread.
@@ -33,13 +35,13 @@ import ZConfig
 import ZEO
 import ZODB
 from BTrees.OOBTree import OOBTree
-from ZEO.runzeo import create_server
 
 from .allowlist import guard_conflict_resolution
 from .database import default_data_dir, parse_address
 from .errors import ChatError
 from .guard import install_guard
 from .identity import IdentityError, Revocations, ensure_authority, server_context
+from .protocol import ServerPolicy, create_server
 from .readguard import install_read_guard, install_revocation_check
 from .realm import get_root
 
@@ -62,6 +64,10 @@ def default_config_path() -> Path:
         return local
     return Path(str(resources.files("chatzeo") / "zeo.conf"))
 
+
+# A voted transaction holds the commit lock until it finishes; without a timeout a
+# client that never finishes would stop every writer (docs/operations.md).
+DEFAULT_TRANSACTION_TIMEOUT = 30.0
 
 _DATA_DIR_DEFINE = re.compile(r"^%define\s+DATA_DIR\s+(?P<value>\S.*?)\s*$", re.MULTILINE)
 
@@ -116,6 +122,8 @@ def serve(
     data_dir: Path | None = None,
     guard: str = "auto",
     max_connections: int | None = None,
+    operators: tuple[str, ...] = (),
+    protocol_checks: bool = True,
     tls: str = "config",
     private_rooms: bool = True,
 ) -> int:
@@ -130,9 +138,13 @@ def serve(
     then (no read checks; a database holding some is refused).
 
     ``max_connections``, if given, becomes the per-user connection limit stored in
-    chatzeo's root (`ChatRoot.max_connections`). ``guard`` is ``"auto"`` (check
-    commits against client certificates when the config has ``<ssl>``), ``"on"``
-    (the same, and an error without ``<ssl>``) or ``"off"``.
+    chatzeo's root (`ChatRoot.max_connections`); under TLS the server also counts
+    each certificate's live connections against it. ``guard`` is ``"auto"`` (check
+    every commit against the record rules, and against client certificates when
+    the config has ``<ssl>``), ``"on"`` (the same, and an error without ``<ssl>``)
+    or ``"off"`` (no record checks: plain ZEO, for comparison). ``operators`` are the
+    certificate names that may pack under TLS. ``protocol_checks=False`` serves
+    ZEO's stock handler, only to measure what the checks cost.
     """
     path = config_path or default_config_path()
     packaged = config_path is None and not os.environ.get("CHATZEO_CONFIG") and not Path(
@@ -162,18 +174,27 @@ def serve(
     _warn_about_shared_databases(storages)
     server = None
     try:
-        for storage in storages.values():
-            _prepare(storage, max_connections, private=guarded and private_rooms)
-        server = create_server(storages, _server_options(config))
-        if guarded:
+        private = guarded is True and private_rooms
+        limits = [_prepare(storage, max_connections, private=private)
+                  for storage in storages.values()]
+        policy = ServerPolicy(
+            operators=frozenset(operators),
+            max_connections=min(limits),
+            checks=protocol_checks,
+        )
+        if not protocol_checks:
+            log.warning("protocol checks are off: every ZEO call is accepted (measuring only)")
+        server = create_server(storages, _server_options(config), policy)
+        if guarded is not None:
             storage = next(iter(storages.values()))
             try:
-                install_guard(server, storage)
-                revocations = Revocations(tls_directory / "revoked.json")
-                if private_rooms:
-                    install_read_guard(server, storage, revocations)
-                else:
-                    install_revocation_check(server, revocations)
+                install_guard(server, storage, identities=guarded)
+                if guarded:
+                    revocations = Revocations(tls_directory / "revoked.json")
+                    if private_rooms:
+                        install_read_guard(server, storage, revocations)
+                    else:
+                        install_revocation_check(server, revocations)
             except Exception as error:
                 raise ServerConfigError(
                     f"cannot index the storage for the commit guard: {error}"
@@ -192,16 +213,19 @@ def serve(
     return 0
 
 
-def _guarded(config: Any, guard: str) -> bool:
+def _guarded(config: Any, guard: str) -> bool | None:
+    """None: no checks (``--guard off``, plain ZEO); False: the record rules only
+    (no client certificates); True: the record and identity rules."""
     if guard not in ("auto", "on", "off"):
         raise ServerConfigError(f"--guard must be auto, on or off, not {guard!r}")
     with_certificates = config.zeo.ssl is not None
     if guard == "on" and not with_certificates:
         raise ServerConfigError("--guard on needs TLS client certificates (<ssl> in <zeo>)")
-    wanted = guard == "on" or (guard == "auto" and with_certificates)
-    if wanted and len(config.storages) != 1:
+    if guard == "off":
+        return None
+    if len(config.storages) != 1:
         raise ServerConfigError("the commit guard serves exactly one storage")
-    return wanted
+    return with_certificates
 
 
 def _open_storage(opener: Any) -> Any:
@@ -229,11 +253,12 @@ def _warn_about_shared_databases(storages: dict[str, Any]) -> None:
             )
 
 
-def _prepare(storage: Any, max_connections: int | None, private: bool = False) -> None:
+def _prepare(storage: Any, max_connections: int | None, private: bool = False) -> int:
     """Create ZODB's root and chatzeo's root in ``storage`` if they are missing,
-    and set the per-user connection limit if one is given. With ``private`` (client
-    certificates and the guards), create the directory of private rooms; without,
-    refuse a storage that holds private rooms: anyone could read them.
+    set the per-user connection limit if one is given, and return the limit. With
+    ``private`` (client certificates and the guards), create the directory of
+    private rooms; without, refuse a storage that holds private rooms: anyone could
+    read them.
 
     The DB is dropped without closing it: closing would close the storage the
     server is about to serve.
@@ -245,6 +270,7 @@ def _prepare(storage: Any, max_connections: int | None, private: bool = False) -
         root = get_root(connection)
         if max_connections is not None and root.max_connections != max_connections:
             root.max_connections = max_connections
+        limit = root.max_connections
         if private and root.private is None:
             root.private = OOBTree()
         elif not private and root.private:
@@ -253,6 +279,7 @@ def _prepare(storage: Any, max_connections: int | None, private: bool = False) -
                 "(--tls auto, or <ssl> in the config) and the guard, or anyone can read them"
             )
         manager.commit()
+        return int(limit) if type(limit) is int and limit > 0 else 8
     finally:
         connection.close()
 
@@ -286,7 +313,7 @@ def _server_options(config: Any) -> Any:
         msgpack=zeo.msgpack,
         invalidation_queue_size=zeo.invalidation_queue_size,
         invalidation_age=zeo.invalidation_age,
-        transaction_timeout=zeo.transaction_timeout,
+        transaction_timeout=zeo.transaction_timeout or DEFAULT_TRANSACTION_TIMEOUT,
         ssl=zeo.ssl,
     )
 

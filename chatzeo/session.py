@@ -45,6 +45,7 @@ A session object and its cursor belong to the thread that owns its connection.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -56,10 +57,19 @@ from typing import Any
 from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
-from ZODB.POSException import ConflictError
+from ZODB.POSException import ConflictError, POSKeyError, StateLoadError
 
-from .errors import NotInDatabase
-from .message import Message, MessageKind, new_message_id
+from .errors import MalformedRecord, NotInDatabase, UnsafeRecord
+from .message import Message, MessageKind, Unreadable, new_message_id
+from .records import (
+    MAX_KEY,
+    MAX_PENDING,
+    MAX_ROOM_NAME,
+    clock_problem,
+    key_problem,
+    name_problem,
+    room_problem,
+)
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
 from .validation import check_room_name, check_text, check_user_name
 
@@ -84,13 +94,18 @@ class RoomClock(Persistent):
     """The newest messages of a room, their largest key and how many messages it holds.
 
     Written by every post, and the only object most posts write. Its conflict
-    resolution is what orders the room: see the module docstring.
+    resolution is what orders the room: see the module docstring. A state loaded
+    from the database that breaks `chatzeo.records.clock_problem` (a plain ZEO
+    server stores anything) loads anyway; ``problem`` then says what is wrong,
+    readers see only its well-formed entries, and posts to it are refused.
     """
 
     # Rooms stored before ``pending`` existed load without it, and without
     # ``flushed``: no key in the tree is above it, None while that is not known.
     pending: tuple[Entry, ...] = ()
     flushed: int | None = None
+    # Set when a loaded state breaks the rules; volatile, so recomputed at each load.
+    _v_problem: str | None = None
 
     def __init__(self) -> None:
         self.head = 0
@@ -98,11 +113,58 @@ class RoomClock(Persistent):
         self.pending = ()
         self.flushed = 0
 
+    def __setstate__(self, state: Any) -> None:
+        super().__setstate__(state)
+        # Structure only, once per load; each message record is checked when a
+        # reader turns it into a Message.
+        problem = clock_problem(state if state is not None else {}, messages=False)
+        if problem is not None:
+            self._v_problem = problem
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong with this clock's stored state, or None."""
+        # Reading a _v_ attribute does not load a ghost: load it, so the check ran.
+        self._p_activate()
+        return self._v_problem
+
+    def entries(self) -> tuple[Entry, ...]:
+        """The pending ``(key, record)`` entries a reader may use: all of them for a
+        well-formed clock, else those with int keys above the one before."""
+        if self.problem is None:
+            return self.pending
+        return _usable_entries(self.__dict__.get("pending", ()))
+
+    def newest_key(self) -> int:
+        """The room's largest key (``head``), 0 if the stored one is unusable."""
+        if self.problem is None:
+            return self.head  # type: ignore[no-any-return]
+        head = self.__dict__.get("head", 0)
+        entries = self.entries()
+        usable = head if type(head) is int and key_problem(head) is None else 0
+        return max(usable, entries[-1][0] if entries else 0)
+
+    def flushed_key(self) -> int | None:
+        """``flushed``, or None (unknown: look in the tree too) if it is unusable."""
+        return self.flushed if self.problem is None else None
+
+    def message_count(self) -> int:
+        """``count``, or the usable pending entries' number if it is unusable."""
+        if self.problem is None:
+            return self.count  # type: ignore[no-any-return]
+        count = self.__dict__.get("count")
+        return count if type(count) is int and count >= 0 else len(self.entries())
+
     def _p_resolveConflict(  # noqa: N802 (ZODB's name)
         self, old: dict[str, Any], committed: dict[str, Any], new: dict[str, Any]
     ) -> dict[str, Any]:
         # Runs on the ZEO server (or in a RelStorage client), one commit at a time in
-        # commit order, on plain states: tuples, ints and strs only.
+        # commit order, on plain states. Every step below is linear in the pending
+        # entries, which the rules bound (MAX_PENDING): a state that breaks them is
+        # not resolved at all, so a hostile one cannot make the server spin.
+        for state in (old, committed, new):
+            if clock_problem(state, messages=False) is not None:
+                raise ConflictError("a room clock state breaks chatzeo's record rules")
         old_pending = tuple(old.get("pending", ()))
         new_pending = tuple(new.get("pending", ()))
         committed_pending = tuple(committed.get("pending", ()))
@@ -132,8 +194,12 @@ class RoomClock(Persistent):
             for key, record in new_pending[kept:]:
                 head = max(key, head + 1)
                 appended.append((head, record))
+            merged = committed_pending[dropped:] + tuple(appended)
+            if len(merged) > MAX_PENDING or head > MAX_KEY:
+                # The writer retries, finds the clock full and flushes it first.
+                raise ConflictError("the room's clock is full; flush it first")
             resolved["head"] = head
-            resolved["pending"] = committed_pending[dropped:] + tuple(appended)
+            resolved["pending"] = merged
             if not dropped:
                 resolved.pop("flushed", None)
                 if "flushed" in committed:
@@ -147,11 +213,33 @@ class RoomClock(Persistent):
 
 def _dropped(old: tuple[Entry, ...], new: tuple[Entry, ...]) -> int:
     """How many leading entries of ``old`` are missing from ``new``, which keeps the
-    others in front (``len(old)`` when it keeps none)."""
-    for dropped in range(len(old)):
-        if new[: len(old) - dropped] == old[dropped:]:
-            return dropped
+    others in front (``len(old)`` when it keeps none).
+
+    Keys are unique in a well-formed clock, so the only candidate is the position of
+    ``new``'s first key in ``old``: one lookup and one comparison, linear in all.
+    """
+    if not new or not old:
+        return len(old)
+    first = new[0][0]
+    position = bisect.bisect_left(old, first, key=_entry_key)
+    if position < len(old) and new[: len(old) - position] == old[position:]:
+        return position
     return len(old)
+
+
+def _usable_entries(pending: Any) -> tuple[Entry, ...]:
+    """The entries of a malformed ``pending`` a reader can place: (int key, record)
+    pairs with keys in range and above the previous usable one."""
+    if not isinstance(pending, tuple | list):
+        return ()
+    usable: list[Entry] = []
+    previous = 0
+    for entry in pending[:MAX_PENDING]:
+        if type(entry) is tuple and len(entry) == 2 and key_problem(entry[0]) is None:
+            if entry[0] > previous:
+                usable.append(entry)
+                previous = entry[0]
+    return tuple(usable)
 
 
 class _Cursor:
@@ -168,9 +256,27 @@ class ChatSession(Persistent):
 
     ``max_messages`` and ``max_age`` (seconds) cap the history; the oldest messages
     beyond either cap are removed as new ones are posted.
+
+    A stored state that breaks `chatzeo.records.room_problem` loads anyway, with
+    ``problem`` saying what is wrong: readers get placeholders, posts are refused
+    with `MalformedRecord`. So does a room whose clock or message tree cannot be
+    read: each unreadable part becomes one placeholder message.
     """
 
     _v_cursor: _Cursor
+    _v_problem: str | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        super().__setstate__(state)
+        problem = room_problem(state)
+        if problem is None and not (
+            isinstance(state["_messages"], LOBTree)
+            and isinstance(state["_clock"], RoomClock)
+            and isinstance(state["presence"], OOBTree)
+        ):
+            problem = "room's messages, clock or presence is of the wrong class"
+        if problem is not None:
+            self._v_problem = problem
 
     def __init__(
         self, name: str, *, max_messages: int | None = None, max_age: float | None = None
@@ -187,7 +293,49 @@ class ChatSession(Persistent):
         return f"<ChatSession {self.name!r}>"
 
     def __len__(self) -> int:
-        return self._clock.count
+        clock = self._clock_or_none()
+        return clock.message_count() if clock is not None else 0
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong with this room's stored records (itself or its clock), or None."""
+        clock = self._clock_or_none()
+        if self._v_problem is not None:
+            return self._v_problem
+        if clock is None:
+            return "room's clock cannot be read"
+        return clock.problem
+
+    def watch_target(self) -> Persistent:
+        """The object every post to this room changes: what a `ChangeFeed` watches."""
+        return self._clock  # type: ignore[no-any-return]
+
+    def display_name(self) -> str:
+        """The room's name, or a placeholder if the stored one breaks the rules."""
+        name = self._field("name")
+        if name_problem("room", name, MAX_ROOM_NAME) is not None:
+            return "[malformed room name]"
+        return name  # type: ignore[no-any-return]
+
+    def _field(self, name: str) -> Any:
+        """A stored attribute without AttributeError for a state that lacks it."""
+        self._p_activate()
+        return self.__dict__.get(name)
+
+    def _clock_or_none(self) -> RoomClock | None:
+        """The room's clock, loaded, or None if it cannot be read."""
+        clock = self._field("_clock")
+        if not isinstance(clock, RoomClock):
+            return None
+        try:
+            clock._p_activate()
+        except _DATA_ERRORS:
+            return None
+        return clock
+
+    def _tree_or_none(self) -> LOBTree | None:
+        tree = self._field("_messages")
+        return tree if isinstance(tree, LOBTree) else None
 
     # -- writing ---------------------------------------------------------------
 
@@ -219,7 +367,27 @@ class ChatSession(Persistent):
         clock: Callable[[], float],
     ) -> Message:
         """Append an already validated message to the clock's pending entries under a
-        tentative key (the server's conflict resolution may raise it)."""
+        tentative key (the server's conflict resolution may raise it). Raises
+        `MalformedRecord` if the room's stored records break the rules."""
+        problem = self.problem
+        if problem is not None:
+            raise MalformedRecord(f"room {self.display_name()!r}", problem)
+        try:
+            return self._append(text, author, kind, message_id, clock)
+        except _DATA_ERRORS as error:
+            # A bucket of the tree a flush or retention loads cannot be read.
+            raise MalformedRecord(
+                f"room {self.display_name()!r}", f"its message tree cannot be read ({error!r:.80})"
+            ) from None
+
+    def _append(
+        self,
+        text: str,
+        author: str | None,
+        kind: MessageKind,
+        message_id: str,
+        clock: Callable[[], float],
+    ) -> Message:
         room_clock = self._clock
         message = Message(
             message_id,
@@ -310,11 +478,14 @@ class ChatSession(Persistent):
 
         Looks in the clock first, where a message stays until a flush; the tree holds
         keys from ``min_key`` on only if the first pending key is above it."""
-        pending = self._clock.pending
-        tree = self._messages.items(min=min_key) if not pending or pending[0][0] > min_key else ()
+        room_clock = self._clock_or_none()
+        pending = room_clock.entries() if room_clock is not None else ()
+        tree: Any = (
+            self._items(min_key) if not pending or pending[0][0] > min_key else ()
+        )
         for key, record in itertools.chain(pending, tree):
-            if key >= min_key and record[0] == message_id:
-                return Message.from_record(self.name, key, record)
+            if key >= min_key and type(record) is tuple and record and record[0] == message_id:
+                return Message.from_record(self.display_name(), key, record)
         return None
 
     def _trim(self, now_key: int) -> None:
@@ -326,12 +497,12 @@ class ChatSession(Persistent):
         doomed: list[int] = []
         if self.max_age is not None:
             cutoff = now_key - int(self.max_age * 1_000_000)
-            doomed.extend(key for key, _ in self._entries(0, cutoff - 1))
+            doomed.extend(key for key, _ in self._entries(0, cutoff - 1, careful=False))
         if self.max_messages is not None:
             excess = self._clock.count - len(doomed) - self.max_messages
             if excess > 0:
                 start = doomed[-1] + 1 if doomed else 0
-                for key, _ in self._entries(start):
+                for key, _ in self._entries(start, careful=False):
                     if excess <= 0:
                         break
                     doomed.append(key)
@@ -357,25 +528,32 @@ class ChatSession(Persistent):
         at all when the room's clock, still in the cache, says nothing is new.
         """
         cursor = self._cursor()
-        room_clock = self._clock
+        room_clock = self._field("_clock")
         # A ghost clock was invalidated (something was posted) or evicted; one still
         # in the cache answers "nothing new" without a round trip.
-        if room_clock._p_changed is not None and room_clock.head <= cursor.key:
+        if (
+            isinstance(room_clock, RoomClock)
+            and room_clock._p_changed is not None
+            and room_clock.newest_key() <= cursor.key
+        ):
             return []
-        flushed = room_clock.flushed
-        if flushed is not None and flushed <= cursor.key:
+        room_clock = self._clock_or_none()
+        flushed = room_clock.flushed_key() if room_clock is not None else None
+        if room_clock is not None and flushed is not None and flushed <= cursor.key:
             # No key in the tree is above the cursor: the clock alone holds what is new.
-            entries = [entry for entry in room_clock.pending if entry[0] > cursor.key]
+            entries = [entry for entry in room_clock.entries() if entry[0] > cursor.key]
         else:
             entries = list(self._entries(cursor.key + 1))
         if entries:
             cursor.key = entries[-1][0]
-        name = self.name
+        name = self.display_name()
         return [Message.from_record(name, key, record) for key, record in entries]
 
     def skip_to_end(self) -> None:
         """Mark everything in this connection's current view as returned."""
-        self._cursor().key = self._clock.head
+        room_clock = self._clock_or_none()
+        if room_clock is not None:
+            self._cursor().key = room_clock.newest_key()
 
     def latest(self, count: int) -> list[Message]:
         """The last ``count`` messages, oldest first. Loads only the buckets they are in."""
@@ -398,61 +576,103 @@ class ChatSession(Persistent):
         high = _key_before(before)
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, not {limit}")
+        # A room whose own records break the rules says so first, in every page.
+        problem = self.problem
+        if problem is not None and limit is not None:
+            if limit == 0:
+                return []
+            limit -= 1
         if limit is None or since is not None:
             found: list[Message] = []
             for message in self._iter(min_key=low, max_key=high):
                 if limit is not None and len(found) >= limit:
                     break
                 found.append(message)
-            return found
-        return self._newest(limit, low, high)
+        else:
+            found = self._newest(limit, low, high) if limit > 0 else []
+        if problem is not None:
+            key = found[0].key - 1 if found else low
+            found.insert(0, Message.from_record(self.display_name(), max(key, 1), Unreadable(
+                f"this room's records break chatzeo's rules: {problem}")))
+        return found
 
     def _newest(self, limit: int, low: int, high: int | None) -> list[Message]:
         if limit == 0:
             return []
+        room_clock = self._clock_or_none()
         newest = [
             entry
-            for entry in self._clock.pending
+            for entry in (room_clock.entries() if room_clock is not None else ())
             if entry[0] >= low and (high is None or entry[0] <= high)
         ][-limit:]
         # BTrees iterate forwards only; walking back with maxKey(max=...) costs a
         # descent per message through nodes that are already in the cache.
         bound = high
-        tree = self._messages
-        for _ in range(limit):
-            try:
-                key = tree.maxKey() if bound is None else tree.maxKey(bound)
-            except ValueError:
-                break
-            if key < low:
-                break
-            newest.append((key, tree[key]))
-            bound = key - 1
+        tree = self._tree_or_none()
+        try:
+            for _ in range(limit if tree is not None else 0):
+                try:
+                    key = tree.maxKey() if bound is None else tree.maxKey(bound)  # type: ignore[union-attr]
+                except ValueError:
+                    break
+                if key < low:
+                    break
+                newest.append((key, tree[key]))  # type: ignore[index]
+                bound = key - 1
+        except _DATA_ERRORS as error:
+            newest.append(_unreadable(bound if bound is not None else low, error))
+        if tree is None or room_clock is None:
+            newest.append(_unreadable(low, self.problem))
         newest.sort(key=_entry_key)
-        return [Message.from_record(self.name, key, record) for key, record in newest[-limit:]]
+        name = self.display_name()
+        return [Message.from_record(name, key, record) for key, record in newest[-limit:]]
 
     def _iter(self, min_key: int = 0, max_key: int | None = None) -> Iterator[Message]:
-        name = self.name
+        name = self.display_name()
         for key, record in self._entries(min_key, max_key):
             yield Message.from_record(name, key, record)
 
-    def _entries(self, min_key: int = 0, max_key: int | None = None) -> Iterator[Entry]:
+    def _entries(
+        self, min_key: int = 0, max_key: int | None = None, *, careful: bool = True
+    ) -> Iterator[Entry]:
         """The ``(key, record)`` pairs from ``min_key`` to ``max_key`` (inclusive), in
         key order, from the tree and the clock's pending entries (all newer, unless a
-        client bypassing chatzeo wrote the tree directly: merging keeps order anyway)."""
-        items = (
-            self._messages.items(min=min_key)
-            if max_key is None
-            else self._messages.items(min=min_key, max=max_key)
-        )
+        client bypassing chatzeo wrote the tree directly: merging keeps order anyway).
+        A part that cannot be read is one placeholder entry (``careful``), or raises."""
+        items = self._items(min_key, max_key, careful)
+        room_clock = self._clock_or_none()
+        if room_clock is None:
+            items = itertools.chain(items, [_unreadable(min_key, self.problem)])
         pending = [
             entry
-            for entry in self._clock.pending
+            for entry in (room_clock.entries() if room_clock is not None else ())
             if entry[0] >= min_key and (max_key is None or entry[0] <= max_key)
         ]
         if not pending:
-            return iter(items)
+            return items
         return heapq.merge(items, pending, key=_entry_key)
+
+    def _items(
+        self, min_key: int, max_key: int | None = None, careful: bool = True
+    ) -> Iterator[Entry]:
+        """The tree's items in the range; if a bucket cannot be read, one placeholder
+        entry just after the last key read stands for the rest of the tree."""
+        tree = self._tree_or_none()
+        if tree is None:
+            yield _unreadable(min_key, self.problem)
+            return
+        last = min_key - 1
+        try:
+            items = tree.items(min=min_key) if max_key is None else tree.items(
+                min=min_key, max=max_key
+            )
+            for entry in items:
+                last = entry[0]
+                yield entry
+        except _DATA_ERRORS as error:
+            if not careful:
+                raise
+            yield _unreadable(last + 1, error)
 
     def _cursor(self) -> _Cursor:
         try:
@@ -470,6 +690,22 @@ class ChatSession(Persistent):
 
 def _entry_key(entry: Entry) -> int:
     return entry[0]
+
+
+# What a record that cannot be loaded raises (not a lost server or a conflict: those
+# are TransientErrors and reach the caller's retry).
+_DATA_ERRORS = (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError, AttributeError)
+
+
+def _unreadable(key: int, why: object) -> Entry:
+    """A placeholder entry for a part of a room that cannot be read."""
+    if isinstance(why, str):
+        reason = why
+    elif why is None:
+        reason = "a part of the room cannot be read"
+    else:
+        reason = f"a part of the room cannot be read ({type(why).__name__})"
+    return (max(key, 1), Unreadable(reason))  # type: ignore[return-value]
 
 
 def _key_after(point: float | Message | None) -> int:

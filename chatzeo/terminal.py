@@ -14,6 +14,19 @@ editing and history for free, and needs only a prompt below ordinary output;
 Textual would take over the whole screen with its own widgets and scrolling for
 no gain here, and adds a dependency where prompt_toolkit is already one.
 
+What the scrollback does not survive: resizing. Lines already printed stay as
+they were wrapped (the terminal may re-wrap them), and a terminal that re-wraps
+on resize (tmux 3.3a was seen doing so) can leave a copy of the prompt and status
+bar in the scrollback, because its re-wrapping moves the cursor before
+prompt_toolkit erases what it drew (observed: the cursor went from column 27 of
+the prompt's row to column 0 of a row below it, with rows pushed into history,
+before the client wrote a byte). The status bar is redrawn to fit the new width.
+
+Keys: Enter sends; Ctrl-C clears a line being typed, and on an empty line leaves
+(as Ctrl-D does); leaving while messages wait for an absent server asks first.
+Left, Right, Backspace and Delete work on whole characters, emoji sequences
+included (`chatzeo.editing`). A line that is refused stays in the input.
+
 Threads
     UI thread (the main thread, running the asyncio loop): the `PromptSession`,
     `ChatScreen` (parsing typed lines, all drawing) and every print.
@@ -29,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,17 +50,36 @@ from collections.abc import Callable, Sequence
 from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.application import get_app, get_app_or_none
 from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.filters import Condition
 from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
+from prompt_toolkit.key_binding import (
+    KeyBindings,
+    KeyBindingsBase,
+    KeyPressEvent,
+    merge_key_bindings,
+)
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.renderer import print_formatted_text as render_text
 
 from .client import ChatClient
 from .commands import HELP, Help, History, Quit, Say, parse
-from .database import open_db
-from .display import STYLE, error_line, info_line, message_line, prompt_text, stamp, status_text
+from .display import (
+    STYLE,
+    day_line,
+    error_line,
+    info_line,
+    message_lines,
+    plural,
+    prompt_text,
+    stamp,
+    status_text,
+)
+from .editing import GraphemeWidths, grapheme_bindings
 from .errors import ChatError, InvalidInput
 from .message import Message
-from .tls import context_from_options
+from .reach import open_for_command
+from .sanitize import clean
+from .tls import TLS_ENVIRONMENT, context_from_options
 from .validation import check_room_name, check_user_name
 from .worker import (
     Arrived,
@@ -105,6 +138,19 @@ def _redraw() -> None:
         app.invalidate()
 
 
+def _columns() -> int:
+    app = get_app_or_none()
+    if app is not None:
+        return app.output.get_size().columns
+    import shutil
+
+    return shutil.get_terminal_size().columns
+
+
+def _same_day(one: float, other: float) -> bool:
+    return time.localtime(one)[:3] == time.localtime(other)[:3]
+
+
 class ChatScreen:
     """What the user sees and what their typing does; lives in the UI thread.
 
@@ -123,11 +169,18 @@ class ChatScreen:
         show: Callable[[Sequence[FormattedText]], None] = print_lines,
         redraw: Callable[[], None] = _redraw,
         clock: Callable[[], float] = time.time,
+        columns: Callable[[], int] = _columns,
     ) -> None:
         self.user = user
         self.server = server
         self.room = ""
         self.pending: dict[int, Outgoing] = {}
+        # Ids of the messages this connection stored: only those are marked as
+        # one's own (a name proves nothing: anyone may connect under any name).
+        self.own: set[str] = set()
+        # Set when the last line was refused, so the input keeps it to be fixed.
+        self.keep_input = False
+        self._leave_asked = False
         # The oldest message on screen in this room: `/history` pages back from it.
         self.oldest: Message | None = None
         self._submit = submit
@@ -135,6 +188,7 @@ class ChatScreen:
         self._show = show
         self._redraw = redraw
         self._clock = clock
+        self._columns = columns
         self._next_id = 0
 
     # -- drawn by the prompt every refresh ---------------------------------------
@@ -146,29 +200,51 @@ class ChatScreen:
 
     def status(self) -> FormattedText:
         """The status bar under the input."""
-        return status_text(self.user, self.room, self.server, self._connected(), len(self.pending))
+        return status_text(
+            self.user, self.room, self.server, self._connected(), len(self.pending),
+            width=self._columns() - 1,  # the renderer never fills the last column
+        )
+
+    def may_leave(self) -> bool:
+        """Whether leaving now loses nothing, or the user was already told it would.
+
+        Messages still pending while the server is connected are sent before the
+        worker stops; while it is away they would be lost, so the first request to
+        leave only says so, and a second one leaves.
+        """
+        if not self.pending or self._connected() or self._leave_asked:
+            return True
+        self._leave_asked = True
+        count = len(self.pending)
+        self._show([error_line(
+            f"{plural(count, 'message')} not sent yet: the server is away. Quit again "
+            "(Ctrl-C, Ctrl-D or /quit) to leave without "
+            f"{'it' if count == 1 else 'them'}, or wait for the server"
+        )])
+        return False
 
     # -- typed lines ---------------------------------------------------------------
 
     def on_line(self, line: str) -> bool:
-        """Act on one typed line; False when the user asked to leave."""
+        """Act on one typed line; False when the user asked to leave. A refused line
+        sets `keep_input`, so it stays in the input to be corrected."""
+        self.keep_input = False
         try:
             command = parse(line)
         except InvalidInput as error:
             self._show([error_line(str(error))])
+            self.keep_input = True
             return True
         if command is None:
             return True
         if isinstance(command, Quit):
-            return False
+            if command.message:
+                self._say(Say(command.message))  # the worker sends it before stopping
+            return not self.may_leave()
         if isinstance(command, Help):
             self._show([info_line(text) for text in HELP.splitlines()])
         elif isinstance(command, Say):
-            self._next_id += 1
-            outgoing = Outgoing(self._next_id, command.text, command.kind)
-            self.pending[outgoing.id] = outgoing
-            self._submit(outgoing)
-            self._redraw()
+            self._say(command)
         elif isinstance(command, History):
             if self.oldest is None:
                 self._show([info_line("no earlier messages")])
@@ -177,6 +253,13 @@ class ChatScreen:
         else:
             self._submit(command)
         return True
+
+    def _say(self, command: Say) -> None:
+        self._next_id += 1
+        outgoing = Outgoing(self._next_id, command.text, command.kind)
+        self.pending[outgoing.id] = outgoing
+        self._submit(outgoing)
+        self._redraw()
 
     # -- worker events -------------------------------------------------------------
 
@@ -187,7 +270,12 @@ class ChatScreen:
             self.oldest = event.page[0] if event.page else None
             lines = self._lines(event.page)
             count = len(event.page)
-            shown = f"the last {count} messages above" if count else "no messages yet"
+            if count == 1:
+                shown = "the last message above"
+            elif count:
+                shown = f"the last {count} messages above"
+            else:
+                shown = "no messages yet"
             lines.append(
                 info_line(
                     f"you are in {event.shown or '#' + event.room} ({shown}; "
@@ -200,6 +288,8 @@ class ChatScreen:
             self._show_messages(event.messages)
         elif isinstance(event, Landed):
             self.pending.pop(event.id, None)
+            if event.stored is not None:
+                self.own.add(event.stored)
             self._show_messages(event.messages)
             self._redraw()
         elif isinstance(event, NotSent):
@@ -224,19 +314,40 @@ class ChatScreen:
     def _show_earlier(self, event: EarlierPage) -> None:
         if event.before.room != self.room:
             return  # answered after a /join: no longer about what is on screen
-        when = stamp(event.before.time, self._clock())
+        now = self._clock()
+        when = stamp(event.before.time, now)
         if not event.messages:
             self._show([info_line(f"no messages before {when}")])
             return
         self.oldest = event.messages[0]
-        lines = [info_line(f"{len(event.messages)} earlier messages, before {when}:")]
-        lines += self._lines(event.messages)
-        lines.append(info_line("end of earlier messages"))
+        first, last = event.messages[0].time, event.messages[-1].time
+        # The terminal only appends, so older messages land below newer ones:
+        # frame them, and date them, so they cannot be taken for new ones.
+        count = plural(len(event.messages), "earlier message")
+        lines = [_frame(f"{count}, {stamp(first, now)} to {stamp(last, now)}")]
+        lines += self._lines(event.messages, dates=True)
+        lines.append(_frame(f"end of the earlier messages; newer ones are above, from {when}"))
         self._show(lines)
 
-    def _lines(self, messages: Sequence[Message]) -> list[FormattedText]:
+    def _lines(self, messages: Sequence[Message], dates: bool = False) -> list[FormattedText]:
+        """Each message drawn and wrapped, with a day line before the first message
+        of each day that is not today (and before today's, after an older one)."""
         now = self._clock()
-        return [message_line(message, self.user, now) for message in messages]
+        width = max(self._columns() - 1, 20)
+        lines: list[FormattedText] = []
+        previous: float | None = None
+        for message in messages:
+            new_day = previous is None or not _same_day(previous, message.time)
+            if new_day and (not _same_day(message.time, now) or previous is not None or dates):
+                lines.append(day_line(message.time))
+            previous = message.time
+            own = message.id in self.own
+            lines += message_lines(message, own, now, width)
+        return lines
+
+
+def _frame(text: str) -> FormattedText:
+    return FormattedText([("class:frame", f"== {text} ==")])
 
 
 async def _prompt_loop(screen: ChatScreen) -> None:
@@ -244,12 +355,19 @@ async def _prompt_loop(screen: ChatScreen) -> None:
     screen and clears the input, without leaving the application, so the terminal
     stays in raw mode from start to end (see `print_lines`)."""
     # erase_when_done: on leaving, the prompt and status bar are not left behind.
-    session: PromptSession[str] = PromptSession(style=STYLE, erase_when_done=True)
+    session: PromptSession[str] = PromptSession(
+        style=STYLE,
+        erase_when_done=True,
+        key_bindings=_chat_bindings(screen),
+        input_processors=[GraphemeWidths()],
+    )
 
     def accept(buffer: Buffer) -> bool:
         if not screen.on_line(buffer.text):
             get_app().exit()
-        return False  # clear the input (the line goes to the input history)
+        # A refused line stays, to be corrected; otherwise the input is cleared
+        # (the line goes to the input history either way).
+        return screen.keep_input
 
     session.default_buffer.accept_handler = accept
     with patch_stdout():
@@ -259,6 +377,29 @@ async def _prompt_loop(screen: ChatScreen) -> None:
             )
         except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
             pass
+
+
+def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
+    """Ctrl-C clears a line being typed and leaves from an empty one, as shells and
+    IRC clients do; Ctrl-D leaves from an empty line. Leaving with messages the
+    server has not stored yet asks first (`ChatScreen.may_leave`)."""
+    bindings = KeyBindings()
+    empty = Condition(lambda: not get_app().current_buffer.text)
+
+    @bindings.add("c-c")
+    def _interrupt(event: KeyPressEvent) -> None:
+        buffer = event.current_buffer
+        if buffer.text:
+            buffer.reset()
+        elif screen.may_leave():
+            event.app.exit()
+
+    @bindings.add("c-d", filter=empty)
+    def _end(event: KeyPressEvent) -> None:
+        if screen.may_leave():
+            event.app.exit()
+
+    return merge_key_bindings([grapheme_bindings(), bindings])
 
 
 async def chat(
@@ -316,7 +457,11 @@ def run_chat(args: argparse.Namespace) -> int:
         raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
     tls = getattr(args, "ssl_context", None) or context_from_options(
         args.tls_cert, args.tls_key, args.tls_ca)
-    db = open_db(args.server, wait=args.wait, ssl=tls)
+    # Said at once, so a slow or absent server is never a blank screen.
+    print(f"chatzeo: connecting to {clean(str(args.server))} as {user}...", flush=True)
+    cert = args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"]) or getattr(
+        args, "identity", None)
+    db = open_for_command(args.server, args.wait, tls, cert)
     finished = True
     try:
         finished = asyncio.run(chat(lambda: ChatClient(db, user), user, room, str(args.server)))

@@ -1,4 +1,14 @@
-"""The rules a guarded `chatzeo serve` applies to each commit before it is written.
+"""The rules every `chatzeo serve` applies to each commit before it is written.
+
+Two sets of rules. The *record* rules hold on every server, TLS or not: every
+record of chatzeo's graph keeps the shapes of `chatzeo.records` (types, sizes,
+names, no attribute or object where chatzeo puts none), history is only appended
+to (or trimmed by retention), trees keep their structure. The *identity* rules
+(``identity``, ``author``, ``user``, ``presence`` ownership; the ZODB root left
+alone) need to know who commits, so they apply only when the server has TLS
+client certificates (``check_commit(..., enforce_identity=True)``). Objects outside
+chatzeo's graph (an application's own, beside a `ChatSession` it embeds) are the
+application's business and are not checked.
 
 What is checked
     Every object chatzeo's graph reaches has a *role* on the server: the ZODB root,
@@ -8,8 +18,9 @@ What is checked
     `TrustIndex` knows the role of every such object; it is built by walking the graph
     when the server starts (tree nodes are loaded, message buckets only named) and
     grows with each commit that links new objects into the graph; it also keeps the
-    decoded states of recent revisions, so the next commit of a bucket need not
-    load and decode its base again. A commit stores records; each
+    decoded states of recent revisions (bounded by their pickles' bytes), so the
+    next commit of a bucket need not load and decode its base again. A commit
+    stores records; each
     record whose oid has a role, and each new object it links into the graph, is
     decoded with `chatzeo.allowlist` (nothing is imported or called) and compared with
     the state the writer started from (``loadSerial(oid, serial)``). Comparing with
@@ -19,12 +30,21 @@ What is checked
     is that change which is checked.
 
 The rules (each refusal names one; docs/security.md explains them)
-    ``root``        the ZODB root and the ChatRoot are never changed by a client.
+    ``schema``      every checked record keeps `chatzeo.records`' shape: message
+                    tuples, keys (ints in range, in every bucket and node of a message
+                    tree), clock fields and its pending bound, room and user fields
+                    (no extra attribute), names, presence and lease entries; a lease
+                    or presence expiry lies at most the root's ``lease_seconds`` (+
+                    `FUTURE_SKEW`) ahead, and a user holds at most the root's
+                    ``max_connections`` live leases after any commit that adds one.
+    ``root``        the ChatRoot is never changed by a client; the ZODB root neither
+                    under TLS, and without TLS it keeps its ``chatzeo`` entry.
     ``room``        an existing ChatSession is never changed (no rename, no new caps);
                     ChatRoot.rooms only gains keys, each a new ChatSession named like
                     its key, with new trees and a new clock of its own.
-    ``user``        a User and its leases are changed only by the certificate of the
-                    same name; ChatRoot.users only gains the writer's own new User.
+    ``user``        a User is never renamed and keeps its leases tree; under TLS it
+                    and its leases are changed only by the certificate of the same
+                    name, and ChatRoot.users only gains the writer's own new User.
     ``author``      a new message is ``(id, author, text, kind)`` with author = identity;
                     new messages arrive as entries appended to the room clock's
                     ``pending`` (or, in a flush, straight into the tree with the rest).
@@ -37,7 +57,7 @@ The rules (each refusal names one; docs/security.md explains them)
                     tree's, its head the newest key, its count moving by exactly the
                     messages added and removed, its ``flushed`` mark moving only with a
                     flush and never below a key put in the tree).
-    ``identity``    a certificate without a single commonName changes nothing.
+    ``identity``    a certificate without a single commonName changes nothing (TLS).
     ``presence``    a presence entry added, changed or removed names the writer.
     ``structure``   in every checked tree, keys are sorted, a child unlinked from a
                     node is emptied in the same commit or linked elsewhere in the same
@@ -56,25 +76,28 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import pickle
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from ZODB.POSException import ConflictError, POSKeyError
 
+from . import records
 from .allowlist import is_allowed
 from .errors import TrustViolation
+from .realm import ROOT_KEY
+from .records import FUTURE_SKEW
 
 __all__ = ["TrustIndex", "IndexUpdate", "check_commit", "Ref", "decode", "FUTURE_SKEW"]
 
 Z64 = b"\0" * 8
 ROOT_OID = Z64
-# How far ahead of the server's clock a message key may be, and so how much a
-# writer's clock may run ahead of the server's (seconds). It also widens the age
-# bound of retention by as much.
-FUTURE_SKEW = 300.0
+# FUTURE_SKEW (chatzeo.records): how far ahead of the server's clock a message key
+# may be, and so how much a writer's clock may run ahead of the server's. It also
+# widens the age bound of retention by as much.
 
 _TREE_KINDS = ("messages", "presence", "rooms", "users", "leases", "private")
 _CLASSES = {
@@ -90,6 +113,8 @@ _CLASSES = {
     "user": ("chatzeo.realm.User",),
 }
 _MISSING = object()
+
+log = logging.getLogger(__name__)
 
 Role = tuple[str, Any]  # (kind, owner): owner is a session oid, a user name or None
 
@@ -120,9 +145,13 @@ def _global(module: str, name: str) -> _Global | None:
 
 
 class _Unpickler(pickle.Unpickler):
+    lenient = False
+
     def find_class(self, module: str, name: str) -> Any:
         found = _global(module, name)
         if found is None:
+            if self.lenient:
+                return _Global(module, name)  # a name only: nothing imported or called
             raise _Undecodable(f"names {module}.{name}, which is not allowed")
         return found
 
@@ -134,14 +163,17 @@ class _Unpickler(pickle.Unpickler):
         raise _Undecodable("holds a weak or cross-database reference")
 
 
-def decode(data: bytes) -> tuple[str, Any]:
+def decode(data: bytes, lenient: bool = False) -> tuple[str, Any]:
     """A stored record as ``(dotted class name, state)``, persistent references as `Ref`.
 
     Globals are checked with `chatzeo.allowlist.is_allowed` and never imported; a
-    record that needs more than plain data raises `_Undecodable`.
+    record that needs more than plain data raises `_Undecodable`. ``lenient`` lets
+    any global be *named* (an application's classes, referred to from the ZODB
+    root); still nothing is imported or called.
     """
     try:
         unpickler = _Unpickler(io.BytesIO(data))
+        unpickler.lenient = lenient
         meta = unpickler.load()
         state = unpickler.load()
     except _Undecodable:
@@ -247,21 +279,30 @@ class IndexUpdate:
 
     roles: dict[bytes, Role] = field(default_factory=dict)
     rooms: dict[bytes, RoomInfo] = field(default_factory=dict)
-    # oid -> (class name, state) of the checked records, as the writer sent them
-    states: dict[bytes, tuple[str, Any]] = field(default_factory=dict)
+    # oid -> (class name, state, pickle size) of the checked records, as sent
+    states: dict[bytes, tuple[str, Any, int]] = field(default_factory=dict)
 
 
 class TrustIndex:
-    """The role of every object of chatzeo's graph, and every room's retention."""
+    """The role of every object of chatzeo's graph, every room's retention, and the
+    root's connection rules."""
 
     # Decoded states kept so that the next commit of an object need not load and
-    # decode the revision it starts from: posting rewrites the same last bucket.
-    cache_size = 4096
+    # decode the revision it starts from: posting rewrites the same clock and last
+    # bucket. Bounded by the pickles' bytes, not by their number, since one record
+    # may be large; a decoded state takes a few times its pickle's size.
+    cache_bytes = 8 * 1024 * 1024
 
     def __init__(self) -> None:
         self.roles: dict[bytes, Role] = {}
         self.rooms: dict[bytes, RoomInfo] = {}
-        self.states: dict[bytes, tuple[bytes, str, Any]] = {}  # oid -> (tid, class, state)
+        # oid -> (tid, class, state, pickle bytes, checked); insertion order is age.
+        # ``checked``: the state came from a commit this server checked.
+        self.states: dict[bytes, tuple[bytes, str, Any, int, bool]] = {}
+        self.cached_bytes = 0
+        self.root_oid: bytes | None = None
+        self.max_connections = 8
+        self.lease_seconds = 60.0
 
     @classmethod
     def build(cls, storage: Any) -> TrustIndex:
@@ -273,22 +314,40 @@ class TrustIndex:
         if not isinstance(chat_root, Ref):
             return index
         index.roles[chat_root.oid] = ("root", None)
+        index.root_oid = chat_root.oid
         _, state = _load(storage, chat_root.oid)
+        if records.root_problem(state) is None:
+            index.max_connections = state["max_connections"]
+            index.lease_seconds = float(state["lease_seconds"])
+        # A record an older server let in must not keep this one from starting: it
+        # is logged, `chatzeo check` reports it, and what could be indexed is.
         for name, value in index._walk(storage, state["rooms"].oid, ("rooms", None)):
-            index._add_room(storage, value.oid, name)
+            index._tolerate(f"room {name!r}", index._add_room, storage, value, name)
         for name, value in index._walk(storage, state["users"].oid, ("users", None)):
-            index.roles[value.oid] = ("user", name)
-            _, user = _load(storage, value.oid)
-            list(index._walk(storage, user["leases"].oid, ("leases", name)))
+            index._tolerate(f"user {name!r}", index._add_user, storage, value, name)
         # Private rooms (chatzeo.privacy): their sessions are rooms like any other;
         # who may read and change them is chatzeo.readguard's business.
         private = state.get("private")
         if isinstance(private, Ref):
-            for _, value in index._walk(storage, private.oid, ("private", None)):
-                index.roles[value.oid] = ("access", value.oid)
-                _, access = _load(storage, value.oid)
-                index._add_room(storage, access["session"].oid, access["name"])
+            for name, value in index._walk(storage, private.oid, ("private", None)):
+                index._tolerate(f"private room {name!r}", index._add_private, storage, value)
         return index
+
+    def _tolerate(self, what: str, add: Any, *args: Any) -> None:
+        try:
+            add(*args)
+        except (_Undecodable, KeyError, AttributeError, TypeError, ValueError) as error:
+            log.warning("%s is malformed, indexed only in part: %s", what, error)
+
+    def _add_private(self, storage: Any, value: Any) -> None:
+        self.roles[value.oid] = ("access", value.oid)
+        _, access = _load(storage, value.oid)
+        self._add_room(storage, access["session"], access["name"])
+
+    def _add_user(self, storage: Any, value: Any, name: str) -> None:
+        self.roles[value.oid] = ("user", name)
+        _, user = _load(storage, value.oid)
+        list(self._walk(storage, user["leases"].oid, ("leases", name)))
 
     def apply(self, update: IndexUpdate, tid: bytes, resolved: Iterable[bytes] = ()) -> None:
         """Record what a commit finished as ``tid`` added. The states of the records
@@ -296,13 +355,24 @@ class TrustIndex:
         self.roles.update(update.roles)
         self.rooms.update(update.rooms)
         merged = set(resolved)
-        states = self.states
-        for oid, (class_name, state) in update.states.items():
-            states.pop(oid, None)
+        for oid, (class_name, state, size) in update.states.items():
+            self._forget(oid)
             if oid not in merged:
-                states[oid] = (tid, class_name, state)
-        while len(states) > self.cache_size:
-            del states[next(iter(states))]
+                self._keep(oid, (tid, class_name, state, size, True))
+
+    def _forget(self, oid: bytes) -> None:
+        entry = self.states.pop(oid, None)
+        if entry is not None:
+            self.cached_bytes -= entry[3]
+
+    def _keep(self, oid: bytes, entry: tuple[bytes, str, Any, int, bool]) -> None:
+        if entry[3] > self.cache_bytes // 4:
+            return  # one record may not push out everything else
+        self.states[oid] = entry
+        self.cached_bytes += entry[3]
+        states = self.states
+        while self.cached_bytes > self.cache_bytes:
+            self._forget(next(iter(states)))
 
     def current(self, storage: Any, oid: bytes) -> tuple[str, Any]:
         """The newest committed state of ``oid``, decoded once per revision."""
@@ -310,16 +380,23 @@ class TrustIndex:
         found = self.cached(oid, tid)
         if found is None:
             found = decode(data)
-            self.states[oid] = (tid, *found)
+            self._forget(oid)
+            self._keep(oid, (tid, *found, len(data), False))
         return found
 
     def cached(self, oid: bytes, tid: bytes) -> tuple[str, Any] | None:
         entry = self.states.get(oid)
         return (entry[1], entry[2]) if entry is not None and entry[0] == tid else None
 
-    def _add_room(self, storage: Any, oid: bytes, name: str) -> None:
-        _, state = _load(storage, oid)
+    def checked(self, oid: bytes, tid: bytes) -> bool:
+        """Whether the cached state of ``oid`` at ``tid`` was written by a checked commit."""
+        entry = self.states.get(oid)
+        return entry is not None and entry[0] == tid and entry[4]
+
+    def _add_room(self, storage: Any, value: Any, name: str) -> None:
+        oid = value.oid
         self.roles[oid] = ("session", oid)
+        _, state = _load(storage, oid)
         self.rooms[oid] = _room_info(state)
         self.roles[state["_clock"].oid] = ("clock", oid)
         # Message buckets are only named, not walked: the walk costs the tree nodes.
@@ -372,14 +449,27 @@ def check_commit(
     storage: Any,
     index: TrustIndex,
     now: float | None = None,
+    *,
+    enforce_identity: bool = True,
 ) -> IndexUpdate:
     """Check the ``(oid, base serial, data)`` records of one commit by ``identity``.
+
+    With ``enforce_identity`` (a server with client certificates) every rule
+    applies; without it (``identity`` is then ignored) the record, history and
+    structure rules do, and the identity rules do not.
 
     Returns the index entries the commit adds (apply them when it is finished).
     Raises `TrustViolation` naming the rule it breaks, or `ConflictError` if a base
     state is gone (packed away): the writer then retries from a fresh state.
     """
-    return _Commit(identity, stores, storage, index, time.time() if now is None else now).run()
+    return _Commit(
+        identity if enforce_identity else None,
+        stores,
+        storage,
+        index,
+        time.time() if now is None else now,
+        enforce_identity,
+    ).run()
 
 
 @dataclass
@@ -391,6 +481,7 @@ class _Record:
     class_name: str = ""
     new_state: Any = None
     old_state: Any = None
+    old_checked: bool = False  # the base state passed this server's checks
     decoded: bool = False
 
     @property
@@ -416,8 +507,10 @@ class _Commit:
         storage: Any,
         index: TrustIndex,
         now: float,
+        enforce_identity: bool = True,
     ) -> None:
         self.identity = identity
+        self.enforce_identity = enforce_identity
         self.storage = storage
         self.index = index
         self.now = now
@@ -430,7 +523,11 @@ class _Commit:
     def run(self) -> IndexUpdate:
         try:
             self._assign_roles()
-            if self.identity is None and any(r.role for r in self.records.values()):
+            if (
+                self.enforce_identity
+                and self.identity is None
+                and any(r.role for r in self.records.values())
+            ):
                 self.refuse("identity", "the client certificate names no single commonName")
             groups: dict[Role, _Group] = {}
             clocks: dict[bytes, _Record] = {}
@@ -456,8 +553,13 @@ class _Commit:
             raise TrustViolation("structure: a tree holds keys that cannot be compared") from None
         return self.update
 
-    def refuse(self, rule: str, detail: str) -> None:
+    def refuse(self, rule: str, detail: str) -> NoReturn:
         raise TrustViolation(f"{rule}: {detail}")
+
+    def schema(self, problem: str | None) -> None:
+        """Refuse under the ``schema`` rule if ``problem`` (a `chatzeo.records` finding)."""
+        if problem is not None:
+            self.refuse("schema", problem)
 
     # -- roles
 
@@ -473,6 +575,8 @@ class _Commit:
         while pending:
             record = pending.pop()
             kind, owner = record.role  # type: ignore[misc]
+            if kind == "root":
+                continue  # links nothing chatzeo checks; `_check_root` reads it
             self._decode(record)
             for child, role in self._linked(record, kind, owner):
                 target = self.records.get(child)
@@ -518,13 +622,19 @@ class _Commit:
     def _decode(self, record: _Record) -> None:
         if record.decoded:
             return
+        if len(record.data) > records.MAX_RECORD_BYTES:
+            # Refused unread: decoding it would cost the server what the limit saves.
+            self.refuse("schema", (
+                f"a record of {len(record.data)} bytes; the limit is {records.MAX_RECORD_BYTES}"
+            ))
         record.class_name, record.new_state = decode(record.data)
         kind = record.role[0] if record.role else ""
         if kind in _CLASSES and record.class_name not in _CLASSES[kind]:
             self.refuse("structure", f"a {kind} object was replaced by a {record.class_name}")
-        self.update.states[record.oid] = (record.class_name, record.new_state)
+        self.update.states[record.oid] = (record.class_name, record.new_state, len(record.data))
         if not record.is_new:
             cached = self.index.cached(record.oid, record.serial)
+            record.old_checked = self.index.checked(record.oid, record.serial)
             if cached is None:
                 try:
                     old = self.storage.loadSerial(record.oid, record.serial)
@@ -543,20 +653,48 @@ class _Commit:
             old = _EMPTY if record.is_new else _shape(record.class_name, record.old_state)
             new = _shape(record.class_name, record.new_state)
             _check_sorted(new)
+            self._check_items(record, old, new)
             shapes = self.shapes[record.oid] = (old, new)
         return shapes
+
+    def _check_items(self, record: _Record, old: _Shape, shape: _Shape) -> None:
+        """Every key (and separator) of a written node or bucket has its tree's key
+        type, and every value its tree's value shape, unless it is exactly as it
+        was stored (an entry an older, unchecking server let in must not keep
+        honest writers out of its bucket). "Exactly" compares types too, since
+        ``2 == 2.0`` and ``0 == False`` would hide a changed type."""
+        kind = record.role[0] if record.role else ""
+        key_rule = _KEY_RULES.get(kind)
+        if key_rule is None:
+            return
+        before = {(type(key), key) for key in (*old.keys, *old.separators.values())}
+        for key in (*shape.keys, *(k for k in shape.separators.values() if k is not None)):
+            if (type(key), key) not in before:
+                self.schema(key_rule(key))
+        value_rule = _VALUE_RULES.get(kind)
+        if value_rule is None:
+            return
+        kept = old.items
+        for key, value in shape.items.items():
+            if key in kept and _same(kept[key], value):
+                continue
+            problem = value_rule(key, value)
+            if problem is not None:
+                self.refuse("schema", problem)
 
     # -- single objects
 
     def _check_object(self, record: _Record) -> None:
         kind, owner = record.role  # type: ignore[misc]
+        if kind == "root":
+            self._check_root(record)
+            return
         self._decode(record)
         state = record.new_state
-        if kind == "root":
-            self.refuse("root", "the ZODB root and chatzeo's root cannot be changed")
         if kind == "session":
             if not record.is_new:
                 self.refuse("room", "an existing room cannot be changed or renamed")
+            self.schema(records.room_problem(state))
             try:
                 self.update.rooms[record.oid] = _room_info(state)
             except (KeyError, AttributeError, TypeError):
@@ -566,12 +704,32 @@ class _Commit:
                 if oid not in self.records or not self.records[oid].is_new:
                     self.refuse("room", "a new room must bring new trees and a new clock")
         if kind == "user":
-            name = state.get("name") if isinstance(state, dict) else None
+            self.schema(records.user_problem(state))
+            name = state["name"]
             old = record.old_state.get("name") if isinstance(record.old_state, dict) else name
-            if owner != self.identity or name != owner or old != owner:
+            if self.enforce_identity and owner != self.identity:
                 self.refuse("user", f"user {owner!r} can only be changed by {owner!r}")
-            if record.is_new and _ref(state, "leases") not in self.records:
+            if name != owner or old != owner:
+                self.refuse("user", f"user {owner!r} cannot be renamed")
+            leases = _ref(state, "leases")
+            if record.is_new and leases not in self.records:
                 self.refuse("user", "a new user must bring new leases")
+            if not record.is_new and leases != _ref(record.old_state, "leases"):
+                self.refuse("user", "a user keeps its leases")
+
+    def _check_root(self, record: _Record) -> None:
+        """chatzeo's root never changes; the ZODB root neither under TLS, and
+        without TLS (where applications may keep their own objects beside chatzeo's)
+        it keeps its ``chatzeo`` entry."""
+        if self.enforce_identity or record.oid != ROOT_OID or self.index.root_oid is None:
+            self.refuse("root", "the ZODB root and chatzeo's root cannot be changed")
+        try:
+            _, state = decode(record.data, lenient=True)
+            kept = state["data"][ROOT_KEY] == Ref(self.index.root_oid)
+        except (_Undecodable, KeyError, TypeError):
+            kept = False
+        if not kept:
+            self.refuse("root", f"the ZODB root keeps its {ROOT_KEY!r} entry")
 
     # -- trees
 
@@ -599,18 +757,59 @@ class _Commit:
     def _check_group(self, role: Role, group: _Group, clocks: dict[bytes, _Record]) -> None:
         kind, owner = role
         self._check_structure(group)
+        written = (*group.added.values(), *(after for _, after in group.changed.values()))
+        if kind in ("leases", "presence"):
+            # Values are well-formed (`_check_items`); their expiry is bounded here.
+            for value in written:
+                self.schema(records.expiry_problem(
+                    value[1], self.now, self.index.lease_seconds
+                ))
         if kind == "leases":
-            if owner != self.identity:
+            if self.enforce_identity and owner != self.identity:
                 self.refuse("user", f"the leases of user {owner!r} belong to {owner!r}")
+            if group.added:
+                self._check_lease_count(owner, group)
         elif kind == "presence":
-            for value in (*group.removed.values(), *group.added.values(),
-                          *(v for pair in group.changed.values() for v in pair)):
-                if not (isinstance(value, tuple) and value and value[0] == self.identity):
-                    self.refuse("presence", "a presence entry may only name its writer")
+            if self.enforce_identity:
+                for value in (*group.removed.values(), *group.added.values(),
+                              *(v for pair in group.changed.values() for v in pair)):
+                    if not (isinstance(value, tuple) and value and value[0] == self.identity):
+                        self.refuse("presence", "a presence entry may only name its writer")
         elif kind in ("rooms", "users", "private"):
             self._check_directory(kind, group)
         elif kind == "messages":
             self._check_messages(owner, group, clocks.get(owner))
+
+    def _check_lease_count(self, owner: str, group: _Group) -> None:
+        """A commit that adds a lease leaves its user at most ``max_connections``
+        live ones. Counted over the whole leases tree as it will be; an honest one is
+        a single small record, so a tree of many buckets is refused outright."""
+        tops = [r for r in group.records if not r.class_name.endswith("Bucket")]
+        seen: set[bytes] = set()
+        live = 0
+        todo = [r.oid for r in (tops or group.records)]
+        while todo:
+            oid = todo.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            if len(seen) > _MAX_LEASE_RECORDS:
+                self.refuse("schema", f"user {owner!r} holds more leases than chatzeo keeps")
+            record = self.records.get(oid)
+            if record is not None:
+                shape = self._shapes(record)[1]
+            else:
+                shape = _shape(*self.index.current(self.storage, oid))
+            todo.extend(shape.children)
+            live += sum(
+                1 for value in shape.items.values()
+                if type(value) is tuple and len(value) == 2 and value[1] > self.now
+            )
+        if live > self.index.max_connections:
+            self.refuse("schema", (
+                f"user {owner!r} would hold {live} live leases; "
+                f"the limit is {self.index.max_connections}"
+            ))
 
     def _check_structure(self, group: _Group) -> None:
         dropped: set[bytes] = set()
@@ -681,7 +880,7 @@ class _Commit:
                 state, dict) else None
             if name != key:
                 self.refuse(noun, f"{noun} {name!r} is filed under another name, {key!r}")
-            if kind == "users" and key != self.identity:
+            if kind == "users" and self.enforce_identity and key != self.identity:
                 self.refuse("user", f"only {key!r} can create user {key!r}")
 
     def _check_messages(self, owner: bytes, group: _Group, clock: _Record | None) -> None:
@@ -705,34 +904,52 @@ class _Commit:
         old: dict[str, Any] = (
             clock.old_state if not clock.is_new else {"head": 0, "count": 0, "flushed": 0}
         )
-        if not all(_is_clock(state) for state in (old, new)):
-            self.refuse("history", "a room clock is malformed")
-        old_pending = dict(old.get("pending", ()))
+        # Keys strictly increase in both (the old one was checked when it was
+        # written, unless it came from before this server: then check it now).
+        self.schema(records.clock_problem(new, messages=False))
+        if not (clock.is_new or clock.old_checked) and records.clock_problem(
+            old, messages=False
+        ) is not None:
+            self.refuse("schema", "the room clock's stored state is malformed; it is read-only")
+        old_entries = old.get("pending", ())
         new_entries = new.get("pending", ())
-        new_pending = dict(new_entries)
-        if len(new_pending) != len(new_entries) or list(new_pending) != sorted(new_pending):
-            self.refuse("history", "a room clock's pending messages are out of order")
-        moved: set[int] = set()
-        removed = dict(group.removed)
-        for key, record in old_pending.items():
-            after = new_pending.get(key, group.added.get(key, _MISSING))
-            if after is _MISSING:
-                removed[key] = record
-            elif after != record:
-                self.refuse("history", "an existing message cannot be changed")
-            elif key not in new_pending:
-                moved.add(key)
-        added = {k: r for k, r in group.added.items() if k not in moved}
-        added.update((k, r) for k, r in new_pending.items() if k not in old_pending)
+        kept = len(old_entries)
+        if (
+            not group.added
+            and not group.removed
+            and new_entries[:kept] == old_entries
+            and _int_kinds(new_entries[:kept])
+        ):
+            # A plain post (every post but a flush or a trim): the old entries stay
+            # as they were, in C-speed comparisons, and new ones follow.
+            new_pending = dict(new_entries)
+            removed: dict[int, Any] = {}
+            added = dict(new_entries[kept:])
+        else:
+            old_pending = dict(old_entries)
+            new_pending = dict(new_entries)
+            moved: set[int] = set()
+            removed = dict(group.removed)
+            for key, record in old_pending.items():
+                after = new_pending.get(key, group.added.get(key, _MISSING))
+                if after is _MISSING:
+                    removed[key] = record
+                elif after != record or not _same_kind(after, record):
+                    self.refuse("history", "an existing message cannot be changed")
+                elif key not in new_pending:
+                    moved.add(key)
+            added = {k: r for k, r in group.added.items() if k not in moved}
+            added.update((k, r) for k, r in new_pending.items() if k not in old_pending)
         latest = int((self.now + FUTURE_SKEW) * 1_000_000)
         for key, record in added.items():
             if key <= old["head"]:
                 self.refuse("history", "a message was inserted before the room's head")
             if key > latest:
                 self.refuse("history", "a message key lies too far in the future")
-            if not _is_message(record):
-                self.refuse("history", "a message record is malformed")
-            if record[1] != self.identity:
+            problem = records.message_problem(record)
+            if problem is not None:
+                self.refuse("schema", f"message at key {key}: {problem}")
+            if self.enforce_identity and record[1] != self.identity:
                 self.refuse("author", f"{self.identity!r} cannot post as {record[1]!r}")
         if group.added:
             top = max(group.added)
@@ -798,27 +1015,70 @@ def _check_sorted(shape: _Shape) -> None:
         raise _Undecodable("has keys that cannot be ordered") from None
 
 
-def _is_clock(state: Any) -> bool:
-    if not (
-        isinstance(state, dict)
-        and type(state.get("head")) is int
-        and type(state.get("count")) is int
-        and (state.get("flushed") is None or type(state.get("flushed")) is int)
-    ):
+def _message_item_problem(key: Any, value: Any) -> str | None:
+    problem = records.message_problem(value)
+    return None if problem is None else f"message at key {key}: {problem}"
+
+
+def _prefixed(what: str, rule: Any) -> Any:
+    def problem(key: Any) -> str | None:
+        found = rule(key)
+        return None if found is None else f"{what}: {found}"
+
+    return problem
+
+
+def _name_rule(kind: str, limit: int) -> Any:
+    def problem(key: Any) -> str | None:
+        found = records.name_problem(kind, key, limit)
+        return None if found is None else f"{kind} name {ascii(key)[:40]}: {found}"
+
+    return problem
+
+
+# The key rule of each tree kind (`chatzeo.records`): message keys are ints in range,
+# presence and lease keys are lease ids, directory keys are names.
+_KEY_RULES: dict[str, Any] = {
+    "messages": records.key_problem,
+    "presence": _prefixed("presence key", records.id_problem),
+    "leases": _prefixed("lease key", records.id_problem),
+    "rooms": _name_rule("room", records.MAX_ROOM_NAME),
+    "users": _name_rule("user", records.MAX_USER_NAME),
+}
+
+_VALUE_RULES: dict[str, Any] = {
+    "messages": _message_item_problem,
+    "presence": records.presence_problem,
+    "leases": records.lease_problem,
+}
+
+
+def _same(before: Any, after: Any) -> bool:
+    """Equal, and of the same types field by field (``0 == False`` is a change)."""
+    if type(before) is not type(after) or before != after:
         return False
-    pending = state.get("pending", ())
-    return isinstance(pending, tuple) and all(
-        isinstance(entry, tuple) and len(entry) == 2 and type(entry[0]) is int
-        for entry in pending
+    return type(before) is not tuple or all(
+        type(x) is type(y) for x, y in zip(before, after, strict=True)
     )
 
 
-def _is_message(record: Any) -> bool:
-    return (
-        isinstance(record, tuple)
-        and len(record) == 4
-        and isinstance(record[0], str)
-        and (record[1] is None or isinstance(record[1], str))
-        and isinstance(record[2], str)
-        and record[3] in (0, 1)
-    )
+def _int_kinds(entries: Any) -> bool:
+    """Every ``(key, record)`` entry's record has an int kind (not a bool or float)."""
+    try:
+        return all(type(record[3]) is int for _, record in entries)
+    except (TypeError, IndexError, KeyError):
+        return False
+
+
+def _same_kind(before: Any, after: Any) -> bool:
+    """Two equal message records whose kinds have one type: the one field where ==
+    would let a changed type through (ids, authors and texts are strs or None)."""
+    try:
+        return type(before[3]) is type(after[3])
+    except (TypeError, IndexError, KeyError):
+        return True  # not message-shaped; == already compared them
+
+
+# A user's leases tree, in records: one inline bucket holds 30 leases; more than a few
+# records means far more leases than the connection limit allows.
+_MAX_LEASE_RECORDS = 8

@@ -6,9 +6,8 @@ message names what was wrong, in one line.
 
 from __future__ import annotations
 
-import re
-
 from .errors import InvalidMessage, InvalidName
+from .records import MAX_ROOM_NAME, MAX_TEXT_BYTES, MAX_USER_NAME, name_problem, text_problem
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -20,27 +19,16 @@ __all__ = [
     "decode_text",
 ]
 
-MAX_MESSAGE_BYTES = 4096
-MAX_ROOM_NAME = 64
-MAX_USER_NAME = 32
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-# Unicode's control characters (category Cc: C0, DEL, C1) but tab and newline, the
-# only ones a message may carry. One regex search: this runs on every post.
-_FORBIDDEN_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# The rules themselves live in chatzeo.records, which the server and readers share.
+MAX_MESSAGE_BYTES = MAX_TEXT_BYTES
 
 
 def _check_name(kind: str, name: object, limit: int) -> str:
-    if not isinstance(name, str):
-        raise InvalidName(kind, name, "must be a string")
-    if not name:
-        raise InvalidName(kind, name, "is empty")
-    if len(name) > limit:
-        raise InvalidName(kind, name[:20] + "...", f"longer than {limit} characters")
-    if not _NAME.match(name):
-        raise InvalidName(
-            kind, name, "use letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+    problem = name_problem(kind, name, limit)
+    if problem is not None:
+        shown = name[:20] + "..." if isinstance(name, str) and len(name) > limit else name
+        raise InvalidName(kind, shown, problem)
+    assert isinstance(name, str)
     return name
 
 
@@ -64,24 +52,12 @@ def check_text(text: object) -> str:
     NUL and every other control character but tab and newline (terminal escape
     sequences start with one). Trailing newlines are dropped.
     """
-    if not isinstance(text, str):
-        raise InvalidMessage(f"message text must be a string, not {type(text).__name__}")
-    text = text.rstrip("\r\n")
-    if not text.strip():
-        raise InvalidMessage("message is empty")
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as error:
-        raise InvalidMessage(
-            f"message is not valid UTF-8 (character {error.start} is a lone surrogate)"
-        ) from None
-    if size > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(f"message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
-    forbidden = _FORBIDDEN_CONTROL.search(text)
-    if forbidden is not None:
-        char = forbidden.group()
-        what = "a NUL byte" if char == "\0" else f"control character U+{ord(char):04X}"
-        raise InvalidMessage(f"message contains {what} at position {forbidden.start()}")
+    if isinstance(text, str):
+        text = text.rstrip("\r\n")
+    problem = text_problem(text)
+    if problem is not None:
+        raise InvalidMessage(problem)
+    assert isinstance(text, str)
     return text
 
 

@@ -8,10 +8,12 @@ Threads
     The worker thread runs `ClientWorker._run`. It sleeps in ``client.wait(timeout)``,
     which returns as soon as ZEO pushes a commit to the watched room (`ChangeFeed`),
     when `submit` wakes it, or at the timeout: the next heartbeat, or while the
-    server is away a short poll of the *local* connection flag (no request to the
-    server). It hands every result to the UI through ``deliver``, which it calls
-    from the worker thread, so ``deliver`` must be thread-safe (the terminal passes
-    a function that uses ``loop.call_soon_threadsafe``).
+    server is away a poll of the *local* connection flag (no request to the
+    server) that backs off from ``poll`` to ``away_poll_max`` seconds; ZEO's
+    reconnection wakes it at once anyway, through the feed. It hands every result
+    to the UI through ``deliver``, which it calls from the worker thread, so
+    ``deliver`` must be thread-safe (the terminal passes a function that uses
+    ``loop.call_soon_threadsafe``).
 
     `start`, `submit`, `is_connected` and `stop` are called from the UI thread.
 
@@ -40,8 +42,10 @@ from dataclasses import dataclass, field
 
 from .client import ChatClient, NotAMember
 from .commands import Create, Invite, Join, Kick, Members, Msg, Query, Rooms, Who
+from .display import plural
 from .errors import RetryLimitExceeded
 from .message import Message, MessageKind
+from .sanitize import clean
 
 __all__ = [
     "ClientWorker",
@@ -111,10 +115,12 @@ class Arrived:
 
 @dataclass(frozen=True)
 class Landed:
-    """Outgoing message ``id`` is stored; ``messages`` are what arrived up to it."""
+    """Outgoing message ``id`` is stored, as the message whose id is ``stored``;
+    ``messages`` are what arrived up to it."""
 
     id: int
     messages: tuple[Message, ...]
+    stored: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,7 @@ class ClientWorker:
         heartbeat_every: float = 20.0,
         give_up_after: float = 120.0,
         poll: float = 0.25,
+        away_poll_max: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._open_client = open_client
@@ -170,6 +177,7 @@ class ClientWorker:
         self._heartbeat_every = heartbeat_every
         self._give_up_after = give_up_after
         self._poll = poll
+        self._away_poll_max = away_poll_max
         self._clock = clock
         self._requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._outbox: deque[tuple[Outgoing, float]] = deque()
@@ -221,6 +229,7 @@ class ClientWorker:
             assert client.room is not None
             self._client = client
             self._ready.set_result(_joined(client, page))
+            self._tell_about_other_connections(client)
         except BaseException as error:
             client.close()
             self._ready.set_exception(error)
@@ -236,16 +245,42 @@ class ClientWorker:
                 self._deliver(NotSent(outgoing.id, "the chat closed before it was sent"))
             client.close()
 
+    def _tell_about_other_connections(self, client: ChatClient) -> None:
+        try:
+            others = client.other_connections()
+        except Exception:  # only a courtesy: never a reason not to chat
+            log.info("counting other connections failed", exc_info=True)
+            return
+        if others:
+            name = client.user
+            where = "another connection" if others == 1 else f"{others} other connections"
+            self._deliver(Notice((
+                f"the name {name} is also in use by {where} right now: another terminal "
+                "of yours, or someone else (without TLS client certificates a name "
+                "proves nothing); only what you send here is marked as yours",
+            )))
+
     def _serve(self, client: ChatClient) -> None:
         next_beat = self._clock() + self._heartbeat_every
         was_connected = True
         behind = False  # the room changed and we have not read it yet
+        away_wait = self._poll  # grows while the server stays away
         while not self._stopping.is_set():
-            timeout = max(0.0, next_beat - self._clock())
-            if not was_connected or behind:
-                timeout = min(timeout, self._poll)
+            if was_connected:
+                away_wait = self._poll
+                timeout = max(0.0, next_beat - self._clock())
+                if behind:
+                    timeout = min(timeout, self._poll)
+            else:
+                # No heartbeat can go out now, so a beat that fell due must not make
+                # the wait zero (that spun a core for the whole outage). ZEO's
+                # reconnection fires the feed (invalidateCache), which ends this wait
+                # at once; the timeout only bounds how late a lost wake-up is seen.
+                timeout = away_wait
+                away_wait = min(away_wait * 2, self._away_poll_max)
             behind = client.wait(timeout) or behind
             if self._stopping.is_set():
+                self._send_before_stopping(client)
                 return
             connected = client.is_connected()
             if connected and not was_connected:
@@ -263,6 +298,19 @@ class ClientWorker:
             else:
                 self._expire()
             was_connected = connected
+
+    def _send_before_stopping(self, client: ChatClient) -> None:
+        """What the user typed before leaving (a ``/quit`` message too) goes out if
+        the server is there; requests to read are dropped, nobody awaits them."""
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(request, Outgoing):
+                self._outbox.append((request, self._clock()))
+        if client.is_connected():
+            self._flush(client)
 
     def _handle_requests(self, client: ChatClient, connected: bool) -> None:
         while True:
@@ -316,7 +364,9 @@ class ClientWorker:
                 self._deliver(Notice((f"in {where}: {shown}",)))
             else:
                 rooms = client.rooms()
-                lines = [f"#{name}: {count} messages" for name, count in rooms]
+                # Private rooms come named already (#plans (private), @bob).
+                lines = [f"{'' if name[:1] in '#@' else '#'}{clean(name)}: "
+                         f"{plural(count, 'message')}" for name, count in rooms]
                 self._deliver(Notice(tuple(lines) or ("no rooms yet",)))
         except Exception as error:
             log.info("request %r failed", request, exc_info=True)
@@ -327,7 +377,7 @@ class ClientWorker:
         while self._outbox and client.is_connected():
             outgoing, _ = self._outbox[0]
             try:
-                client.send(outgoing.text, outgoing.kind)
+                stored = client.send(outgoing.text, outgoing.kind)
             except RetryLimitExceeded as error:
                 self._outbox.popleft()
                 self._deliver(NotSent(outgoing.id, f"gave up after {error.seconds:.0f}s"))
@@ -339,7 +389,7 @@ class ClientWorker:
                 continue
             self._outbox.popleft()
             messages = self._read(client)
-            self._deliver(Landed(outgoing.id, tuple(messages or ())))
+            self._deliver(Landed(outgoing.id, tuple(messages or ()), stored.id))
 
     def _expire(self) -> None:
         """Give up the messages that have waited too long for the server."""

@@ -57,6 +57,30 @@ def test_tail_prints_each_new_message_as_it_arrives(cli_env, tmp_path):
         out.close()
 
 
+def test_tail_can_wait_for_a_room_to_appear(cli_env, tmp_path):
+    out, err = open(tmp_path / "tail.out", "wb"), open(tmp_path / "tail.err", "wb")
+    tail = subprocess.Popen(
+        chatzeo_command("tail", "--room", "later", "--wait-for-room"),
+        env=cli_env, stdout=out, stderr=err,
+    )
+    try:
+        wait_until("the notice", lambda: b"waiting for it" in (tmp_path / "tail.err").read_bytes())
+        assert "later" not in run(cli_env, "rooms").stdout.decode()  # waiting created nothing
+        for text in ("first", "second"):
+            assert run(cli_env, "send", "--room", "later", text).returncode == 0
+        wait_until("both lines", lambda: (tmp_path / "tail.out").read_text().count("\n") == 2)
+        lines = (tmp_path / "tail.out").read_text().splitlines()
+        assert [line.split("> ", 1)[1] for line in lines] == ["first", "second"]
+        assert (tmp_path / "tail.err").read_text() == (
+            "chatzeo: no room named 'later' yet; waiting for it\n"
+        )
+    finally:
+        tail.kill()
+        tail.wait()
+        out.close()
+        err.close()
+
+
 def test_who_shows_a_connected_user_until_it_leaves(cli_env, server, tmp_path):
     ready = tmp_path / "ready"
     code = f"""
@@ -100,14 +124,131 @@ def test_errors_are_one_line_with_the_right_status(cli_env):
     assert run(cli_env, "history").stdout == b""
 
 
-def test_unreachable_server_fails_within_the_wait_bound(cli_env):
+def test_unreachable_server_says_why_within_the_wait_bound(cli_env):
+    address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = run(cli_env, "send", "--server", f"127.0.0.1:{free_port()}", "--wait", "1", "hi")
+    result = run(cli_env, "send", "--server", address, "--wait", "1", "hi")
+    elapsed = time.monotonic() - started
     assert result.returncode == 1
-    assert b"no chatzeo server answered" in result.stderr
-    assert time.monotonic() - started < 30
+    assert result.stderr.decode() == f"chatzeo: error: nothing listens at {address} (waited 1s)\n"
+    assert elapsed < 30
+    # A name that does not resolve is said at once: waiting would not mend it.
+    started = time.monotonic()
+    result = run(cli_env, "history", "--server", "no-such-host.invalid:8765", "--wait", "60")
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        "chatzeo: error: cannot reach no-such-host.invalid:8765: "
+        "host 'no-such-host.invalid' not found\n"
+    )
+    assert time.monotonic() - started < 30  # far less than the 60 s wait
 
 
+def test_a_server_that_is_starting_is_still_waited_for(cli_env, tmp_path):
+    port = free_port()
+    late = ServerProcess(tmp_path / "late", port=port)
+    sender = subprocess.Popen(
+        chatzeo_command("send", "--server", late.address, "--wait", "60", "made it"),
+        env=cli_env, stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.0)  # the sender is now probing a port where nothing listens
+        assert sender.poll() is None
+        late.start()
+        assert sender.wait(60) == 0, sender.stderr.read() if sender.stderr else ""
+        history = run({**cli_env, "CHATZEO_SERVER": late.address}, "history")
+        assert history.stdout.decode().endswith("made it\n")
+        # The probe ends with ZEO's own `ruok`, so the server logs no error for it.
+        assert "Error" not in late.log.read_text(), late.log.read_text()
+    finally:
+        sender.kill()
+        late.stop()
+
+
+def test_mistakes_are_one_line_errors_not_tracebacks(cli_env, server, tmp_path):
+    not_fs = tmp_path / "notes.txt"
+    not_fs.write_text("just some text\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    fs = server.data_dir / "chat.fs"
+    cases = [
+        (("history", "--server", "file:///nonexistent/dir/x.fs"), 1,
+         "no such directory or file"),
+        (("history", "--server", f"file://{fs}"), 1, "is locked: a server"),
+        (("pack", "--days", "nan"), 2, "expected a number of days from 0"),
+        (("pack", "--days", "1e300"), 2, "expected a number of days from 0"),
+        (("pack", "--days", "-1"), 2, "expected a number of days from 0"),
+        (("send", "--wait", "nan", "x"), 2, "expected a number of seconds from 0"),
+        (("send", "--wait", "-5", "x"), 2, "expected a number of seconds from 0"),
+        (("send", "--wait", "inf", "x"), 2, "expected a number of seconds from 0"),
+        (("serve", "--data-dir", str(a_file)), 1, "is a file; it must be a directory"),
+        (("check", str(tmp_path)), 1, "is a directory; give the data file"),
+        (("check", "/dev/null"), 1, "is not a regular file"),
+        (("check", str(not_fs)), 1, "is not a FileStorage data file"),
+        (("check", str(tmp_path / "missing.fs")), 1, "no such file"),
+        (("send", "hi", "there"), 2, "quote it, e.g. chatzeo send 'hi there'"),
+        (("who", "--room", "typo"), 1, "no room named 'typo'"),
+        (("tail", "--room", "typo"), 1, "no room named 'typo'"),
+    ]
+    for args, status, text in cases:
+        result = run(cli_env, *args)
+        err = result.stderr.decode()
+        assert result.returncode == status, (args, err)
+        assert text in err, (args, err)
+        assert "Traceback" not in err and err.count("\n") == 1, (args, err)
+    # Reading commands created nothing.
+    assert "typo" not in run(cli_env, "rooms").stdout.decode()
+
+
+def test_send_fails_in_one_line_when_the_server_cannot_write(cli_env, tmp_path):
+    # RLIMIT_FSIZE stands in for a full disk: the server's writes past 256 KiB fail
+    # (Python ignores SIGXFSZ, so write() raises EFBIG as it would raise ENOSPC).
+    import resource
+
+    limit = 256 * 1024
+    small = ServerProcess(tmp_path / "small")
+    original = subprocess.Popen
+
+    def limited(*args, **kwargs):
+        kwargs["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return original(*args, **kwargs)
+
+    subprocess.Popen = limited
+    try:
+        small.start()
+    finally:
+        subprocess.Popen = original
+    env = {**cli_env, "CHATZEO_SERVER": small.address}
+    try:
+        text = "x" * 4000
+        for attempt in range(200):  # 200 x 4 KB is far past the limit
+            result = run(env, "send", "--name", "alice", f"{attempt} {text}")
+            if result.returncode != 0:
+                break
+        else:
+            raise AssertionError("every send succeeded past the file size limit")
+        err = result.stderr.decode()
+        assert result.returncode == 1 and "Traceback" not in err and err.count("\n") == 1, err
+        assert "chatzeo: error:" in err and "File too large" in err, err
+        # Nothing half-written: what was acknowledged is there, the refused one is not.
+        history = run(env, "history", "--limit", "1000", "--json")
+        texts = [json.loads(line)["text"] for line in history.stdout.splitlines()]
+        assert texts == [f"{i} {text}" for i in range(attempt)]
+    finally:
+        small.stop()
+
+
+def test_cli_polish_version_json_and_room_case(cli_env, server, tmp_path):
+    version = run(cli_env, "--version")
+    assert version.returncode == 0 and version.stdout.decode().startswith("chatzeo 0.")
+    assert run(cli_env, "send", "--room", "dev", "--name", "alice", "hi").returncode == 0
+    # Room names match without regard to case, and show the stored spelling.
+    assert run(cli_env, "send", "--room", "DEV", "--name", "bob", "yo").returncode == 0
+    rooms = [json.loads(line) for line in run(cli_env, "rooms", "--json").stdout.splitlines()]
+    assert rooms == [{"room": "dev", "messages": 2}]
+    history = run(cli_env, "history", "--room", "Dev", "--json")
+    assert [json.loads(line)["room"] for line in history.stdout.splitlines()] == ["dev", "dev"]
+    who = run(cli_env, "who", "--room", "Dev", "--json")
+    assert json.loads(who.stdout) == {"room": "dev", "present": []}
 def test_serve_stops_cleanly_and_refuses_a_taken_port_or_locked_storage(tmp_path):
     first = ServerProcess(tmp_path / "one").start()
     try:
@@ -162,15 +303,14 @@ client.close()
 
 
 def test_tail_keeps_going_across_a_server_crash(cli_env, server, tmp_path):
+    assert run(cli_env, "send", "--name", "ann", "before the crash").returncode == 0
     out = open(tmp_path / "tail.out", "wb")
-    tail = subprocess.Popen(chatzeo_command("tail"), env=cli_env, stdout=out)
+    tail = subprocess.Popen(chatzeo_command("tail", "--history", "1"), env=cli_env, stdout=out)
     try:
         def texts():
             lines = (tmp_path / "tail.out").read_text().splitlines()
             return [line.split("> ", 1)[1] for line in lines]
 
-        wait_until("tail joined", lambda: "lobby" in run(cli_env, "rooms").stdout.decode())
-        assert run(cli_env, "send", "--name", "ann", "before the crash").returncode == 0
         wait_until("first line", lambda: texts() == ["before the crash"])
         server.kill()
         server.start()
@@ -181,3 +321,12 @@ def test_tail_keeps_going_across_a_server_crash(cli_env, server, tmp_path):
         tail.kill()
         tail.wait()
         out.close()
+
+
+def test_the_default_name_is_the_login_name_made_valid(cli_env):
+    env = {key: value for key, value in cli_env.items() if key != "CHATZEO_NAME"}
+    for login, shown in (("dora", "dora"), ("John Doe", "JohnDoe"), ("!!!", "guest")):
+        env.update(LOGNAME=login, USER=login)
+        assert run(env, "send", f"from {login}").returncode == 0
+        history = run(env, "history", "--limit", "1", "--json")
+        assert json.loads(history.stdout)["author"] == shown

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transaction
 import ZODB
 from conftest import ServerProcess, chatzeo_command, wait_until
 from hostile import post_unchecked
@@ -59,6 +60,9 @@ from chatzeo.worker import (
 )
 
 ESCAPES = "\x1b]2;PWNED\x07\x1b[2J\x9b31m\u202e"
+# What chatzeo's rules let a text hold that a terminal must still not obey: bidi
+# overrides, invisible characters, line separators.
+TRICKY = "\u202eright\u200bhidden\u2028next"
 
 
 def text_of(line: FormattedText) -> str:
@@ -88,6 +92,7 @@ def message(text: str, author: str | None = "bob", key: int = 1_700_000_000_000_
         ("/who", Who()),
         ("/help", Help()),
         ("/quit", Quit()),
+        ("/quit see you tomorrow", Quit("see you tomorrow")),
         ("", None),
         ("   ", None),
     ],
@@ -139,11 +144,11 @@ def test_message_line_shows_time_author_text_and_marks_own() -> None:
     theirs = message("hi", "bob", int(now * 1_000_000))
     mine = message("hello", "alice", int(now * 1_000_000))
     when = stamp(now, now)
-    assert text_of(message_line(theirs, "alice", now)) == f"{when}   <bob> hi"
-    assert text_of(message_line(mine, "alice", now)) == f"{when} {OWN_MARK} <alice> hello"
+    assert text_of(message_line(theirs, False, now)) == f"{when}   <bob> hi"
+    assert text_of(message_line(mine, True, now)) == f"{when} {OWN_MARK} <alice> hello"
     action = Message("0" * 32, "lobby", int(now * 1_000_000), "bob", "waves", "action")
-    assert text_of(message_line(action, "alice", now)).endswith("* bob waves")
-    assert text_of(message_line(message("x", None), "alice", now)).endswith("<anonymous> x")
+    assert text_of(message_line(action, False, now)).endswith("* bob waves")
+    assert text_of(message_line(message("x", None), False, now)).endswith("<anonymous> x")
 
 
 def test_stamp_adds_the_date_for_an_older_day() -> None:
@@ -155,7 +160,7 @@ def test_stamp_adds_the_date_for_an_older_day() -> None:
 def test_everything_drawn_is_sanitized() -> None:
     hostile = message(f"text {ESCAPES}", author=f"mal{ESCAPES}")
     drawn = [
-        message_line(hostile, "alice", time.time()),
+        message_line(hostile, False, time.time()),
         prompt_text("alice", f"room{ESCAPES}", [("say", ESCAPES)], False),
         status_text("alice", f"room{ESCAPES}", f"srv{ESCAPES}", True, 1),
     ]
@@ -189,7 +194,7 @@ class Recorder:
         self.shown: list[str] = []
         self.connected = True
 
-    def screen(self) -> ChatScreen:
+    def screen(self, columns: int = 200, now: float | None = None) -> ChatScreen:
         screen = ChatScreen(
             "alice",
             "srv",
@@ -197,6 +202,8 @@ class Recorder:
             lambda: self.connected,
             show=lambda lines: self.shown.extend(text_of(line) for line in lines),
             redraw=lambda: None,
+            columns=lambda: columns,
+            clock=(lambda: now) if now is not None else time.time,
         )
         screen.on_event(Joined("lobby", ()))
         self.shown.clear()
@@ -214,7 +221,7 @@ def test_screen_keeps_a_message_pending_until_it_lands() -> None:
     assert "2 pending" in text_of(screen.status())
     recorder.connected = True
     landed = message("first", "alice")
-    screen.on_event(Landed(1, (landed,)))
+    screen.on_event(Landed(1, (landed,), landed.id))
     assert "first" not in text_of(screen.prompt()) and "waves" in text_of(screen.prompt())
     assert recorder.shown[-1].endswith(f"{OWN_MARK} <alice> first")
     screen.on_event(NotSent(2, "gave up after 15s"))
@@ -264,7 +271,7 @@ def test_screen_shows_notices_problems_and_room_changes() -> None:
     assert screen.room == "dev" and screen.oldest == page[0]
     assert all(is_clean(line) for line in recorder.shown)
     assert recorder.shown[1] == "!! the server is away"
-    assert recorder.shown[-1].startswith("-- you are in #dev (the last 1 messages above")
+    assert recorder.shown[-1].startswith("-- you are in #dev (the last message above;")
 
 
 # -- the worker on a real database ---------------------------------------------------
@@ -473,21 +480,23 @@ def test_prompt_app_chats_through_a_pipe(server: ServerProcess, zeo_db: ZODB.DB)
             await until("the history page", lambda: saw("<bob> welcome"))
             pipe.send_text("hello bob\r")
             await until("own message", lambda: saw(f"{OWN_MARK} <alice> hello bob"))
-            post_unchecked(zeo_db, "lobby", "bob", f"hi {ESCAPES}")
-            await until("bob's reply", lambda: saw("<bob> hi \\x1b]2;PWNED"))
+            # Text the server allows that a terminal would still obey or hide.
+            post_unchecked(zeo_db, "lobby", "bob", f"hi {TRICKY}")
+            await until("bob's reply", lambda: saw("<bob> hi \\u202eright"))
             pipe.send_text("/who\r")
             await until("who", lambda: saw("-- in #lobby: alice, bob"))
             pipe.send_text("/frobnicate\r")
             await until("an error", lambda: saw("!! unknown command /frobnicate"))
-            pipe.send_text("half typ")  # Ctrl-C leaves even with a half-typed line
+            pipe.send_text("half typ")  # Ctrl-C clears a half-typed line ...
             pipe.send_text("\x03")
+            pipe.send_text("\x03")  # ... and leaves from an empty one
             return await asyncio.wait_for(session, 20)
 
     try:
         assert asyncio.run(scenario()) is True
         assert all(is_clean(line) for line in shown)
         assert bob.who("lobby") == ["bob"]  # alice was counted out
-        assert [m.text for m in bob.receive()][-2:] == ["hello bob", f"hi {ESCAPES}"]
+        assert [m.text for m in bob.receive()][-2:] == ["hello bob", f"hi {TRICKY}"]
     finally:
         bob.close()
 
@@ -504,3 +513,157 @@ def test_chat_refuses_to_run_without_a_terminal(tmp_path: Path) -> None:
     assert done.stderr == (
         "chatzeo: error: chatzeo chat needs a terminal; scripts can use chatzeo send and tail\n"
     )
+
+
+def test_worker_costs_no_cpu_while_the_server_is_away_and_comes_back_quickly(
+    server: ServerProcess, zeo_db: ZODB.DB
+) -> None:
+    # A heartbeat that falls due during the outage once made the worker spin; with
+    # heartbeat_every=0.2 several fall due inside the measured window.
+    worker, events, _ = start_worker(lambda: ChatClient(zeo_db, "alice"), heartbeat_every=0.2)
+    restarted: ServerProcess | None = None
+    try:
+        server.stop()
+        wait_until("the client to notice", lambda: not worker.is_connected())
+        worker.submit(Outgoing(1, "written while the server is away"))
+        time.sleep(0.5)  # let the heartbeat fall due (the condition under test)
+        cpu, wall = time.process_time(), time.monotonic()
+        time.sleep(3.0)  # the measured window: this process, every thread, is idle
+        share = (time.process_time() - cpu) / (time.monotonic() - wall)
+        print(f"client CPU while the server is away: {share:.2%} of a core")
+        assert share < 0.02
+        restarted = ServerProcess(server.data_dir, port=server.port).start()
+        back = time.monotonic()
+        landed = events.next(Landed, timeout=30)
+        waited = time.monotonic() - back
+        print(f"reconnected and sent {waited:.2f}s after the server answered")
+        assert landed.id == 1 and worker.is_connected()
+        assert waited < 5.0, waited  # ~0.5 s here; the bound allows a loaded machine
+    finally:
+        assert worker.stop()
+        if restarted is not None:
+            restarted.stop()
+
+
+# -- what is one's own, leaving, refused lines, wrapping, dates ----------------------------
+
+
+def test_own_messages_are_the_ones_this_connection_sent_not_its_name() -> None:
+    recorder = Recorder()
+    screen = recorder.screen()
+    now = int(time.time() * 1_000_000)
+    impostor = Message("1" * 32, "lobby", now, "alice", "I am alice too")
+    mine = Message("2" * 32, "lobby", now + 1, "alice", "the real one")
+    screen.on_line("the real one")
+    screen.on_event(Arrived((impostor,)))
+    screen.on_event(Landed(1, (mine,), mine.id))
+    assert OWN_MARK not in recorder.shown[0]
+    assert recorder.shown[0].endswith("   <alice> I am alice too")
+    assert recorder.shown[1].endswith(f"{OWN_MARK} <alice> the real one")
+
+
+def test_a_refused_line_stays_in_the_input() -> None:
+    recorder = Recorder()
+    screen = recorder.screen()
+    screen.on_line("y" * (MAX_MESSAGE_BYTES + 1))
+    assert screen.keep_input and recorder.shown[-1].startswith("!! message is")
+    screen.on_line("fine")
+    assert not screen.keep_input
+
+
+def test_leaving_with_messages_the_server_has_not_stored_asks_first() -> None:
+    recorder = Recorder()
+    screen = recorder.screen()
+    assert screen.may_leave()  # nothing pending
+    recorder.connected = False
+    screen.on_line("one")
+    assert screen.on_line("/quit")  # True: still here, and told why
+    assert recorder.shown[-1] == (
+        "!! 1 message not sent yet: the server is away. Quit again (Ctrl-C, Ctrl-D or /quit) "
+        "to leave without it, or wait for the server"
+    )
+    assert not screen.on_line("/quit")  # the second time, it leaves
+
+
+def test_quit_with_a_message_posts_it_and_leaves() -> None:
+    recorder = Recorder()
+    screen = recorder.screen()
+    assert not screen.on_line("/quit see you tomorrow")
+    assert recorder.requests == [Outgoing(1, "see you tomorrow")]
+
+
+def test_long_messages_wrap_at_words_under_the_text() -> None:
+    recorder = Recorder()
+    screen = recorder.screen(columns=41)
+    words = "the quick brown fox jumps over the lazy dog " * 3
+    screen.on_event(Arrived((message(words.strip(), "bob", int(time.time() * 1_000_000)),)))
+    lines = recorder.shown
+    assert len(lines) > 2 and all(len(line) <= 40 for line in lines)
+    indent = lines[0].index("<bob> ") + len("<bob> ")
+    assert all(line[:indent] == " " * indent and line[indent] != " " for line in lines[1:])
+    # Every break is between words: the words read back in order.
+    assert " ".join(line[indent:] for line in lines[1:]).split() + lines[0][indent:].split() != []
+    assert " ".join([lines[0][indent:], *(line[indent:] for line in lines[1:])]) == words.strip()
+
+
+def test_status_bar_keeps_the_connection_state_at_40_columns() -> None:
+    for columns in (40, 30):
+        shown = text_of(
+            status_text("alice", "a-long-room-name", "127.0.0.1:8765", False, 2, columns - 1)
+        )
+        assert "reconnecting..." in shown and "2 pending" in shown
+        assert len(shown) <= max(columns - 1, len(" reconnecting... | 2 pending "))
+
+
+def test_history_is_framed_and_dated_with_day_lines() -> None:
+    now = time.mktime((2026, 11, 23, 12, 0, 0, 0, 0, -1))
+    recorder = Recorder()
+    screen = recorder.screen(now=now)
+    day = 86400 * 1_000_000
+    today = int(now * 1_000_000)
+    page = (
+        Message("a" * 32, "lobby", today - 2 * day, "bob", "two days ago"),
+        Message("b" * 32, "lobby", today - 60_000_000, "bob", "a minute ago"),
+    )
+    screen.on_event(Joined("lobby", page))
+    assert recorder.shown[:4] == [
+        "-- Saturday 21 November 2026 --",
+        "2026-11-21 12:00:00   <bob> two days ago",
+        "-- Monday 23 November 2026 --",
+        "11:59:00   <bob> a minute ago",
+    ]
+    recorder.shown.clear()
+    older = (Message("c" * 32, "lobby", today - 3 * day, "carol", "three days ago"),)
+    screen.on_event(EarlierPage(page[0], older))
+    assert recorder.shown == [
+        "== 1 earlier message, 2026-11-20 12:00:00 to 2026-11-20 12:00:00 ==",
+        "-- Friday 20 November 2026 --",
+        "2026-11-20 12:00:00   <carol> three days ago",
+        "== end of the earlier messages; newer ones are above, from 2026-11-21 12:00:00 ==",
+    ]
+
+
+def test_worker_joins_rooms_without_regard_to_case(memory_db: ZODB.DB) -> None:
+    other = ChatClient(memory_db, "bob")
+    other.join("dev")
+    other.send("one")
+    worker, events, _ = start_worker(lambda: ChatClient(memory_db, "alice"))
+    try:
+        worker.submit(Join("DEV"))
+        joined = events.next(Joined)
+        assert joined.room == "dev" and [m.text for m in joined.page] == ["one"]
+        worker.submit(Rooms())
+        assert events.next(Notice).lines == ("#dev: 1 message", "#lobby: 0 messages")
+    finally:
+        assert worker.stop()
+    # An old database may hold rooms differing only in case: the exact name picks
+    # one, any other spelling is refused rather than guessed.
+    connection = memory_db.open()
+    root = connection.root()["chatzeo"]
+    root.room("Dev")
+    transaction.commit()
+    connection.close()
+    assert other.find_room("Dev") == "Dev" and other.find_room("dev") == "dev"
+    with pytest.raises(InvalidInput, match="matches several rooms: Dev, dev"):
+        other.join("DEV")
+    other.close()

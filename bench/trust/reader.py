@@ -1,6 +1,7 @@
 """The reading side of the trust benchmark: one process, one `ChatClient` as bob.
 
-``python -m bench.trust.reader ADDRESS PKI_DIR ROOM`` joins ROOM and, for every
+``python -m bench.trust.reader ADDRESS PKI_DIR ROOM`` (PKI_DIR empty without TLS) joins
+ROOM and, for every
 message whose text is ``<phase> <monotonic seconds>`` (posted by `bench.trust.run`),
 records how long after that instant it was received; it prints ``ready`` once it
 listens and, when the message ``stop`` arrives, one JSON object of latencies (seconds)
@@ -25,8 +26,10 @@ __all__ = ["main"]
 
 def main(argv: list[str]) -> int:
     address, pki_dir, room = argv
-    pki = Pki(Path(pki_dir), Path(pki_dir) / "ca.pem")
-    db = open_db(address, ssl=client_context(pki, "bob"))
+    ssl = None
+    if pki_dir:  # empty: a server without TLS
+        ssl = client_context(Pki(Path(pki_dir), Path(pki_dir) / "ca.pem"), "bob")
+    db = open_db(address, wait=30, ssl=ssl)
     client = ChatClient(db, "bob")
     latencies: dict[str, list[float]] = {}
     try:

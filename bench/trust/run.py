@@ -1,9 +1,12 @@
-"""What the commit guard costs: posting and delivery through a guarded and an
-unguarded `chatzeo serve`, in the same run, on the same TLS setup.
+"""What the commit checks cost: posting and delivery with them on and off, in the same run.
 
-Two servers start from one throwaway CA (`bench.trust.certs`): ``--guard on`` and
-``--guard off``. Against each, a reader process (`bench.trust.reader`, certificate
-bob) waits for pushes while this process (certificate alice) posts with
+By default the two servers are what a local user runs: ``on`` is `chatzeo serve`
+as it starts by default (loopback, no TLS: the record rules of `chatzeo.records`),
+``off`` is plain ZEO (``runzeo``) over the same kind of FileStorage. With ``--tls``
+they start from one throwaway CA (`bench.trust.certs`): ``on`` is ``--guard on``
+(record and identity rules), ``off`` is ``--guard off``. Against each, a reader
+process (`bench.trust.reader`, as bob) waits for pushes while this process (alice)
+posts with
 `ChatSession.add_message`, the path `chatzeo send` takes: one commit per message.
 Each round posts ``--burst`` messages back to back (commit latency, throughput) in
 blocks of ``--block`` that alternate between the two servers, so drift of a busy
@@ -52,15 +55,25 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _server(config: Path, data: Path, guard: str) -> Iterator[tuple[str, int]]:
+def _server(
+    config: Path | None, data: Path, guard: str, off: str = "runzeo"
+) -> Iterator[tuple[str, int]]:
+    """``chatzeo serve --guard GUARD`` with ``config`` (TLS), or without a config:
+    ``on`` is `chatzeo serve`'s default, ``off`` plain ``runzeo`` (or, with ``off``
+    "guard-off", ``chatzeo serve --guard off``)."""
     address = f"127.0.0.1:{_free_port()}"
     data.mkdir(parents=True)
     log = open(data / "server.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "chatzeo", "serve", "--config", str(config),
-         "--address", address, "--data-dir", str(data), "--guard", guard],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    if config is not None:
+        command = [sys.executable, "-m", "chatzeo", "serve", "--config", str(config),
+                   "--address", address, "--data-dir", str(data), "--guard", guard]
+    elif guard == "on" or off == "guard-off":
+        command = [sys.executable, "-m", "chatzeo", "serve", "--address", address,
+                   "--data-dir", str(data), "--guard", "auto" if guard == "on" else "off"]
+    else:
+        command = [sys.executable, "-m", "ZEO.runzeo", "-a", address,
+                   "-f", str(data / "chat.fs")]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -82,9 +95,10 @@ def _server(config: Path, data: Path, guard: str) -> Iterator[tuple[str, int]]:
 
 
 @contextmanager
-def _reader(address: str, pki: Pki, room: str) -> Iterator[subprocess.Popen[str]]:
+def _reader(address: str, pki: Pki | None, room: str) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.trust.reader", address, str(pki.directory), room],
+        [sys.executable, "-m", "bench.trust.reader", address,
+         str(pki.directory) if pki else "", room],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -118,16 +132,20 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    pki = make_pki(workdir / "pki")
-    config = server_conf(pki, workdir / "zeo.conf")
+    pki = make_pki(workdir / "pki") if args.tls else None
+    config = server_conf(pki, workdir / "zeo.conf") if pki else None
     rooms = ("plain", "capped")
     results: dict[str, Any] = {}
     with ExitStack() as stack:
-        servers = {m: stack.enter_context(_server(config, workdir / m, m)) for m in MODES}
+        servers = {
+            m: stack.enter_context(_server(config, workdir / m, m, args.off)) for m in MODES
+        }
         dbs = {}
         sessions: dict[tuple[str, str], ChatSession] = {}
         for mode, (address, _) in servers.items():
-            db = dbs[mode] = open_db(address, ssl=client_context(pki, "alice"))
+            db = dbs[mode] = open_db(
+                address, wait=30, ssl=client_context(pki, "alice") if pki else None
+            )
             stack.callback(db.close)
             connection = db.open()
             root = get_root(connection)
@@ -189,8 +207,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return results
 
 
-def _report(results: dict[str, Any]) -> str:
+def _report(results: dict[str, Any], tls: bool, off: str = "plain runzeo") -> str:
     lines = [
+        "checks on: " + ("chatzeo serve --guard on (TLS)" if tls else "chatzeo serve (default)")
+        + "; off: " + ("chatzeo serve --guard off (TLS)" if tls else off),
         f"{'':16} {'commit p50':>10} {'p99':>7} {'posts/s':>8} "
         f"{'deliv p50':>10} {'p99':>7} {'paced p50':>10} {'p99':>7}   (ms)"
     ]
@@ -206,12 +226,13 @@ def _report(results: dict[str, Any]) -> str:
         on, off = results[f"on/{room}"], results[f"off/{room}"]
         lines.append(
             f"{room + ' on/off':16} {on['commit']['p50_ms'] / off['commit']['p50_ms']:10.2f} "
-            f"{'':7} {on['throughput_per_s'] / off['throughput_per_s']:8.2f} "
+            f"{on['commit']['p99_ms'] / off['commit']['p99_ms']:7.2f} "
+            f"{on['throughput_per_s'] / off['throughput_per_s']:8.2f} "
             f"{on['delivery_burst']['p50_ms'] / off['delivery_burst']['p50_ms']:10.2f} "
             f"{'':7} {on['delivery_paced']['p50_ms'] / off['delivery_paced']['p50_ms']:10.2f}"
         )
     lines.append(
-        "server CPU per post: guard on {:.3f} ms, off {:.3f} ms".format(
+        "server CPU per post: checks on {:.3f} ms, off {:.3f} ms".format(
             results["on/server_cpu_ms_per_post"], results["off/server_cpu_ms_per_post"]
         )
     )
@@ -227,10 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pace", type=float, default=0.01, help="seconds between paced posts")
     parser.add_argument("--cap", type=int, default=100, help="max_messages of the capped room")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--off", choices=("runzeo", "guard-off"), default="runzeo",
+                        help="without --tls, what 'off' runs (default: plain runzeo)")
+    parser.add_argument("--tls", action="store_true",
+                        help="compare --guard on and off with client certificates instead")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-trust-") as workdir:
         results = run(args, Path(workdir))
-    print(_report(results))
+    off = "plain runzeo" if args.off == "runzeo" else "chatzeo serve --guard off"
+    print(_report(results, args.tls, off))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
