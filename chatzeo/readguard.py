@@ -273,6 +273,7 @@ class ReadGuard:
     _reads: _ReadState
     identity: str | None
     _read_stores: list[tuple[bytes, bytes, bytes]]
+    _read_checked: list[bytes]
 
     # -- connecting
 
@@ -365,6 +366,17 @@ class ReadGuard:
         result = super().tpc_begin(id, *args, **kw)  # type: ignore[misc]
         if fresh:
             self._read_stores = []
+            self._read_checked = []
+        return result
+
+    def checkCurrentSerialInTransaction(  # noqa: N802 (ZEO's name)
+        self, oid: bytes, serial: bytes, id: Any
+    ) -> Any:
+        # Its answer (a conflict naming the current serial) would tell a non-member
+        # when a private object last changed: checked at the vote like a write.
+        result = super().checkCurrentSerialInTransaction(oid, serial, id)  # type: ignore[misc]
+        if getattr(self, "transaction", None) is not None:
+            self._read_checked.append(oid)
         return result
 
     def storea(self, oid: bytes, serial: bytes, data: bytes, id: Any) -> Any:
@@ -376,8 +388,11 @@ class ReadGuard:
     def _vote(self, delay: Any = None) -> Any:
         if self.connected and self.transaction is not None:  # type: ignore[attr-defined]
             try:
+                index = self._reads.index
+                if not all(index.readable(self.identity, oid) for oid in self._read_checked):
+                    raise TrustViolation("private: only the members of a private room read it")
                 check_private_commit(
-                    self._reads.index, self.identity, self._read_stores,
+                    index, self.identity, self._read_stores,
                     self.storage.loadSerial,  # type: ignore[attr-defined]
                 )
             except TrustViolation as refusal:
@@ -420,6 +435,7 @@ class ReadGuard:
 
     def _clear_transaction(self) -> None:
         self._read_stores = []
+        self._read_checked = []
         super()._clear_transaction()  # type: ignore[misc]
 
 
@@ -522,6 +538,7 @@ def _install(server: Any, state: _ReadState, mixin: type) -> None:
         handler.__class__ = classes[base]
         handler._reads = state
         handler._read_stores = []
+        handler._read_checked = []
         return handler
 
     server.create_client_handler = create_client_handler

@@ -308,6 +308,14 @@ def test_non_members_and_members_cannot_change_what_is_not_theirs(people: Site) 
     with pytest.raises(TrustViolation, match="^private: only the members"):
         storage.tpc_vote(meta)
     storage.tpc_abort(meta)
+    # Nor may she ask whether the clock's serial is still current (the conflict's
+    # answer would say when it last changed).
+    meta = TransactionMetaData()
+    storage.tpc_begin(meta)
+    storage.checkCurrentSerialInTransaction(clock_oid, serial, meta)
+    with pytest.raises(TrustViolation, match="^private: only the members of a private room"):
+        storage.tpc_vote(meta)
+    storage.tpc_abort(meta)
     # bob, a member but not the owner, cannot let carol in.
     with pytest.raises(TrustViolation, match="^private: only the owner"):
         manager = transaction.TransactionManager()
@@ -463,10 +471,12 @@ def test_revocation_closes_open_connections_and_refuses_new_ones(people: Site) -
     wait_until("the server to close dave's connection",
                lambda: "certificate 'dave' was revoked" in log.read_text(), timeout=10)
     identity = load_identity(people.identities["dave"])
-    with pytest.raises(ServerUnavailable):
+    with pytest.raises(ServerUnavailable, match="refused this client: this certificate was "
+                       "revoked"):
         open_db(identity.server, ssl=identity.context, wait=3)
     refused = run("send", "--identity", str(people.identities["dave"]), "--wait", "3", "hi")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "this certificate was revoked" in refused.stderr
     # Others are unaffected.
     alice = people.client("alice")
     alice.join("lobby")
