@@ -30,6 +30,24 @@ from .errors import (
     UnsafeRecord,
 )
 
+# Events after commit: subscribers told of each post once its transaction committed.
+from .events import MessagePosted, subscribe, subscribers
+
+# The contracts (zope.interface) an application codes against; declares the classes.
+from .interfaces import (
+    IAsyncWatch,
+    IChangeFeed,
+    IChatSession,
+    IMessage,
+    IMessagePosted,
+    IReadMarkers,
+    ISubscribers,
+    IWatch,
+)
+
+# Per-user read markers, kept on the application's own user objects.
+from .markers import ReadMarkers
+
 # The immutable record a reader gets for each message.
 from .message import Message
 
@@ -40,6 +58,9 @@ from .realm import ChatRoot, User, get_root
 from .retry import RetryPolicy, run_in_transaction
 from .session import ChatSession
 
+# Watching a room across processes, with its own connection: for, and async for.
+from .watch import AsyncWatch, Watch, awatch, watch
+
 __all__ = [
     "ChatSession",
     "Message",
@@ -49,6 +70,22 @@ __all__ = [
     "open_db",
     "ChangeFeed",
     "ChatClient",
+    "ReadMarkers",
+    "watch",
+    "awatch",
+    "Watch",
+    "AsyncWatch",
+    "subscribe",
+    "subscribers",
+    "MessagePosted",
+    "IChatSession",
+    "IMessage",
+    "IReadMarkers",
+    "IMessagePosted",
+    "ISubscribers",
+    "IChangeFeed",
+    "IWatch",
+    "IAsyncWatch",
     "RetryPolicy",
     "run_in_transaction",
     "ChatError",

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 _ALLOWED: dict[str, frozenset[str]] = {
     "chatzeo.session": frozenset({"ChatSession", "RoomClock"}),
     "chatzeo.realm": frozenset({"ChatRoot", "User"}),
+    "chatzeo.markers": frozenset({"ReadMarkers"}),
     "chatzeo.privacy": frozenset({"PrivateRoom"}),
     "persistent.mapping": frozenset({"PersistentMapping"}),
     "persistent.list": frozenset({"PersistentList"}),

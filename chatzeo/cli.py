@@ -389,6 +389,9 @@ def _tls(args: argparse.Namespace) -> Any:
     return args.ssl_context
 
 
+_FILESTORAGE_MAGIC = (b"FS30", b"FS21")
+
+
 def _check(args: argparse.Namespace) -> int:
     from .maintenance import StorageDamaged, check_file
 
@@ -404,10 +407,11 @@ def _check(args: argparse.Namespace) -> int:
             magic = file.read(4)
     except OSError as error:
         raise ChatError(f"cannot read {path}: {error.strerror}") from None
-    if magic != b"FS21":
-        # Every FileStorage file starts so; anything else is another kind of file,
-        # not a damaged data file.
-        raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS21)")
+    if magic not in _FILESTORAGE_MAGIC:
+        # Every FileStorage file starts so (FS30 under Python 3, FS21 for files
+        # written by Python 2); anything else is another kind of file, not a
+        # damaged data file.
+        raise ChatError(f"{path} is not a FileStorage data file (it does not start with FS30)")
     try:
         counts = check_file(path)
     except StorageDamaged as damaged:

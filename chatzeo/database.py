@@ -45,6 +45,7 @@ from .errors import (
     TooManyConnections,
     TrustViolation,
 )
+from .retry import commit_deadline
 
 __all__ = ["open_db", "default_data_dir", "parse_address", "DEFAULT_ADDRESS"]
 
@@ -295,7 +296,8 @@ class _ClientStorage(ClientStorage):
 
     ZEO's vote waits for the server's commit lock without any bound: while another
     writer holds it (up to the server's ``transaction-timeout``) the committing
-    thread would block. Here a vote waits at most ``vote_timeout`` seconds, then
+    thread would block. Here a vote waits at most ``vote_timeout`` seconds, and no
+    longer than the retry budget of the `run_in_transaction` it runs in, then
     raises `CommitLockTimeout`; the transaction manager's abort then withdraws the
     vote on the server (its ``tpc_abort`` drops a waiting vote).
     """
@@ -309,13 +311,18 @@ class _ClientStorage(ClientStorage):
     def _bounded_call(self, method: str, *args: Any, **kw: Any) -> Any:
         if method != "vote" or not self.vote_timeout:
             return self._unbounded_call(method, *args, **kw)
+        timeout = self.vote_timeout
+        deadline = commit_deadline()
+        if deadline is not None:
+            # Within the retry budget of the write: its caller gives up then anyway.
+            timeout = min(timeout, max(0.1, deadline - time.monotonic()))
         future = self._server.call(method, *args, wait=False)
         try:
-            return future.result(self.vote_timeout)
+            return future.result(timeout)
         except concurrent.futures.TimeoutError:
             # Not cancelled: ZEO's IO thread would then meet a cancelled future when
             # a late reply comes. The abort that follows withdraws the vote.
-            raise CommitLockTimeout(self.vote_timeout) from None
+            raise CommitLockTimeout(round(timeout, 1)) from None
 
     def notify_disconnected(self) -> None:
         self._oids.clear()

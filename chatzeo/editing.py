@@ -16,9 +16,9 @@ wide where the terminal draws two: the prompt was garbled. Two pieces fix that:
     whole cluster. prompt_toolkit builds a cell per code point and merges only
     zero-width code points into the previous cell; the processor marks the
     cluster's first code point and the rest with style classes of their own, and
-    seeds prompt_toolkit's character cache for those (text, style) pairs with the
-    widths the cluster needs (the rest zero, so they merge into one cell). This
-    relies on prompt_toolkit 3.0's ``_CHAR_CACHE`` in ``layout.containers``, as
+    the character cache prompt_toolkit builds cells through gives cells so marked
+    the width the cluster needs (the rest zero, so they merge into one cell). This
+    relies on prompt_toolkit 3.0's ``_CHAR_CACHE`` in ``layout.screen``, as
     `chatzeo.terminal.print_lines` relies on its renderer.
 
     Other clusters keep prompt_toolkit's own measure: terminals disagree about a
@@ -37,7 +37,7 @@ from prompt_toolkit.application import get_app
 from prompt_toolkit.document import Document
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
-from prompt_toolkit.layout import containers
+from prompt_toolkit.layout import screen
 from prompt_toolkit.layout.processors import Processor, Transformation, TransformationInput
 from prompt_toolkit.layout.screen import Char
 from wcwidth import width as cluster_width
@@ -46,8 +46,10 @@ from .sanitize import graphemes
 
 __all__ = ["grapheme_bindings", "GraphemeWidths", "boundaries", "joined_cluster"]
 
-_BASE = " class:grapheme-base"
-_TAIL = " class:grapheme-tail"
+# Style classes that mark a cluster's cells: its first code point (and the cell it
+# grows into) as "w1"/"w2" columns wide, the rest as merged into it.
+_BASE = "class:grapheme-w"
+_TAIL = "class:grapheme-tail"
 _ZWJ = "\u200d"
 
 
@@ -124,6 +126,9 @@ def joined_cluster(cluster: str) -> bool:
 class GraphemeWidths(Processor):
     """See the module docstring."""
 
+    def __init__(self) -> None:
+        _install_char_factory()
+
     def apply_transformation(self, transformation_input: TransformationInput) -> Transformation:
         fragments = []
         for fragment in transformation_input.fragments:
@@ -135,31 +140,34 @@ class GraphemeWidths(Processor):
                 if not joined_cluster(cluster):
                     fragments.append((style, cluster))
                     continue
-                _seed(cluster, style)
-                fragments.append((style + _BASE, cluster[0]))
-                fragments.extend((style + _TAIL, char) for char in cluster[1:])
+                columns = min(max(cluster_width(cluster), 1), 2)
+                fragments.append((f"{style} {_BASE}{columns}", cluster[0]))
+                fragments.extend((f"{style} {_TAIL}", char) for char in cluster[1:])
         # Same characters, same order: positions map one to one.
         return Transformation(fragments)
 
 
-def _seed(cluster: str, style: str) -> None:
-    """Put into prompt_toolkit's character cache the cells this cluster is drawn
-    from: its first code point, and each merged prefix, as one cell of the
-    cluster's width; every later code point as zero-width, so it merges."""
-    cache = containers._CHAR_CACHE
-    columns = min(max(cluster_width(cluster), 1), 2)
-    base_style = style + _BASE
-    for end in range(1, len(cluster) + 1):
-        key = (cluster[:end], base_style)
-        if key not in cache:
-            cache[key] = _char(cluster[:end], base_style, columns)
-    for char in cluster[1:]:
-        key = (char, style + _TAIL)
-        if key not in cache:
-            cache[key] = _char(char, style + _TAIL, 0)
+def _install_char_factory() -> None:
+    """Make prompt_toolkit's character cache build the cells of a marked cluster
+    with the marked widths (see the module docstring). The marks are style classes,
+    found with ``in`` because the window appends classes of its own (such as
+    ``class:last-line``) after the processors ran. Idempotent."""
+    cache = screen._CHAR_CACHE
+    if getattr(cache.get_value, "chatzeo", False):
+        return
+    plain = cache.get_value
 
+    def make(text: str, style: str) -> Char:
+        char = plain(text, style)
+        if _BASE not in style and _TAIL not in style:
+            return char
+        if _TAIL in style:
+            char.width = 0  # merged into the cell of the cluster's first code point
+        elif f"{_BASE}2" in style:
+            char.width = 2
+        else:
+            char.width = 1
+        return char
 
-def _char(text: str, style: str, columns: int) -> Char:
-    char = Char(text, style)
-    char.width = columns
-    return char
+    make.chatzeo = True  # type: ignore[attr-defined]
+    cache.get_value = make

@@ -96,6 +96,7 @@ from ZEO.asyncio.server import Acceptor, Delay, ServerProtocol
 from ZEO.StorageServer import StorageServer, ZEOStorage
 
 from .errors import ProtocolViolation, TooManyConnections
+from .records import MAX_RECORD_BYTES
 
 __all__ = [
     "ProtocolLimits",
@@ -121,15 +122,16 @@ MiB = 1 << 20
 class ProtocolLimits:
     """Byte and count limits of the protocol (docs/operations.md).
 
-    chatzeo's own records are far below them: a message's text is at most 4 KiB and
-    a room clock or bucket holds at most a few hundred messages.
+    A record may be as large as the record schema allows (`MAX_RECORD_BYTES`, 1 MiB:
+    a room clock full of `MAX_PENDING` messages of the largest text fits); honest
+    records stay far below it.
     """
 
-    max_record_bytes: int = MiB
+    max_record_bytes: int = MAX_RECORD_BYTES
     max_transaction_records: int = 10_000
     max_transaction_bytes: int = 16 * MiB
     # A storea message is its record plus a few dozen bytes of framing.
-    max_frame_bytes: int = MiB + 64 * 1024
+    max_frame_bytes: int = MAX_RECORD_BYTES + 64 * 1024
     max_user_bytes: int = 1024
     max_description_bytes: int = 4096
     max_extension_items: int = 32

@@ -21,7 +21,7 @@ from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.POSException import POSKeyError, StateLoadError
 
-from .errors import TooManyConnections, UnsafeRecord
+from .errors import MalformedRecord, TooManyConnections, UnsafeRecord
 from .records import lease_problem, presence_problem
 from .session import ChatSession
 from .validation import check_room_name, check_user_name
@@ -79,6 +79,8 @@ class ChatRoot(Persistent):
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = ChatSession(name)
+        elif not isinstance(room, ChatSession):
+            raise MalformedRecord(f"room {name!r}", f"is a {type(room).__name__}")
         return room
 
     def user(self, name: str) -> User:
@@ -87,6 +89,8 @@ class ChatRoot(Persistent):
         user = self.users.get(name)
         if user is None:
             user = self.users[name] = User(name)
+        elif not _is_user(user):
+            raise MalformedRecord(f"user {name!r}", "is not a User with a leases tree")
         return user
 
     # -- connections and presence ---------------------------------------------
@@ -104,8 +108,7 @@ class ChatRoot(Persistent):
                 del user.leases[stale]  # malformed (a plain ZEO server stores anything)
             elif entry[1] <= now:
                 del user.leases[stale]
-                if entry[0] in self.rooms:
-                    self.rooms[entry[0]].presence.pop(stale, None)
+                self._leave(entry[0], stale)
         if lease_id not in user.leases and len(user.leases) >= self.max_connections:
             raise TooManyConnections(user.name, self.max_connections)
         user.leases[lease_id] = (None, now + self.lease_seconds)
@@ -118,19 +121,21 @@ class ChatRoot(Persistent):
         if user is None:
             return
         entry = user.leases.pop(lease_id, None)
-        if entry is not None and entry[0] in self.rooms:
-            self.rooms[entry[0]].presence.pop(lease_id, None)
+        if entry is not None:
+            self._leave(entry[0], lease_id)
 
     def enter(self, user_name: str, lease_id: str, room_name: str, now: float) -> ChatSession:
         """Move a connection into ``room_name`` (leaving its previous room)."""
         user = self.user(user_name)
         previous = user.leases.get(lease_id, (None, 0.0))[0]
         room = self.room(room_name)
-        if previous not in (None, room.name) and previous in self.rooms:
-            self.rooms[previous].presence.pop(lease_id, None)
+        if previous not in (None, room.name):
+            self._leave(previous, lease_id)
         expiry = now + self.lease_seconds
         user.leases[lease_id] = (room.name, expiry)
-        room.presence[lease_id] = (user.name, expiry)
+        presence = _presence(room)
+        if presence is not None:
+            presence[lease_id] = (user.name, expiry)
         return room
 
     def enter_private(self, user_name: str, lease_id: str, now: float) -> None:
@@ -152,9 +157,17 @@ class ChatRoot(Persistent):
         room_name, _ = entry
         expiry = now + self.lease_seconds
         user.leases[lease_id] = (room_name, expiry)
-        if room_name in self.rooms:
-            self.rooms[room_name].presence[lease_id] = (user.name, expiry)
+        presence = _presence(self.rooms.get(room_name)) if room_name is not None else None
+        if presence is not None:
+            presence[lease_id] = (user.name, expiry)
         return True
+
+    def _leave(self, room_name: Any, lease_id: str) -> None:
+        """Drop ``lease_id``'s presence in ``room_name``, if that room can hold it."""
+        if type(room_name) is str:
+            presence = _presence(self.rooms.get(room_name))
+            if presence is not None:
+                presence.pop(lease_id, None)
 
     def who(self, room_name: str, now: float) -> list[str]:
         """Names of the users with a live lease in the room, sorted; then one
@@ -178,6 +191,22 @@ class ChatRoot(Persistent):
             elif entry[1] > now:
                 names.add(entry[0])
         return sorted(names) + [MALFORMED_PRESENCE] * malformed
+
+
+def _is_user(user: Any) -> bool:
+    """A `User` with a leases tree (a plain ZEO server may have stored anything)."""
+    if not isinstance(user, User):
+        return False
+    user._p_activate()
+    return isinstance(user.__dict__.get("leases"), OOBTree)
+
+
+def _presence(room: Any) -> OOBTree | None:
+    """A room's presence tree, or None where a malformed record holds none."""
+    if not isinstance(room, ChatSession):
+        return None
+    presence = room._field("presence")
+    return presence if isinstance(presence, OOBTree) else None
 
 
 def get_root(connection: Any) -> ChatRoot:

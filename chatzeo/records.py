@@ -92,10 +92,11 @@ MAX_KEY = 2**63 - 1
 # How many entries a room clock may hold. Posts flush from 2 * FLUSH (64) entries on,
 # so honest clocks stay near 64 (a few more while concurrent posts race a flush);
 # the bound keeps the record every post rewrites, and conflict resolution on it, small.
-MAX_PENDING = 256
-# The largest pickle of one record of chatzeo's graph: a full clock of MAX_PENDING
-# messages of MAX_TEXT_BYTES is about 1.1 MB; honest ones stay below 0.5 MB.
-MAX_RECORD_BYTES = 2 * 1024 * 1024
+MAX_PENDING = 192
+# The largest pickle of one record of chatzeo's graph, and so of any record the
+# server's protocol accepts (`chatzeo.protocol`): a full clock of MAX_PENDING
+# messages of MAX_TEXT_BYTES is about 0.8 MB; honest ones stay below 0.3 MB.
+MAX_RECORD_BYTES = 1024 * 1024
 # How far ahead of the server's clock a message key or a lease expiry may lie
 # (seconds): writers' clocks may run that much ahead of the server's.
 FUTURE_SKEW = 300.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,7 +23,17 @@ from ZODB.Connection import Connection
 
 from .errors import RetryLimitExceeded
 
-__all__ = ["RetryPolicy", "run_in_transaction", "is_transient"]
+__all__ = ["RetryPolicy", "run_in_transaction", "is_transient", "commit_deadline"]
+
+# When the innermost run_in_transaction of this thread gives up (time.monotonic).
+_deadline: ContextVar[float | None] = ContextVar("chatzeo_commit_deadline", default=None)
+
+
+def commit_deadline() -> float | None:
+    """The `time.monotonic` time by which the `run_in_transaction` running in this
+    thread gives up, or None outside one. A storage may bound its waits by it (the
+    ZEO client's wait for the commit lock: `chatzeo.database`)."""
+    return _deadline.get()
 
 T = TypeVar("T")
 
@@ -77,6 +88,7 @@ def run_in_transaction(
     connection = db.open(transaction_manager=manager)
     started = clock()
     attempt = 0
+    token = _deadline.set(time.monotonic() + policy.max_seconds)
     try:
         while True:
             attempt += 1
@@ -110,6 +122,7 @@ def run_in_transaction(
         finally:
             manager.abort()
     finally:
+        _deadline.reset(token)
         connection.close()
 
 

@@ -60,6 +60,7 @@ from persistent import Persistent
 from ZODB.POSException import ConflictError, POSKeyError, StateLoadError
 
 from .errors import MalformedRecord, NotInDatabase, UnsafeRecord
+from .events import announce_after_commit
 from .message import Message, MessageKind, Unreadable, new_message_id
 from .records import (
     MAX_KEY,
@@ -414,6 +415,7 @@ class ChatSession(Persistent):
             pending = ()
         room_clock.pending = (*pending, (message.key, message.to_record()))
         self._trim(message.key)
+        announce_after_commit(self, message)
         return message
 
     def add_message(
@@ -555,6 +557,54 @@ class ChatSession(Persistent):
         if room_clock is not None:
             self._cursor().key = room_clock.newest_key()
 
+    # -- readers that keep no state (any connection, e.g. a web request's) -----
+
+    @property
+    def last_key(self) -> int:
+        """The key of the newest message posted here (0 if none ever was).
+
+        What a reader stores to mean "I have read everything up to now", and what
+        ``messages_after`` takes to return only later messages. Loads one small record.
+        """
+        return self._clock.head
+
+    def messages_after(self, key: int | Message, *, limit: int | None = None) -> list[Message]:
+        """The messages with keys above ``key`` (a key or a `Message`), oldest first;
+        with ``limit``, only the oldest ``limit`` of them (page on from the last one).
+
+        Unlike `new_messages` it keeps no state, so any connection gives the same
+        answer: the caller keeps the key (in a `chatzeo.ReadMarkers`, a URL, an SSE
+        ``Last-Event-ID``). ``0`` means from the start. Costs what `new_messages` costs:
+        one range search, and only the room's clock when ``key`` is recent. Raises
+        `TypeError` for a key that is not an int and `ValueError` for a negative key
+        or limit.
+        """
+        if isinstance(key, Message):
+            key = key.key
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise TypeError(f"a message key is an int, not {type(key).__name__}")
+        if key < 0:
+            raise ValueError(f"a message key is >= 0, not {key}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        room_clock = self._clock
+        # Also keeps keys beyond the tree's 64-bit range (from a URL, say) out of it.
+        if limit == 0 or room_clock.head <= key:
+            return []
+        flushed = room_clock.flushed
+        if flushed is not None and flushed <= key:
+            entries = [entry for entry in room_clock.pending if entry[0] > key][:limit]
+        else:
+            entries = list(itertools.islice(self._entries(key + 1), limit))
+        name = self.name
+        return [Message.from_record(name, entry_key, record) for entry_key, record in entries]
+
+    def find_message(self, message_id: str, *, from_key: int = 0) -> Message | None:
+        """The message with id ``message_id`` if it is stored at ``from_key`` or later,
+        else None. Scans from ``from_key``: pass the key its post proposed (conflict
+        resolution only ever raises a key), and it looks at a few entries only."""
+        return self._find(message_id, from_key)
+
     def latest(self, count: int) -> list[Message]:
         """The last ``count`` messages, oldest first. Loads only the buckets they are in."""
         return self.history(limit=count)
@@ -609,18 +659,32 @@ class ChatSession(Persistent):
         # descent per message through nodes that are already in the cache.
         bound = high
         tree = self._tree_or_none()
-        try:
-            for _ in range(limit if tree is not None else 0):
-                try:
-                    key = tree.maxKey() if bound is None else tree.maxKey(bound)  # type: ignore[union-attr]
-                except ValueError:
-                    break
+        bounds: list[int] | None = None
+        failing = False  # one placeholder for a run of unreadable buckets
+        found = 0
+        while tree is not None and found < limit:
+            try:
+                key = tree.maxKey() if bound is None else tree.maxKey(bound)
                 if key < low:
                     break
-                newest.append((key, tree[key]))  # type: ignore[index]
-                bound = key - 1
-        except _DATA_ERRORS as error:
-            newest.append(_unreadable(bound if bound is not None else low, error))
+                newest.append((key, tree[key]))
+            except _DATA_ERRORS as error:
+                if isinstance(error, ValueError):
+                    break  # nothing at or below the bound
+                # Step below the unreadable bucket, by the bounds its parents route by.
+                bounds = _bucket_bounds(tree) if bounds is None else bounds
+                below = [b for b in bounds if bound is None or b <= bound]
+                if not failing:
+                    newest.append(_unreadable(max(below[-1] if below else low, low), error))
+                    found += 1
+                failing = True
+                if not below or below[-1] <= low:
+                    break
+                bound = below[-1] - 1
+                continue
+            failing = False
+            found += 1
+            bound = key - 1
         if tree is None or room_clock is None:
             newest.append(_unreadable(low, self.problem))
         newest.sort(key=_entry_key)
@@ -661,18 +725,33 @@ class ChatSession(Persistent):
         if tree is None:
             yield _unreadable(min_key, self.problem)
             return
-        last = min_key - 1
-        try:
-            items = tree.items(min=min_key) if max_key is None else tree.items(
-                min=min_key, max=max_key
-            )
-            for entry in items:
-                last = entry[0]
-                yield entry
-        except _DATA_ERRORS as error:
-            if not careful:
-                raise
-            yield _unreadable(last + 1, error)
+        start = min_key
+        bounds: list[int] | None = None
+        failing = False  # one placeholder for a run of unreadable buckets
+        while True:
+            last = start - 1
+            try:
+                items = tree.items(min=start) if max_key is None else tree.items(
+                    min=start, max=max_key
+                )
+                for entry in items:
+                    last = entry[0]
+                    failing = False
+                    yield entry
+                return
+            except _DATA_ERRORS as error:
+                if not careful:
+                    raise
+                if not failing:
+                    yield _unreadable(last + 1, error)
+                failing = True
+            # Go on from the next bucket, by the bounds its parents route by.
+            bounds = _bucket_bounds(tree) if bounds is None else bounds
+            # Past what was read, and past ``start``: each round moves on.
+            after = [b for b in bounds if b > max(last, start)]
+            if not after or (max_key is not None and after[0] > max_key):
+                return
+            start = after[0]
 
     def _cursor(self) -> _Cursor:
         try:
@@ -695,6 +774,28 @@ def _entry_key(entry: Entry) -> int:
 # What a record that cannot be loaded raises (not a lost server or a conflict: those
 # are TransientErrors and reach the caller's retry).
 _DATA_ERRORS = (StateLoadError, UnsafeRecord, POSKeyError, TypeError, ValueError, AttributeError)
+
+
+def _bucket_bounds(tree: LOBTree) -> list[int]:
+    """The smallest key each bucket of ``tree`` may hold but the first, as its tree
+    nodes route by them: loads the nodes, never a bucket."""
+    bounds: list[int] = []
+    nodes = [tree]
+    while nodes and len(bounds) < 10_000_000:
+        node = nodes.pop()
+        try:
+            state = node.__getstate__()
+        except _DATA_ERRORS:
+            continue
+        if not state or len(state) == 1:
+            continue  # empty, or its one bucket inline
+        data = state[0]
+        for index in range(0, len(data), 2):
+            if index:
+                bounds.append(data[index - 1])
+            if isinstance(data[index], LOBTree):
+                nodes.append(data[index])
+    return sorted(bound for bound in bounds if type(bound) is int)
 
 
 def _unreadable(key: int, why: object) -> Entry:

@@ -144,6 +144,24 @@ def _global(module: str, name: str) -> _Global | None:
     return _Global(module, name) if is_allowed(module, name) else None
 
 
+class _Opaque:
+    """Stands for an object of a class chatzeo does not know, in a lenient decode:
+    built and filled as plain data, so none of that class's code runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+@functools.lru_cache(maxsize=256)
+def _opaque(module: str, name: str) -> type[_Opaque]:
+    # A class of our own per name, since pickle's NEWOBJ needs a class; nothing of
+    # ``module`` is imported.
+    return type(f"opaque {module}.{name}", (_Opaque,), {"__module__": __name__})
+
+
 class _Unpickler(pickle.Unpickler):
     lenient = False
 
@@ -151,7 +169,7 @@ class _Unpickler(pickle.Unpickler):
         found = _global(module, name)
         if found is None:
             if self.lenient:
-                return _Global(module, name)  # a name only: nothing imported or called
+                return _opaque(module, name)  # a name only: nothing imported or run
             raise _Undecodable(f"names {module}.{name}, which is not allowed")
         return found
 

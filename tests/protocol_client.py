@@ -28,7 +28,9 @@ from ZODB.utils import z64
 
 from bench.trust.certs import Pki, client_context
 
-TRANSACTION_TIMEOUT = 5
+# Long enough that a `chatzeo send` started while the lock is held reaches its vote
+# before the timeout frees the lock, even on a loaded 2-core machine.
+TRANSACTION_TIMEOUT = 10
 
 
 class Served(ServerProcess):

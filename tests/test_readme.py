@@ -40,14 +40,14 @@ def test_embedding_example_runs_beside_a_folder_named_chatzeo(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "['It is off. Still burning.']"
     # A plain run works with the install scripts/test and scripts/chat make (a path
-    # entry); with a default editable install (an import hook) it fails exactly as
-    # the README says.
-    import site
+    # entry for the repository); with only the editable install's import hook it
+    # fails exactly as the README says.
+    import sysconfig
 
-    hooked = any(
-        any(Path(directory).glob("__editable___chatzeo*_finder.py"))
-        for directory in site.getsitepackages()
-    )
+    packages = Path(sysconfig.get_paths()["purelib"])
+    hooked = any(packages.glob("__editable___chatzeo*_finder.py")) and not (
+        packages / "chatzeo-repo.pth"
+    ).exists()
     done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     if hooked:

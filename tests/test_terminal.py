@@ -5,6 +5,7 @@ ZEO server that goes away), and the prompt app driven through a pipe."""
 from __future__ import annotations
 
 import asyncio
+import io
 import queue
 import subprocess
 import time
@@ -667,3 +668,59 @@ def test_worker_joins_rooms_without_regard_to_case(memory_db: ZODB.DB) -> None:
     with pytest.raises(InvalidInput, match="matches several rooms: Dev, dev"):
         other.join("DEV")
     other.close()
+
+
+# -- emoji sequences in the input line -----------------------------------------------
+
+FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+FLAG = "\U0001f1eb\U0001f1f7"
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1
+
+
+def test_input_line_draws_each_emoji_sequence_as_one_cell_two_columns_wide() -> None:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.layout import screen as pt_screen
+    from prompt_toolkit.output.vt100 import Vt100_Output
+
+    from chatzeo.editing import GraphemeWidths, grapheme_bindings
+
+    output = Vt100_Output(_Tty(), lambda: Size(rows=10, columns=60), term="xterm")
+    cells: list[tuple[int, str, int]] = []
+    cursor: list[int] = []
+
+    async def scenario() -> None:
+        with create_pipe_input() as pipe, create_app_session(input=pipe, output=output):
+            session: PromptSession[str] = PromptSession(
+                input_processors=[GraphemeWidths()], key_bindings=grapheme_bindings()
+            )
+            answer = asyncio.ensure_future(session.prompt_async("> "))
+            pipe.send_text(f"ab{FAMILY}{FLAG}cd")
+
+            def drawn() -> bool:
+                last = session.app.renderer._last_screen
+                return last is not None and any(
+                    cell.char == "d" for cell in last.data_buffer[0].values()
+                )
+
+            await until("the line drawn", drawn)
+            row = session.app.renderer._last_screen.data_buffer[0]  # type: ignore[union-attr]
+            cells.extend((x, row[x].char, row[x].width) for x in sorted(row) if row[x].char.strip())
+            cursor.append(session.app.renderer._cursor_pos.x)
+            pipe.send_text("\r")
+            await asyncio.wait_for(answer, 10)
+
+    asyncio.run(scenario())
+    assert cells == [(0, ">", 1), (2, "a", 1), (3, "b", 1), (4, FAMILY, 2), (6, FLAG, 2),
+                     (8, "c", 1), (9, "d", 1)]
+    assert cursor == [10]
+    # The width marks survive the classes a window appends after the processors.
+    assert pt_screen._CHAR_CACHE[FLAG, " class:grapheme-w2 class:last-line"].width == 2
+    assert pt_screen._CHAR_CACHE["\U0001f1f7", " class:grapheme-tail class:last-line"].width == 0

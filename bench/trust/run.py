@@ -60,13 +60,18 @@ def _server(
 ) -> Iterator[tuple[str, int]]:
     """``chatzeo serve --guard GUARD`` with ``config`` (TLS), or without a config:
     ``on`` is `chatzeo serve`'s default, ``off`` plain ``runzeo`` (or, with ``off``
-    "guard-off", ``chatzeo serve --guard off``)."""
+    "guard-off", ``chatzeo serve --guard off``; with "protocol-off", both sides are
+    ``chatzeo serve --guard off`` with ``--protocol-checks`` on and off)."""
     address = f"127.0.0.1:{_free_port()}"
     data.mkdir(parents=True)
     log = open(data / "server.log", "wb")  # noqa: SIM115 (closed below)
     if config is not None:
         command = [sys.executable, "-m", "chatzeo", "serve", "--config", str(config),
                    "--address", address, "--data-dir", str(data), "--guard", guard]
+    elif off == "protocol-off":
+        # The protocol gate alone: both sides without record checks.
+        command = [sys.executable, "-m", "chatzeo", "serve", "--address", address,
+                   "--data-dir", str(data), "--guard", "off", "--protocol-checks", guard]
     elif guard == "on" or off == "guard-off":
         command = [sys.executable, "-m", "chatzeo", "serve", "--address", address,
                    "--data-dir", str(data), "--guard", "auto" if guard == "on" else "off"]
@@ -218,7 +223,7 @@ def _report(results: dict[str, Any], tls: bool, off: str = "plain runzeo") -> st
         for mode in MODES:
             r = results[f"{mode}/{room}"]
             lines.append(
-                f"{room + ' guard ' + mode:16} {r['commit']['p50_ms']:10.2f} "
+                f"{room + ' checks ' + mode:16} {r['commit']['p50_ms']:10.2f} "
                 f"{r['commit']['p99_ms']:7.2f} {r['throughput_per_s']:8.0f} "
                 f"{r['delivery_burst']['p50_ms']:10.2f} {r['delivery_burst']['p99_ms']:7.2f} "
                 f"{r['delivery_paced']['p50_ms']:10.2f} {r['delivery_paced']['p99_ms']:7.2f}"
@@ -248,14 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pace", type=float, default=0.01, help="seconds between paced posts")
     parser.add_argument("--cap", type=int, default=100, help="max_messages of the capped room")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--off", choices=("runzeo", "guard-off"), default="runzeo",
+    parser.add_argument("--off", choices=("runzeo", "guard-off", "protocol-off"), default="runzeo",
                         help="without --tls, what 'off' runs (default: plain runzeo)")
     parser.add_argument("--tls", action="store_true",
                         help="compare --guard on and off with client certificates instead")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-trust-") as workdir:
         results = run(args, Path(workdir))
-    off = "plain runzeo" if args.off == "runzeo" else "chatzeo serve --guard off"
+    off = {
+        "runzeo": "plain runzeo",
+        "guard-off": "chatzeo serve --guard off",
+        "protocol-off": "serve --guard off --protocol-checks off (on: protocol checks only)",
+    }[args.off]
     print(_report(results, args.tls, off))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
