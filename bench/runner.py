@@ -1,6 +1,7 @@
 """`python -m bench`: runs every measurement in one process tree, prints the tables and
 writes the report and the plot.
 
+``--fanout`` runs `bench.fanout` instead (readers, bystanders and idle clients).
 Options: ``--quick`` (smaller sizes, under a minute; CI's smoke test), ``--out FILE``
 (markdown report), ``--plot FILE`` (PNG of delivery latencies). Exit status 1 if any
 message was lost or duplicated, 2 if Redis is required (``CHATZEO_REQUIRE_REDIS=1``) but missing.
@@ -143,6 +144,13 @@ def run(settings: Settings, work: Path, progress: Progress, results: Results) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--fanout" in arguments:
+        # The fan-out benchmark (bench.fanout) is a run of its own.
+        from . import fanout
+
+        arguments.remove("--fanout")
+        return fanout.main(arguments)
     args = _parse(argv)
     mode = "quick" if args.quick else "full"
     if os.environ.get("CHATZEO_REQUIRE_REDIS") == "1" and not RedisServer.available():

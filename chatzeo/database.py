@@ -32,7 +32,6 @@ import ZODB.config
 import ZODB.FileStorage
 import zodburi
 from ZEO.asyncio.client import exc_factories
-from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 from ZODB.POSException import ReadConflictError
 
@@ -45,6 +44,7 @@ from .errors import (
     TooManyConnections,
     TrustViolation,
 )
+from .fanout import FanoutClientStorage
 from .retry import commit_deadline
 
 __all__ = ["open_db", "default_data_dir", "parse_address", "DEFAULT_ADDRESS"]
@@ -283,9 +283,10 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-class _ClientStorage(ClientStorage):
-    """ZEO's client, forgetting on disconnect the oids it fetched in advance, and
-    waiting a bounded time for the commit lock.
+class _ClientStorage(FanoutClientStorage):
+    """ZEO's client (with `chatzeo.fanout`'s watched fan-out), forgetting on
+    disconnect the oids it fetched in advance, and waiting a bounded time for the
+    commit lock.
 
     ZEO keeps pre-fetched oids across a reconnect, but a server that died never
     recorded them as allocated (FileStorage does at commit), so once restarted it

@@ -7,13 +7,17 @@ ZEO client, FileStorage (``_AdapterSource``)
     When any client commits, the ZEO server pushes the changed oids to every other
     client; ZEO's client calls ``invalidate(tid, oids)`` on the database's MVCC
     adapter, which passes them to each open connection. The feed registers itself
-    beside those connections. No request goes to the server.
+    beside those connections. No request goes to the server. From a `chatzeo serve`
+    only the commits touching what this client holds arrive (`chatzeo.fanout`), and
+    the watched objects' new states come with them, so the woken reader finds them
+    in its cache.
 
 RelStorage on PostgreSQL (``_NotifySource``)
     RelStorage has no push: it polls when a transaction starts. A trigger installed
-    by ``chatzeo init-db`` sends ``NOTIFY chatzeo`` with each written oid, and a
-    `chatzeo.pgnotify.Listener` (one extra database connection per feed) hands the
-    oids to the feed.
+    by ``chatzeo init-db`` notifies each written object's own channel, and one
+    `chatzeo.pgnotify.Listener` per process and database (one extra connection,
+    whatever the number of feeds) listens to the channels its feeds watch and
+    hands each feed its oids.
 
 Threads
     ``_invalidate`` and ``_invalidateCache`` run on ZEO's IO thread (a remote
@@ -56,6 +60,7 @@ class ChangeFeed:
     def watch(self, objects: Iterable[Any]) -> None:
         """Watch exactly these persistent objects (already committed) from now on."""
         self._watched = frozenset(obj._p_oid for obj in objects)
+        self._source.want(self._watched)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a watched object changed since the last `wait`, or ``timeout``
@@ -89,6 +94,9 @@ class _Source(Protocol):
     def settle(self) -> None:
         """Make sure the reader's next transaction sees what fired the feed."""
 
+    def want(self, oids: frozenset[bytes]) -> None:
+        """The feed watches these oids now (a source may have their states pushed)."""
+
     def close(self) -> None:
         """Stop feeding."""
 
@@ -110,8 +118,15 @@ class _AdapterSource:
     def __init__(self, adapter: Any, feed: ChangeFeed) -> None:
         self._adapter = adapter
         self._feed = feed
+        # A chatzeo ZEO client can have the watched objects' new states pushed with
+        # their invalidations (chatzeo.fanout), so the woken reader loads nothing.
+        self._want = getattr(adapter._storage, "fanout_want", None)
         with adapter._lock:
             adapter._instances.add(feed)
+
+    def want(self, oids: frozenset[bytes]) -> None:
+        if self._want is not None:
+            self._want(id(self), oids)
 
     def settle(self) -> None:
         # The adapter hands invalidations to the connections while holding its
@@ -121,6 +136,11 @@ class _AdapterSource:
             pass
 
     def close(self) -> None:
+        if self._want is not None:
+            try:
+                self._want(id(self), ())
+            except Exception:  # the storage is closed already: nothing to withdraw
+                pass
         with self._adapter._lock:
             instances = getattr(self._adapter, "_instances", None)
             if instances is not None:
@@ -128,11 +148,11 @@ class _AdapterSource:
 
 
 class _NotifySource:
-    """A PostgreSQL LISTEN connection (RelStorage)."""
+    """This process's PostgreSQL LISTEN connection (RelStorage), shared by all feeds."""
 
     def __init__(self, dsn: str, feed: ChangeFeed) -> None:
         self._feed = feed
-        self._listener = pgnotify.Listener(dsn, self._heard)
+        self._listener = pgnotify.shared_listener(dsn)
 
     def _heard(self, oids: frozenset[bytes] | None) -> None:
         if oids is None:
@@ -140,10 +160,17 @@ class _NotifySource:
         else:
             self._feed._invalidate(None, oids)
 
+    def want(self, oids: frozenset[bytes]) -> None:
+        self._listener.subscribe(self, oids, self._heard)
+        # The reader's snapshot may predate the LISTEN that just began: a commit in
+        # between was never announced, so let the reader look once.
+        self._feed._fire()
+
     def settle(self) -> None:
         # Nothing to wait for: PostgreSQL sent the notification after the commit,
         # so the reader's next transaction (RelStorage polls then) includes it.
         pass
 
     def close(self) -> None:
-        self._listener.close()
+        self._listener.subscribe(self, frozenset())
+        pgnotify.release_listener(self._listener)

@@ -35,7 +35,10 @@ def init_db(target: str | os.PathLike[str] | None, *, wait: float = DEFAULT_WAIT
         dsn = pgnotify.dsn_of(db.storage)
         if dsn is not None:
             pgnotify.install_trigger(dsn)
-            done.append(f"NOTIFY trigger on object_state ready (channel {pgnotify.CHANNEL!r})")
+            done.append(
+                "NOTIFY trigger on object_state ready (a channel per object, "
+                f"{pgnotify.CHANNEL}_<oid>)"
+            )
         return done
     finally:
         db.close()

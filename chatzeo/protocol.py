@@ -50,6 +50,9 @@ vote, tpc_finish, tpc_abort    anyone      a transaction id (ZEO matches it)
 set_client_label               anyone      a short label of ``[A-Za-z0-9 ._:/@-]`` (it goes
                                            into every log line of the connection)
 iterator_gc                    anyone      a list of ints; a no-op, as no iterator starts
+chatzeo_filter, chatzeo_sync   anyone      no arguments; `chatzeo.fanout`'s calls (it checks
+                                           them in ``FanoutMixin.check_call``)
+chatzeo_want                   anyone      one bounded list of oids (fan-out push requests)
 pack                           operator    a time; under TLS a certificate name given to
                                            ``chatzeo serve --operator``, else a loopback or
                                            unix-socket peer

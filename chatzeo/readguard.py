@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 Z64 = b"\0" * 8
 _ACCESS_CLASS = "chatzeo.privacy.PrivateRoom"
+# The key of a fan-out push inside an ``info`` message (chatzeo.fanout.PUSH).
+_PUSH = "chatzeo_push"
 # How often open connections are checked against the revocation list (seconds).
 REVOCATION_POLL = 1.0
 
@@ -304,16 +306,32 @@ class ReadGuard:
 
     def _filtered(self, send: Callable[..., Any]) -> Callable[..., Any]:
         def filtered(method: str, *args: Any) -> Any:
+            index = self._reads.index
             if method == "invalidateTransaction" and len(args) == 2:
                 tid, oids = args
-                oids = self._reads.index.visible(self.identity, oids)
-                extra = self._reads.extra.get(tid, {}).pop(self, None)
-                if extra:
-                    oids = [*oids, *extra]
-                args = (tid, oids)
+                args = (tid, self._visible_oids(tid, oids))
+            elif method == "info" and len(args) == 1 and isinstance(args[0], dict) and (
+                _PUSH in args[0]
+            ):
+                # Fan-out (chatzeo.fanout) carries new states with the oids: a
+                # non-member must get neither (a member removed while its client
+                # still asks for the room's clock, say).
+                tid, oids, carried = args[0][_PUSH]
+                oids = self._visible_oids(tid, oids)
+                carried = [(oid, data) for oid, data in carried
+                           if index.readable(self.identity, oid)]
+                if carried:
+                    args = ({**args[0], _PUSH: (tid, oids, carried)},)
+                else:
+                    method, args = "invalidateTransaction", (tid, oids)
             return send(method, *args)
 
         return filtered
+
+    def _visible_oids(self, tid: bytes, oids: Iterable[bytes]) -> list[bytes]:
+        visible = self._reads.index.visible(self.identity, oids)
+        extra = self._reads.extra.get(tid, {}).pop(self, None)
+        return [*visible, *extra] if extra else visible
 
     # -- reading
 

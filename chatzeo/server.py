@@ -6,8 +6,9 @@ the first client connects (two clients creating the root of an empty storage at 
 would conflict), makes conflict resolution load only allowlisted classes, accepts
 only the ZEO calls chatzeo's clients make (`chatzeo.protocol`), checks every commit
 against chatzeo's record rules and, with TLS client certificates, against its
-certificate (`chatzeo.guard`, ``--guard``), and then runs ZEO's `StorageServer`
-until SIGINT or SIGTERM.
+certificate (`chatzeo.guard`, ``--guard``), sends each commit only to the
+connections that hold what it changed (`chatzeo.fanout`), and then runs ZEO's
+`StorageServer` until SIGINT or SIGTERM.
 
 Threads: everything here runs in the main thread; the server's network IO runs in
 ZEO's asyncio loop, which `StorageServer.loop` runs in that same thread.
@@ -39,6 +40,7 @@ from BTrees.OOBTree import OOBTree
 from .allowlist import guard_conflict_resolution
 from .database import default_data_dir, parse_address
 from .errors import ChatError
+from .fanout import install_fanout
 from .guard import install_guard
 from .identity import IdentityError, Revocations, ensure_authority, server_context
 from .protocol import ServerPolicy, create_server
@@ -199,6 +201,8 @@ def serve(
                 raise ServerConfigError(
                     f"cannot index the storage for the commit guard: {error}"
                 ) from None
+        # Last: it wraps whichever connection handler the lines above chose.
+        install_fanout(server)
         _handle_signals()
         log.info("chatzeo server listening on %s", _show(server.acceptor.addr))
         server.loop()

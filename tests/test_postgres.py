@@ -72,7 +72,9 @@ def test_init_db_twice_from_the_command_line(cluster, tmp_path):
         )
         assert done.returncode == 0, done.stderr
         assert "NOTIFY trigger" in done.stdout
-    triggers = _psql_one(cluster, "SELECT count(*) FROM pg_trigger WHERE tgname='chatzeo_notify'")
+    triggers = _psql_one(
+        cluster, "SELECT count(*) FROM pg_trigger WHERE tgname='chatzeo_notify_each'"
+    )
     assert triggers == 1
     # history-free: one row per object, no history tables.
     assert _psql_one(cluster, "SELECT to_regclass('current_object') IS NULL") is True
@@ -137,6 +139,7 @@ def test_an_aborted_transaction_notifies_no_one(target):
             heard.append(oids)
 
     listener = Listener(dsn_of(db.storage), hear)
+    listener.subscribe(listener, frozenset({aborted, committed}))
     try:
         root["aborted"]["x"] = 1
         # Up to the vote the rows are written in PostgreSQL; then we abort.
@@ -173,6 +176,7 @@ def test_an_abort_after_vote_notifies_no_one(target):
     connection = db.open(transaction_manager=manager)
     try:
         root = connection.root()
+        listener.subscribe(listener, frozenset({root._p_oid}))
         root["vote"] = 1
         txn = manager.get()
         # Drive two-phase commit by hand: begin, store, vote, then abort.
@@ -366,3 +370,84 @@ def test_a_zconfig_file_with_relstorage_is_a_target(cluster, tmp_path):
         for client in (reader, writer):
             client.close()
             client.db.close()
+
+
+def _clients_of(cluster: PostgresCluster, application: str) -> int:
+    return int(_psql_one(
+        cluster, f"SELECT count(*) FROM pg_stat_activity WHERE application_name = '{application}'"
+    ))
+
+
+def test_one_listener_per_process_hears_only_its_rooms(cluster, target):
+    # Three readers in this process, in two rooms, and a writer busy in a third:
+    # one LISTEN connection serves all three feeds, and PostgreSQL sends it only the
+    # notifications of the two watched clocks, not the writer's room.
+    from chatzeo import pgnotify
+
+    dbs = [open_db(target) for _ in range(4)]
+    readers = [ChatClient(db) for db in dbs[:3]]
+    writer = ChatClient(dbs[3], "wendy")
+    try:
+        readers[0].join("one")
+        readers[1].join("one")
+        readers[2].join("two")
+        writer.join("busy")
+        for reader in readers:
+            reader.wait(1)  # the one look every join takes
+        assert _clients_of(cluster, "chatzeo-listener") == 1
+        listener = pgnotify.shared_listener(pgnotify.dsn_of(dbs[0].storage))
+        pgnotify.release_listener(listener)
+        for index in range(20):
+            writer.send(f"busy {index}")
+        writer.join("one")
+        writer.send("for one")
+        wait_until("room one's readers woken", lambda: readers[0].wait(0.5))
+        wait_until("room one's readers woken", lambda: readers[1].wait(0.5))
+        assert [m.text for m in readers[0].receive()] == ["for one"]
+        assert readers[2].wait(0.3) is False  # room two heard nothing
+        assert listener.foreign == 0  # nothing arrived for channels nobody here wants
+    finally:
+        for client in (*readers, writer):
+            client.close()
+        for db in dbs:
+            db.close()
+    wait_until("the listener gone", lambda: _clients_of(cluster, "chatzeo-listener") == 0)
+
+
+def test_a_database_with_the_old_trigger_still_delivers(cluster, target):
+    # Databases prepared before the per-object channels had one channel for all;
+    # their readers still work (hearing everything) until init-db is run again.
+    import psycopg2
+
+    from chatzeo import pgnotify
+
+    connection = psycopg2.connect(cluster.dsn("chat"))
+    with connection, connection.cursor() as cursor:
+        cursor.execute("""
+            CREATE OR REPLACE FUNCTION chatzeo_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_notify('chatzeo', NEW.zoid::text); RETURN NULL; END $$;
+            DROP TRIGGER chatzeo_notify_each ON object_state;
+            CREATE TRIGGER chatzeo_notify AFTER INSERT OR UPDATE ON object_state
+                FOR EACH ROW EXECUTE FUNCTION chatzeo_notify();
+        """)
+    connection.close()
+    reader_db, writer_db = open_db(target), open_db(target)
+    reader, writer = ChatClient(reader_db), ChatClient(writer_db, "olga")
+    try:
+        reader.join("old")
+        writer.join("old")
+        reader.wait(1)
+        reader.receive()
+        writer.send("still pushed")
+        wait_until("the old trigger's NOTIFY", lambda: reader.wait(0.5))
+        assert [m.text for m in reader.receive()] == ["still pushed"]
+    finally:
+        for client in (reader, writer):
+            client.close()
+            client.db.close()
+    init_db(target)  # upgrades the trigger
+    check = open_db(target)
+    try:
+        assert pgnotify._trigger_kind(pgnotify.dsn_of(check.storage)) == "each"
+    finally:
+        check.close()

@@ -18,6 +18,15 @@ class FakeClock:
         return self.now
 
 
+def _lease(db) -> float:
+    connection = db.open()
+    try:
+        return get_root(connection).lease_seconds
+    finally:
+        transaction.abort()
+        connection.close()
+
+
 @pytest.fixture
 def db():
     database = ZODB.DB(MappingStorage())
@@ -64,10 +73,11 @@ def test_who_lists_present_users_and_forgets_crashed_ones(db):
     assert alice.who() == ["alice"]
     assert alice.who("random") == ["bob"]
     # Bob's process dies: no close(), no more heartbeats. Alice keeps renewing.
-    clock.now += 45
+    lease = _lease(db)
+    clock.now += lease * 0.75
     alice.heartbeat()
     assert alice.who("random") == ["bob"]
-    clock.now += 30
+    clock.now += lease * 0.5
     assert alice.who("random") == []
     assert alice.who() == ["alice"]
     alice.close()
@@ -83,7 +93,7 @@ def test_an_expired_lease_no_longer_counts_against_the_limit(db):
     ChatClient(db, "carol", clock=clock)  # crashes: never closed
     with pytest.raises(TooManyConnections):
         ChatClient(db, "carol", clock=clock)
-    clock.now += 61
+    clock.now += _lease(db) + 1
     ChatClient(db, "carol", clock=clock).close()
 
 
@@ -91,7 +101,7 @@ def test_heartbeat_reacquires_a_lapsed_lease(db):
     clock = FakeClock()
     dave = ChatClient(db, "dave", clock=clock)
     dave.join("general")
-    clock.now += 120
+    clock.now += _lease(db) * 2
     assert dave.who() == []
     dave.heartbeat()
     assert dave.who() == ["dave"]
@@ -105,3 +115,31 @@ def test_rooms_are_created_once_and_listed_with_counts(db):
     reader.join("a-room")
     assert reader.rooms() == [("a-room", 0), ("b-room", 1)]
     reader.close()
+
+
+def test_heartbeats_write_only_their_own_lease_and_rarely(db):
+    # Presence must cost little: a renewal never writes the room (everyone in it
+    # holds that), and most heartbeats write nothing at all.
+    clock = FakeClock()
+    erin = ChatClient(db, "erin", clock=clock)
+    erin.join("general")
+    storage = db.storage
+    lease = _lease(db)
+    commits = []
+    for _ in range(20):  # a heartbeat every 5% of the lease
+        before = storage.lastTransaction()
+        clock.now += lease / 20
+        erin.heartbeat()
+        if storage.lastTransaction() != before:
+            commits.append(clock.now)
+    assert 1 <= len(commits) <= 3, commits
+    connection = db.open()
+    try:
+        room = get_root(connection).rooms["general"]
+        user = get_root(connection).users["erin"]
+        assert room.presence._p_serial < user.leases._p_serial  # the room was not rewritten
+    finally:
+        transaction.abort()
+        connection.close()
+    assert erin.who() == ["erin"]
+    erin.close()

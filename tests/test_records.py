@@ -41,7 +41,7 @@ from bench.trust.certs import client_context, make_pki, server_conf
 from chatzeo import open_db
 from chatzeo.allowlist import class_factory
 from chatzeo.client import MALFORMED_ROOM, ChatClient
-from chatzeo.errors import MalformedRecord, TrustViolation
+from chatzeo.errors import MalformedRecord, ProtocolViolation, TrustViolation
 from chatzeo.message import PLACEHOLDER, Message, new_message_id
 from chatzeo.realm import MALFORMED_PRESENCE, ChatRoot, User, get_root
 from chatzeo.records import MAX_PENDING, MAX_TEXT_BYTES, clock_problem, message_problem
@@ -301,8 +301,9 @@ def test_a_pending_flood_is_refused_and_other_rooms_keep_posting(
     served: Served, tmp_path: Path
 ) -> None:
     """150,000 pending entries once cost the server 18 s of CPU in conflict
-    resolution; now the clock is refused for its size before anything resolves it,
-    and an honest writer (another process) in another room keeps posting."""
+    resolution; now the clock is refused for its size as it arrives (the protocol's
+    frame limit: never buffered, decoded or resolved), one past `MAX_PENDING` by the
+    schema, and an honest writer (another process) in another room keeps posting."""
     edit(served.db, lambda root: (root.room("flooded"), root.room("honest")))
     stop = tmp_path / "stop"
     writer = subprocess.Popen(
@@ -324,8 +325,8 @@ def test_a_pending_flood_is_refused_and_other_rooms_keep_posting(
     try:
         assert writer.stdout is not None
         wait_until("the honest writer to start", lambda: int(writer.stdout.readline()) >= 5)
-        detail = refused(served, lambda: edit(served.db, flood(150_000)), alone=False)
-        assert "bytes; the limit is" in detail  # refused before it is even decoded
+        with pytest.raises(ProtocolViolation, match="bytes is above the limit of"):
+            edit(served.db, flood(150_000))
         detail = refused(served, lambda: edit(served.db, flood(MAX_PENDING + 1)), alone=False)
         assert f"{MAX_PENDING + 1} pending messages; the limit is {MAX_PENDING}" in detail
         assert read(served.db, lambda root: len(root.rooms["flooded"])) == 0
