@@ -515,7 +515,9 @@ def test_slash_commands_in_the_chat_worker(people: Site) -> None:
         name = unique("crew")
         worker.submit(parse(f"/create {name}"))  # type: ignore[arg-type]
         joined = events.next(Joined)
-        assert joined.shown == f"#{name} (private)" and joined.room.startswith("p-")
+        # Opened beside the lobby, under its label (no public name can equal it).
+        assert joined.shown == joined.room == f"#{name} (private)"
+        assert joined.rooms == ("lobby", joined.room)
         worker.submit(parse("/invite alice"))  # type: ignore[arg-type]
         assert events.next(Notice).lines == ("invited alice",)
         worker.submit(parse("/members"))  # type: ignore[arg-type]
