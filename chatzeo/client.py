@@ -482,18 +482,17 @@ class ChatClient:
         of that name instead. One round trip; nothing for other storages."""
         storage = self.db.storage
         call = getattr(storage, "_call", None)
-        if call is None or not self.is_connected():
-            return
+        if not self.certified or call is None or not self.is_connected():
+            return  # without certificates there are no private rooms to look for
         sync = getattr(storage, "fanout_sync", None)
-        if sync is not None:
+        try:
             # Watched fan-out sends this client only commits touching what it holds
             # (chatzeo.fanout): a room never loaded here is never invalidated, so
             # waiting for invalidations would not end. Its sync reply comes after
             # every invalidation up to the server's last tid.
-            try:
-                sync()
-            except Exception:  # a lost server: the caller's own read will say so
-                pass
+            if sync is not None and sync() is not None:
+                return
+        except Exception:  # a lost server: the caller's own read will say so
             return
         try:
             target = call("lastTransaction")
