@@ -26,6 +26,7 @@ _ALLOWED: dict[str, frozenset[str]] = {
     "chatzeo.session": frozenset({"ChatSession", "RoomClock"}),
     "chatzeo.realm": frozenset({"ChatRoot", "User"}),
     "chatzeo.markers": frozenset({"ReadMarkers"}),
+    "chatzeo.privacy": frozenset({"PrivateRoom"}),
     "persistent.mapping": frozenset({"PersistentMapping"}),
     "persistent.list": frozenset({"PersistentList"}),
     "persistent": frozenset({"Persistent", "PersistentMapping"}),

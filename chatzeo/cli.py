@@ -28,7 +28,7 @@ from ZODB.POSException import POSError
 
 from .client import ChatClient
 from .database import DEFAULT_ADDRESS
-from .errors import ChatError, InvalidName, NoSuchRoom
+from .errors import ChatError, InvalidInput, InvalidName, NoSuchRoom
 from .message import Message
 from .reach import open_for_command
 from .retry import RetryPolicy, is_transient
@@ -85,6 +85,48 @@ def default_name() -> str:
         return "guest"
 
 
+def _resolve_connection(args: argparse.Namespace) -> None:
+    """Fill in ``args.server``, ``args.ssl_context`` and ``args.name`` from the
+    options, the environment and the identity file.
+
+    The identity file is ``--identity``, else ``$CHATZEO_IDENTITY``, else the
+    default per-user one if it exists and no ``--tls-*`` option is given and the
+    server asked for (if any) is the one it names. Its certificate's name is the
+    default ``--name``; a different ``--name`` is refused, since the server would
+    refuse every commit under it. Without any, a loopback server protects no name.
+    """
+    from .identity import default_identity_path, load_identity
+    from .tls import context_from_options
+
+    explicit = args.identity or os.environ.get("CHATZEO_IDENTITY") or None
+    tls_options = any(getattr(args, f"tls_{o}") for o in ("cert", "key", "ca"))
+    if explicit and tls_options:
+        raise InvalidInput("use either --identity or --tls-cert/--tls-key/--tls-ca")
+    requested = args.server or os.environ.get("CHATZEO_SERVER") or None
+    identity = None
+    if explicit:
+        identity = load_identity(Path(explicit))
+    elif not tls_options:
+        default = default_identity_path()
+        if default.is_file():
+            found = load_identity(default)
+            if requested is None or requested == found.server:
+                identity = found
+    args.server = requested or (identity.server if identity else None) or DEFAULT_ADDRESS
+    if identity is None:
+        args.ssl_context = context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
+        if getattr(args, "name", "") is None:
+            args.name = default_name()
+        return
+    args.ssl_context = identity.context
+    if getattr(args, "name", "") is None:
+        args.name = identity.name
+    elif hasattr(args, "name") and args.name != identity.name:
+        raise InvalidInput(
+            f"--name {args.name} differs from the name in {identity.path} ({identity.name})"
+        )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is the one line the module docstring promises."""
 
@@ -103,9 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         if target:
             sub.add_argument(
                 "--server",
-                default=os.environ.get("CHATZEO_SERVER", DEFAULT_ADDRESS),
-                help="host:port, socket path, zodburi URI or ZConfig file "
-                "(default: $CHATZEO_SERVER or %(default)s)",
+                default=None,
+                help="host:port, socket path, zodburi URI or ZConfig file (default: "
+                f"$CHATZEO_SERVER, else the identity file's server, else {DEFAULT_ADDRESS})",
+            )
+            sub.add_argument(
+                "--identity", metavar="FILE",
+                help="identity file from 'chatzeo invite' (default: $CHATZEO_IDENTITY, "
+                "else ~/.config/chatzeo/identity.chatzeo if it exists)",
             )
             sub.add_argument(
                 "--wait", type=_seconds, default=10.0, metavar="SECONDS",
@@ -132,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
         "client certificates too; on: the same, <ssl> required; off: no checks (plain ZEO)",
     )
     serve.add_argument(
+        "--tls",
+        choices=("auto", "config"),
+        default="config",
+        help="auto: require client certificates from the server's own CA in DATA_DIR/tls, "
+        "created on first use ('chatzeo invite' issues them); config: as zeo.conf says",
+    )
+    serve.add_argument(
+        "--private-rooms",
+        choices=("on", "off"),
+        default="on",
+        help="with client certificates, serve private rooms to their members only "
+        "(off: no private rooms, no read checks)",
+    )
+    serve.add_argument(
         "--max-connections",
         type=_positive,
         metavar="N",
@@ -147,14 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="off serves every ZEO call unchecked: only to measure what the checks cost",
     )
 
-    name_help = "(default: $CHATZEO_NAME, else your login name: %(default)s)"
+    name_help = ("(default: the identity's name, else $CHATZEO_NAME, else your login name: "
+                 f"{default_name()})")
     chat = command("chat", "talk in a room, in this terminal", room=True)
-    chat.add_argument("--name", default=default_name(), help=f"your user name {name_help}")
+    chat.add_argument("--name", default=None, help=f"your user name {name_help}")
     chat.add_argument("--no-bell", action="store_true",
                       help="do not ring the terminal's bell when someone mentions you")
 
     send = command("send", "post one message", room=True)
-    send.add_argument("--name", default=default_name(), help=f"author name {name_help}")
+    send.add_argument("--name", default=None, help=f"author name {name_help}")
     # nargs="*" only to say what to do about `send hi there`: one argument is posted.
     send.add_argument("text", nargs="*", metavar="TEXT",
                       help="the message, quoted as one argument, or - to read standard input")
@@ -180,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     unread = command("unread", "list a user's joined rooms with unread messages and mentions")
-    unread.add_argument("--name", default=default_name(), help=f"the user {name_help}")
+    unread.add_argument("--name", default=None, help=f"the user {name_help}")
     unread.add_argument("--json", action="store_true", help="print JSON lines")
 
     init_db = command("init-db", "prepare a database (PostgreSQL: schema and trigger)", False)
@@ -202,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = command("check", "verify a FileStorage data file", target=False)
     check.add_argument("path", type=Path, help="the data file, e.g. var/chat.fs")
+    for name, help in (("invite", "issue a user's identity file (run next to the server)"),
+                       ("revoke", "revoke every certificate issued to a user")):
+        operator = command(name, help, target=False)
+        operator.add_argument("user", help="the user name")
+        operator.add_argument("--config", type=Path, help="the server's ZEO config file")
+        operator.add_argument("--data-dir", type=Path, help="the server's data directory")
+        if name == "invite":
+            operator.add_argument("--out", type=Path,
+                                  help="where to write it (default: ./USER.chatzeo)")
+            operator.add_argument("--server", dest="address", metavar="HOST:PORT",
+                                  help="the address clients reach the server at, written "
+                                  "into the file (default: the config's)")
     pack = command("pack", "pack the storage through the server")
     pack.add_argument("--days", type=_days, default=0.0,
                       help="keep old revisions younger than this (default: %(default)s)")
@@ -256,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_logging(args.command)
     try:
+        if hasattr(args, "identity"):
+            _resolve_connection(args)
         return COMMANDS[args.command](args)
     except ChatError as error:
         print(f"chatzeo: error: {error}", file=sys.stderr)
@@ -319,13 +395,13 @@ def _with_client(
 def _cert(args: argparse.Namespace) -> str | None:
     from .tls import TLS_ENVIRONMENT
 
-    return args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"]) or None
+    # An identity file holds the certificate too (the first one in it).
+    return (args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"])
+            or getattr(args, "identity", None) or os.environ.get("CHATZEO_IDENTITY") or None)
 
 
 def _tls(args: argparse.Namespace) -> Any:
-    from .tls import context_from_options
-
-    return context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    return args.ssl_context
 
 
 _FILESTORAGE_MAGIC = (b"FS30", b"FS21")
@@ -384,10 +460,59 @@ def _serve(args: argparse.Namespace) -> int:
         return serve(
             args.config, args.address, args.data_dir, args.guard, args.max_connections,
             operators=tuple(args.operator), protocol_checks=args.protocol_checks == "on",
+            tls=args.tls, private_rooms=args.private_rooms == "on",
         )
     except OSError as error:  # e.g. a data directory that cannot be created
         where = f": {error.filename}" if error.filename else ""
         raise ChatError(f"cannot serve: {error.strerror or error}{where}") from None
+
+
+def _authority(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The server's CA (`chatzeo.identity.Authority`) and its config, found the way
+    `chatzeo serve` finds its data directory."""
+    from .database import default_data_dir
+    from .identity import Authority
+    from .server import default_config_path, load_config
+
+    data_dir = args.data_dir
+    packaged = args.config is None and not os.environ.get("CHATZEO_CONFIG") and not Path(
+        "zeo.conf").is_file()
+    if packaged and data_dir is None:
+        data_dir = default_data_dir()
+    config = load_config(args.config or default_config_path(), None, data_dir)
+    return Authority(Path(config.chatzeo_data_dir) / "tls"), config
+
+
+def _invite(args: argparse.Namespace) -> int:
+    from .identity import IDENTITY_SUFFIX, issue
+
+    user = check_user_name(args.user)
+    authority, config = _authority(args)
+    address = args.address
+    if address is None:
+        bound = config.zeo.address.address
+        address = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else str(bound)
+    out = args.out or Path(f"{user}{IDENTITY_SUFFIX}")
+    if out.exists():
+        raise InvalidInput(f"{out} exists already; remove it or pass --out FILE")
+    from .identity import _write
+
+    text, serial = issue(authority, user, server=address)
+    _write(out, text, 0o600, exclusive=True)
+    print(f"wrote {out} for {user} (certificate {serial}); give it to {user} privately:")
+    print(f"  chatzeo chat --identity {out}")
+    return EXIT_OK
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from .identity import revoke
+
+    user = check_user_name(args.user)
+    authority, _ = _authority(args)
+    serials = revoke(authority, user)
+    print(f"revoked {len(serials)} certificate(s) of {user}; a running server closes "
+          "their connections within a second and refuses them from now on")
+    return EXIT_OK
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -578,5 +703,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "rooms": _rooms,
     "who": _who,
     "check": _check,
+    "invite": _invite,
+    "revoke": _revoke,
     "pack": _pack,
 }

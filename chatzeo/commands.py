@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidInput
 from .message import MessageKind
-from .validation import check_room_name, check_text, check_topic
+from .validation import check_room_name, check_text, check_topic, check_user_name
 
 __all__ = [
     "Command",
@@ -32,6 +32,12 @@ __all__ = [
     "Bell",
     "COMMAND_NAMES",
     "ROOM_COMMANDS",
+    "Create",
+    "Invite",
+    "Kick",
+    "Members",
+    "Msg",
+    "Query",
     "InvalidCommand",
     "parse",
     "HELP",
@@ -76,6 +82,47 @@ class History:
     """Show the ``count`` messages before the oldest one shown."""
 
     count: int
+
+
+@dataclass(frozen=True)
+class Create:
+    """Create the invite-only room ``room``, owned by this user, and enter it."""
+
+    room: str
+
+
+@dataclass(frozen=True)
+class Invite:
+    """Let ``user`` into the current private room (its owner only)."""
+
+    user: str
+
+
+@dataclass(frozen=True)
+class Kick:
+    """Remove ``user`` from the current private room (its owner only)."""
+
+    user: str
+
+
+@dataclass(frozen=True)
+class Members:
+    """List the current private room's owner and members."""
+
+
+@dataclass(frozen=True)
+class Msg:
+    """Post ``text`` to the direct conversation with ``user``, staying here."""
+
+    user: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Query:
+    """Enter the direct conversation with ``user``."""
+
+    user: str
 
 
 @dataclass(frozen=True)
@@ -125,12 +172,13 @@ class Bell:
 
 Command = (
     Say | Join | Rooms | Who | History | Help | Quit | Switch | Part | Topic | Mentions | Bell
+    | Create | Invite | Kick | Members | Msg | Query
 )
 
 # For completion: every command's name, and those whose argument is a room.
 COMMAND_NAMES = (
-    "bell", "help", "history", "join", "me", "mentions", "part", "quit", "rooms", "switch",
-    "topic", "who",
+    "bell", "create", "help", "history", "invite", "join", "kick", "me", "members", "mentions",
+    "msg", "part", "query", "quit", "rooms", "switch", "topic", "who",
 )
 ROOM_COMMANDS = ("join", "part", "switch")
 
@@ -148,6 +196,11 @@ Type a message and press Enter to send it. Commands:
   /who          who is in this room now
   /me ACTION    say what you do, e.g. /me waves
   /history N    show the N messages before the oldest one shown
+  /create ROOM  make an invite-only room you own (needs a TLS server)
+  /invite USER  let USER into this private room (its owner only)
+  /kick USER    remove USER from this private room (its owner only)
+  /members      who may read this private room
+  /msg USER TEXT  send USER a direct message; /query USER opens the conversation
   /help         this text
   /quit [TEXT]  leave, posting TEXT first if given (Ctrl-D or Ctrl-C on an empty line too)
 Ctrl-C clears the line being typed; Alt-Enter starts a new line of the same message
@@ -202,9 +255,27 @@ def parse(line: str) -> Command | None:
         if argument:
             raise InvalidCommand("/mentions takes no argument")
         return Mentions()
+    if name == "create":
+        if not argument or " " in argument:
+            raise InvalidCommand("/create needs one room name, e.g. /create plans")
+        return Create(check_room_name(argument))
+    if name in ("invite", "kick", "query"):
+        if not argument or " " in argument:
+            raise InvalidCommand(f"/{name} needs one user name, e.g. /{name} bob")
+        user = check_user_name(argument.removeprefix("@"))
+        if name == "invite":
+            return Invite(user)
+        return Kick(user) if name == "kick" else Query(user)
+    if name == "msg":
+        user, _, text = argument.partition(" ")
+        if not user or not text.strip():
+            raise InvalidCommand("/msg needs a user and a message, e.g. /msg bob hello")
+        return Msg(check_user_name(user.removeprefix("@")), check_text(text))
     if name == "quit":
         return Quit(check_text(argument) if argument else "")
-    simple: dict[str, Command] = {"rooms": Rooms(), "who": Who(), "help": Help()}
+    simple: dict[str, Command] = {
+        "rooms": Rooms(), "who": Who(), "help": Help(), "members": Members(),
+    }
     if name in simple:
         if argument:
             raise InvalidCommand(f"/{name} takes no argument")

@@ -18,6 +18,7 @@ are not.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import re
 import ssl as ssl_module
@@ -115,13 +116,54 @@ def _open_zeo(
     db_options: dict[str, Any],
 ) -> ZODB.DB:
     shown = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
-    try:
-        storage = _ClientStorage(
-            address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None, vote_timeout=wait
-        )
-    except ClientDisconnected:
-        raise ServerUnavailable(shown, wait) from None
+    with _RefusalCatcher() as refusals:
+        try:
+            storage = _ClientStorage(
+                address, wait_timeout=wait, ssl=ssl, ssl_server_hostname=None, vote_timeout=wait
+            )
+        except ClientDisconnected:
+            if refusals.reason:
+                raise ServerUnavailable(shown, wait, refusals.reason) from None
+            raise ServerUnavailable(shown, wait) from None
+    # Whether this client proves its name with a certificate (chatzeo.client asks).
+    storage._chatzeo_ssl = ssl is not None
     return _db(storage, db_options, shown=shown, wait=wait)
+
+
+class _RefusalCatcher(logging.Handler):
+    """Why the server refused this client's registration, if it said: ZEO's client
+    only logs it (``Registration or cache validation failed``) and tries again, so
+    the caller would see no more than a server that never answered. Listens to
+    ZEO's client logger while a connection is opened; if that logger was silent,
+    it is made to speak to this handler only."""
+
+    _REASONS = ("this certificate was revoked",)
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reason = ""
+        self._logger = logging.getLogger("ZEO.asyncio.client")
+        self._saved: tuple[int, bool] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = " ".join(str(arg) for arg in (record.args or ()))
+        for reason in self._REASONS:
+            if reason in text:
+                self.reason = reason
+
+    def __enter__(self) -> _RefusalCatcher:
+        self._logger.addHandler(self)
+        if not self._logger.isEnabledFor(logging.ERROR):
+            self._saved = (self._logger.level, self._logger.propagate)
+            self._logger.setLevel(logging.ERROR)
+            self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        if self._saved is not None:
+            self._logger.setLevel(self._saved[0])
+            self._logger.propagate = self._saved[1]
 
 
 def register_server_errors() -> None:

@@ -79,10 +79,14 @@ class RetryLimitExceeded(ChatError):
 class ServerUnavailable(ChatError, TransientError):
     """No ZEO server answered at the address within the wait bound."""
 
-    def __init__(self, address: object, seconds: float):
+    def __init__(self, address: object, seconds: float, refused: str = ""):
         self.address = address
         self.seconds = seconds
-        super().__init__(f"no chatzeo server answered at {address} within {seconds:g}s")
+        self.refused = refused
+        if refused:  # it answered, but would not let this client in
+            super().__init__(f"the server at {address} refused this client: {refused}")
+        else:
+            super().__init__(f"no chatzeo server answered at {address} within {seconds:g}s")
 
 
 class DatabaseNotPrepared(ChatError):

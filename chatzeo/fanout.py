@@ -613,6 +613,15 @@ class FanoutClientStorage(ClientStorage):
             tid = self._catch_up(tid)
         return tid
 
+    def fanout_sync(self) -> bytes | None:
+        """Hear of every commit the server has finished, now: one round trip, even
+        while current. Returns the last tid, or None (nothing asked) unless the
+        server filters this connection's invalidations: from stock ZEO every
+        commit's come anyway, and a caller waits for them. Not on ZEO's IO thread."""
+        if not (self._fanout_filtered and self.is_connected()):
+            return None
+        return self._catch_up(self._cache.getLastTid())
+
     def _catch_up(self, tid: bytes) -> bytes:
         try:
             server_tid = self._server.call("chatzeo_sync")

@@ -102,7 +102,14 @@ class User(Persistent):
 
 
 class ChatRoot(Persistent):
-    """The top of chatzeo's object graph: rooms, users and the connection rules."""
+    """The top of chatzeo's object graph: rooms, users and the connection rules.
+
+    ``private`` is the directory of private rooms (`chatzeo.privacy`): None (also
+    for roots stored before it existed) unless the server runs with client
+    certificates, which creates it.
+    """
+
+    private: Any = None
 
     def __init__(self, *, max_connections: int = 8, lease_seconds: float = 300.0) -> None:
         self.rooms = OOBTree()

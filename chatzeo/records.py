@@ -391,7 +391,10 @@ def markers_problem(state: object) -> str | None:
 
 def root_problem(state: object) -> str | None:
     """What is wrong with a `ChatRoot` state's fields, if anything."""
-    problem = _fields_problem("chatzeo root", state, ROOT_FIELDS)
+    # ``private`` (chatzeo.privacy) exists only where the server made it (TLS).
+    optional = ROOT_FIELDS | {"private"}
+    fields = optional if isinstance(state, Mapping) and "private" in state else ROOT_FIELDS
+    problem = _fields_problem("chatzeo root", state, fields)
     if problem is not None:
         return problem
     assert isinstance(state, Mapping)

@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 from importlib import resources
 from pathlib import Path
@@ -34,13 +35,16 @@ import zc.lockfile
 import ZConfig
 import ZEO
 import ZODB
+from BTrees.OOBTree import OOBTree
 
 from .allowlist import guard_conflict_resolution
 from .database import default_data_dir, parse_address
 from .errors import ChatError
 from .fanout import install_fanout
 from .guard import install_guard
+from .identity import IdentityError, Revocations, ensure_authority, server_context
 from .protocol import ServerPolicy, create_server
+from .readguard import install_read_guard, install_revocation_check
 from .realm import get_root
 
 __all__ = ["serve", "load_config", "ServerConfigError", "default_config_path"]
@@ -85,6 +89,7 @@ def load_config(
     except (OSError, UnicodeDecodeError) as error:
         raise ServerConfigError(f"cannot read config file {path}: {error}") from None
     define = _DATA_DIR_DEFINE.search(text)
+    data_directory: Path | None = None
     if define is None:
         if data_dir is not None:
             raise ServerConfigError(f"config file {path} has no '%define DATA_DIR' to override")
@@ -94,6 +99,7 @@ def load_config(
             base = Path.cwd() if data_dir is not None else path.parent
             directory = base.resolve() / directory
         directory.mkdir(parents=True, exist_ok=True)
+        data_directory = directory
         text = text[: define.start()] + f"%define DATA_DIR {directory}" + text[define.end():]
     schema = ZConfig.loadSchema(os.path.join(os.path.dirname(ZEO.__file__), "schema.xml"))
     try:
@@ -101,6 +107,8 @@ def load_config(
     except Exception as error:
         reason = " ".join(str(error).split())
         raise ServerConfigError(f"config file {path} is broken: {reason}") from None
+    # Where `--tls auto` keeps its CA and the revocation list lives.
+    config.chatzeo_data_dir = data_directory or path.resolve().parent
     if address is not None:
         parsed = parse_address(address)
         config.zeo.address = SimpleNamespace(
@@ -118,8 +126,18 @@ def serve(
     max_connections: int | None = None,
     operators: tuple[str, ...] = (),
     protocol_checks: bool = True,
+    tls: str = "config",
+    private_rooms: bool = True,
 ) -> int:
     """Run the server until SIGINT or SIGTERM; return the exit status.
+
+    ``tls`` is ``"config"`` (TLS as the config's ``<ssl>`` says, none without one)
+    or ``"auto"``: require client certificates signed by the server's own CA in
+    ``DATA_DIR/tls``, created on first use (`chatzeo.identity`); ``chatzeo invite``
+    issues them. With client certificates, private rooms are served to their
+    members only (`chatzeo.readguard`); a database holding private rooms is
+    refused without them. ``private_rooms=False`` serves no private rooms even
+    then (no read checks; a database holding some is refused).
 
     ``max_connections``, if given, becomes the per-user connection limit stored in
     chatzeo's root (`ChatRoot.max_connections`); under TLS the server also counts
@@ -141,12 +159,26 @@ def serve(
     bound = config.zeo.address.address
     _check_port(bound)
     guard_conflict_resolution()
+    tls_directory = Path(config.chatzeo_data_dir) / "tls"
+    if tls == "auto":
+        host = bound[0] if isinstance(bound, tuple) else None
+        try:
+            authority = ensure_authority(tls_directory, [host] if host else [])
+            config.zeo.ssl = server_context(authority)
+        except (OSError, IdentityError, ssl.SSLError) as error:
+            raise ServerConfigError(f"cannot set up TLS in {tls_directory}: {error}") from None
+        log.info("TLS: clients need a certificate from 'chatzeo invite NAME' (CA in %s)",
+                 tls_directory)
+    elif tls != "config":
+        raise ServerConfigError(f"--tls must be auto or config, not {tls!r}")
     guarded = _guarded(config, guard)
     storages = {opener.name or "1": _open_storage(opener) for opener in config.storages}
     _warn_about_shared_databases(storages)
     server = None
     try:
-        limits = [_prepare(storage, max_connections) for storage in storages.values()]
+        private = guarded is True and private_rooms
+        limits = [_prepare(storage, max_connections, private=private)
+                  for storage in storages.values()]
         policy = ServerPolicy(
             operators=frozenset(operators),
             max_connections=min(limits),
@@ -156,8 +188,15 @@ def serve(
             log.warning("protocol checks are off: every ZEO call is accepted (measuring only)")
         server = create_server(storages, _server_options(config), policy)
         if guarded is not None:
+            storage = next(iter(storages.values()))
             try:
-                install_guard(server, next(iter(storages.values())), identities=guarded)
+                install_guard(server, storage, identities=guarded)
+                if guarded:
+                    revocations = Revocations(tls_directory / "revoked.json")
+                    if private_rooms:
+                        install_read_guard(server, storage, revocations)
+                    else:
+                        install_revocation_check(server, revocations)
             except Exception as error:
                 raise ServerConfigError(
                     f"cannot index the storage for the commit guard: {error}"
@@ -218,9 +257,12 @@ def _warn_about_shared_databases(storages: dict[str, Any]) -> None:
             )
 
 
-def _prepare(storage: Any, max_connections: int | None) -> int:
+def _prepare(storage: Any, max_connections: int | None, private: bool = False) -> int:
     """Create ZODB's root and chatzeo's root in ``storage`` if they are missing,
-    set the per-user connection limit if one is given, and return the limit.
+    set the per-user connection limit if one is given, and return the limit. With
+    ``private`` (client certificates and the guards), create the directory of
+    private rooms; without, refuse a storage that holds private rooms: anyone could
+    read them.
 
     The DB is dropped without closing it: closing would close the storage the
     server is about to serve.
@@ -233,6 +275,13 @@ def _prepare(storage: Any, max_connections: int | None) -> int:
         if max_connections is not None and root.max_connections != max_connections:
             root.max_connections = max_connections
         limit = root.max_connections
+        if private and root.private is None:
+            root.private = OOBTree()
+        elif not private and root.private:
+            raise ServerConfigError(
+                "this database holds private rooms: serve it with client certificates "
+                "(--tls auto, or <ssl> in the config) and the guard, or anyone can read them"
+            )
         manager.commit()
         return int(limit) if type(limit) is int and limit > 0 else 8
     finally:

@@ -78,15 +78,9 @@ from .commands import (
     Bell,
     Help,
     History,
-    Join,
-    Mentions,
-    Part,
     Quit,
-    Rooms,
     Say,
     Switch,
-    Topic,
-    Who,
     parse,
 )
 from .completion import ChatCompleter
@@ -359,7 +353,6 @@ class ChatScreen:
             else:
                 self._submit(Earlier(command.count, self.oldest))
         else:
-            assert isinstance(command, Join | Rooms | Who | Switch | Part | Topic | Mentions)
             self._submit(command)
         return True
 
@@ -397,7 +390,7 @@ class ChatScreen:
             self.rooms = list(event.rooms)
             for table in (self.unread, self.mentioned):
                 table.pop(event.room, None)
-            self._show([info_line(f"you left #{event.room}")])
+            self._show([info_line(f"you left {_label(event.room)}")])
             self._redraw()
         elif isinstance(event, Activity):
             if event.known:
@@ -436,9 +429,11 @@ class ChatScreen:
         self.topics[event.room] = event.topic
         self.oldest = event.page[0] if event.page else None
         now = self._clock()
+        # A private room's label (#plans (private), @bob) comes with the event.
+        here = event.shown or f"#{event.room}"
         lines: list[FormattedText] = []
         if event.switched:
-            lines.append(info_line(f"now in #{event.room}"))
+            lines.append(info_line(f"now in {here}"))
         if event.new or event.lost:
             lines += catch_up_lines(event.new, event.lost)
             if event.new > len(event.page):
@@ -447,7 +442,7 @@ class ChatScreen:
             lines += self._lines(event.page)
             if event.new:
                 lines.append(info_line(f"end of what came while you were away from "
-                                       f"#{event.room}"))
+                                       f"{here}"))
         else:
             lines += self._lines(event.page)
         if not event.switched:
@@ -461,14 +456,14 @@ class ChatScreen:
             else:
                 shown = "no messages yet"
             others = [name for name in self.rooms if name != event.room]
-            also = f"; also open: {', '.join('#' + name for name in others)}" if others else ""
+            also = f"; also open: {', '.join(map(_label, others))}" if others else ""
             lines.append(info_line(
-                f"you are in #{event.room} ({shown}; /history N for earlier ones, "
+                f"you are in {here} ({shown}; /history N for earlier ones, "
                 f"/help for commands{also})"
             ))
         if event.topic and event.topic[0]:
             text, by, when = event.topic
-            lines.append(info_line(f"topic of #{event.room}: {text} (set by {by}, "
+            lines.append(info_line(f"topic of {here}: {text} (set by {by}, "
                                    f"{stamp(when, now)})"))
         self._show(lines)
         self._redraw()
@@ -720,10 +715,12 @@ def run_chat(args: argparse.Namespace) -> int:
     room = check_room_name(args.room)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
-    tls = context_from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    tls = getattr(args, "ssl_context", None) or context_from_options(
+        args.tls_cert, args.tls_key, args.tls_ca)
     # Said at once, so a slow or absent server is never a blank screen.
     print(f"chatzeo: connecting to {clean(str(args.server))} as {user}...", flush=True)
-    cert = args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"]) or None
+    cert = args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"]) or getattr(
+        args, "identity", None)
     db = open_for_command(args.server, args.wait, tls, cert)
     finished = True
     try:
@@ -736,3 +733,7 @@ def run_chat(args: argparse.Namespace) -> int:
             db.close()
     return 0
 
+
+def _label(room: str) -> str:
+    # An open room's key; a private room's is its label already (chatzeo.client).
+    return room if room[:1] in "#@" else f"#{room}"

@@ -110,13 +110,15 @@ ROOT_OID = Z64
 # may be, and so how much a writer's clock may run ahead of the server's. It also
 # widens the age bound of retention by as much.
 
-_TREE_KINDS = ("messages", "presence", "rooms", "users", "leases")
+_TREE_KINDS = ("messages", "presence", "rooms", "users", "leases", "private")
 _CLASSES = {
     "messages": ("BTrees.LOBTree.LOBTree", "BTrees.LOBTree.LOBucket"),
     "presence": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
     "rooms": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
     "users": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
     "leases": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
+    "private": ("BTrees.OOBTree.OOBTree", "BTrees.OOBTree.OOBucket"),
+    "access": ("chatzeo.privacy.PrivateRoom",),
     "session": ("chatzeo.session.ChatSession",),
     "clock": ("chatzeo.session.RoomClock",),
     "user": ("chatzeo.realm.User",),
@@ -353,6 +355,12 @@ class TrustIndex:
             index._tolerate(f"room {name!r}", index._add_room, storage, value, name)
         for name, value in index._walk(storage, state["users"].oid, ("users", None)):
             index._tolerate(f"user {name!r}", index._add_user, storage, value, name)
+        # Private rooms (chatzeo.privacy): their sessions are rooms like any other;
+        # who may read and change them is chatzeo.readguard's business.
+        private = state.get("private")
+        if isinstance(private, Ref):
+            for name, value in index._walk(storage, private.oid, ("private", None)):
+                index._tolerate(f"private room {name!r}", index._add_private, storage, value)
         return index
 
     def _tolerate(self, what: str, add: Any, *args: Any) -> None:
@@ -360,6 +368,11 @@ class TrustIndex:
             add(*args)
         except (_Undecodable, KeyError, AttributeError, TypeError, ValueError) as error:
             log.warning("%s is malformed, indexed only in part: %s", what, error)
+
+    def _add_private(self, storage: Any, value: Any) -> None:
+        self.roles[value.oid] = ("access", value.oid)
+        _, access = _load(storage, value.oid)
+        self._add_room(storage, access["session"], access["name"])
 
     def _add_user(self, storage: Any, value: Any, name: str) -> None:
         self.roles[value.oid] = ("user", name)
@@ -632,6 +645,9 @@ class _Commit:
             elif kind == "users":
                 linked += [(v.oid, ("user", k)) for k, v in new.items.items()
                            if isinstance(v, Ref)]
+            elif kind == "private":
+                linked += [(v.oid, ("access", v.oid)) for v in new.items.values()
+                           if isinstance(v, Ref)]
             return linked
         state = record.new_state
         if kind == "session" and record.is_new and isinstance(state, dict):
@@ -643,6 +659,9 @@ class _Commit:
             if isinstance(state.get("markers"), Ref):
                 linked.append((state["markers"].oid, ("markers", owner)))
             return linked
+        if kind == "access" and record.is_new and isinstance(state, dict):
+            session = _ref(state, "session")
+            return [(session, ("session", session))]
         return []
 
     # -- decoding
@@ -832,7 +851,7 @@ class _Commit:
                               *(v for pair in group.changed.values() for v in pair)):
                     if not (isinstance(value, tuple) and value and value[0] == self.identity):
                         self.refuse("presence", "a presence entry may only name its writer")
-        elif kind in ("rooms", "users"):
+        elif kind in ("rooms", "users", "private"):
             self._check_directory(kind, group)
         elif kind == "messages":
             self._check_messages(owner, group, clocks.get(owner))
@@ -921,7 +940,7 @@ class _Commit:
                 self.refuse("structure", "a new bucket is not in its tree's bucket chain")
 
     def _check_directory(self, kind: str, group: _Group) -> None:
-        noun = "room" if kind == "rooms" else "user"
+        noun = {"rooms": "room", "users": "user", "private": "private room"}[kind]
         if group.changed:
             self.refuse(noun, f"{noun} {next(iter(group.changed))!r} cannot be replaced")
         if group.removed:
@@ -933,7 +952,8 @@ class _Commit:
             assert target is not None
             self._decode(target)
             state = target.new_state
-            name = state.get("name") if isinstance(state, dict) else None
+            name = state.get("key" if kind == "private" else "name") if isinstance(
+                state, dict) else None
             if name != key:
                 self.refuse(noun, f"{noun} {name!r} is filed under another name, {key!r}")
             if kind == "users" and self.enforce_identity and key != self.identity:

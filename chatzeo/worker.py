@@ -38,10 +38,24 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .client import CatchUp, ChatClient
-from .commands import Join, Mentions, Part, Rooms, Switch, Topic, Who
+from .client import CatchUp, ChatClient, NotAMember
+from .commands import (
+    Create,
+    Invite,
+    Join,
+    Kick,
+    Members,
+    Mentions,
+    Msg,
+    Part,
+    Query,
+    Rooms,
+    Switch,
+    Topic,
+    Who,
+)
 from .display import plural
 from .errors import RetryLimitExceeded
 from .message import Message, MessageKind
@@ -101,7 +115,10 @@ class Earlier:
     before: Message
 
 
-Request = Outgoing | Earlier | Join | Rooms | Who | Switch | Part | Topic | Mentions
+Request = (
+    Outgoing | Earlier | Join | Rooms | Who | Switch | Part | Topic | Mentions
+    | Create | Invite | Kick | Members | Msg | Query
+)
 
 
 # -- events: worker -> UI thread -----------------------------------------------
@@ -113,7 +130,9 @@ class Joined:
     history, oldest first, or when ``new`` messages came since the user's read
     marker, the newest `CATCH_UP` of those; ``lost`` more were removed by retention
     before they were read. ``topic`` is the room's, as `ChatClient.topic` gives it;
-    ``rooms`` every room open now, in order."""
+    ``rooms`` every room open now, in order (keys of `ChatClient.open_rooms`: a
+    private room's is its label). ``shown`` is how the room is named on screen
+    (``#lobby``, ``#plans (private)``, ``@bob``)."""
 
     room: str
     page: tuple[Message, ...]
@@ -122,6 +141,7 @@ class Joined:
     topic: tuple[str, str, float] | None = None
     switched: bool = False
     rooms: tuple[str, ...] = ()
+    shown: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -309,7 +329,7 @@ class ClientWorker:
             self._client = client
             self._ready.set_result(joined)
             self._snapshot(client)
-            known = tuple(name for name, _ in client.rooms())
+            known = tuple(name for name, _ in client.rooms() if name[:1] not in "#@")
             self._deliver(Activity(tuple(client.background_unread()), known))
             self._tell_about_other_connections(client)
         except BaseException as error:
@@ -331,22 +351,27 @@ class ClientWorker:
         """Join (or switch to) ``name`` and say what the user missed there."""
         if switched:
             client.flush_marks(force=True)  # where the user stopped in the room left
-            room = client.switch(name)
+            client.switch(name)
             page: list[Message] = []
         else:
             page = client.join(name, history=HISTORY_PAGE, remember=True)
-            assert client.room is not None
-            room = client.room
-        caught: CatchUp = client.catch_up(room.name, CATCH_UP)
+        return self._now_in(client, page, switched=switched)
+
+    def _now_in(self, client: ChatClient, page: list[Message], *, switched: bool) -> Joined:
+        """The `Joined` for the current room, just opened (``page`` its latest
+        messages) or switched to."""
+        key = client.current
+        assert key is not None
+        caught: CatchUp = client.catch_up(key, CATCH_UP)
         if caught.unread or caught.lost:
             page = list(caught.messages)
         elif switched:
             page = client.history(SWITCH_CONTEXT)
         if page:
-            client.mark_read(room.name, page[-1].key)
+            client.mark_read(key, page[-1].key)
         return Joined(
-            room.name, tuple(page), caught.unread, caught.lost, client.topic(room.name),
-            switched, tuple(client.open_rooms),
+            key, tuple(page), caught.unread, caught.lost, client.topic(key),
+            switched, tuple(client.open_rooms), client.shown_room(),
         )
 
     def _snapshot(self, client: ChatClient) -> None:
@@ -472,58 +497,80 @@ class ClientWorker:
                 self._flush(client)
                 self._answer(client, request)
 
-    def _answer(
-        self,
-        client: ChatClient,
-        request: Earlier | Join | Rooms | Who | Switch | Part | Topic | Mentions,
-    ) -> None:
+    def _answer(self, client: ChatClient, request: Request) -> None:
         try:
             if isinstance(request, Join | Switch):
                 self._receive(client)  # show what arrived in the room being left
-                wanted = request.room.casefold()
-                opened = [name for name in client.open_rooms if name.casefold() == wanted]
-                if isinstance(request, Switch) and not opened:
-                    shown = ", ".join(f"#{name}" for name in client.open_rooms)
+                opened = _match(client, request.room)
+                if isinstance(request, Switch) and opened is None:
+                    shown = ", ".join(_label(name) for name in client.open_rooms)
                     self._deliver(Problem(f"#{request.room} is not open (open: {shown}); "
                                           "/join opens it"))
                     return
-                name = opened[0] if opened else request.room
-                self._deliver(self._open(client, name, switched=bool(opened)))
+                name = opened or request.room
+                self._deliver(self._open(client, name, switched=opened is not None))
+                self._snapshot(client)
+            elif isinstance(request, Create | Query):
+                self._receive(client)
+                if isinstance(request, Create):
+                    page = client.create_private(request.room, history=HISTORY_PAGE)
+                else:
+                    page = client.query(request.user, history=HISTORY_PAGE)
+                self._deliver(self._now_in(client, page, switched=False))
                 self._snapshot(client)
             elif isinstance(request, Part):
-                name = request.room or (client.room.name if client.room is not None else "")
-                matches = [n for n in client.open_rooms if n.casefold() == name.casefold()]
-                if not matches:
+                name = request.room or client.current or ""
+                match = _match(client, name)
+                if match is None:
                     self._deliver(Problem(f"#{name} is not open"))
                     return
                 if len(client.open_rooms) == 1:
                     self._deliver(Problem("this is your last open room; /quit leaves the chat"))
                     return
-                was_current = client.room is not None and client.room.name == matches[0]
-                client.part(matches[0])
-                self._deliver(Parted(matches[0], tuple(client.open_rooms)))
-                if was_current and client.room is not None:
-                    self._deliver(self._open(client, client.room.name, switched=True))
+                was_current = client.current == match
+                client.part(match)
+                self._deliver(Parted(match, tuple(client.open_rooms)))
+                if was_current and client.current is not None:
+                    self._deliver(self._open(client, client.current, switched=True))
                 self._snapshot(client)
             elif isinstance(request, Topic):
-                assert client.room is not None
+                current = client.current
+                assert current is not None
                 if request.text is not None:
                     client.set_topic(request.text)
-                    self._topics[client.room.name] = client.topic()
-                self._deliver(TopicChanged(client.room.name, client.topic()))
+                    self._topics[current] = client.topic()
+                self._deliver(TopicChanged(current, client.topic()))
             elif isinstance(request, Mentions):
                 self._deliver(MentionList(tuple(client.mentions())))
+            elif isinstance(request, Invite | Kick):
+                done = (client.invite if isinstance(request, Invite) else client.kick)(
+                    request.user)
+                verb = "invited" if isinstance(request, Invite) else "removed"
+                if not done:
+                    verb = "already a member:" if isinstance(request, Invite) else "not a member:"
+                self._deliver(Notice((f"{verb} {request.user}",)))
+            elif isinstance(request, Members):
+                owner, members = client.members()
+                shown = ", ".join(f"{name} (owner)" if name == owner else name
+                                  for name in members)
+                self._deliver(Notice((f"members: {shown}",)))
+            elif isinstance(request, Msg):
+                client.send_direct(request.user, request.text)
+                self._deliver(Notice((f"-> {request.user}: {request.text}",
+                                      f"(/query {request.user} to read the conversation)")))
             elif isinstance(request, Earlier):
                 older = client.history(request.count, before=request.before)
                 self._deliver(EarlierPage(request.before, tuple(older)))
             elif isinstance(request, Who):
-                assert client.room is not None
                 names = client.who()
                 shown = ", ".join(names) if names else "nobody"
-                self._deliver(Notice((f"in #{client.room.name}: {shown}",)))
+                where = client.shown_room()
+                self._deliver(Notice((f"in {where}: {shown}",)))
             else:
                 rooms = client.rooms()
-                lines = [f"#{clean(name)}: {plural(count, 'message')}" for name, count in rooms]
+                # Private rooms come named already (#plans (private), @bob).
+                lines = [f"{'' if name[:1] in '#@' else '#'}{clean(name)}: "
+                         f"{plural(count, 'message')}" for name, count in rooms]
                 self._deliver(Notice(tuple(lines) or ("no rooms yet",)))
         except Exception as error:
             log.info("request %r failed", request, exc_info=True)
@@ -546,8 +593,8 @@ class ClientWorker:
                 continue
             self._outbox.popleft()
             messages = self._read(client)
-            if messages and client.room is not None:
-                client.mark_read(client.room.name, messages[-1].key)
+            if messages and client.current is not None:
+                client.mark_read(client.current, messages[-1].key)
             self._deliver(Landed(outgoing.id, tuple(messages or ()), stored.id))
 
     def _expire(self) -> None:
@@ -566,9 +613,11 @@ class ClientWorker:
         except Exception:  # the server went away mid-read; read again once back
             log.info("reading the rooms failed", exc_info=True)
             return False
+        for name, was_current in client.take_removed():
+            self._removed(client, name, f"you are no longer a member of {name}", was_current)
         messages = [message for batch in found.values() for message in batch]
         if messages:
-            current = client.room.name if client.room is not None else None
+            current = client.current
             if current in found:
                 client.mark_read(current, found[current][-1].key)
             self._deliver(Arrived(tuple(messages)))
@@ -584,9 +633,32 @@ class ClientWorker:
     def _read(self, client: ChatClient) -> list[Message] | None:
         try:
             return client.receive()
+        except NotAMember as error:
+            if error.room is not None:
+                self._removed(client, error.room, str(error), True)
+            else:
+                self._deliver(Problem(str(error)))
+            return []
         except Exception:  # the server went away mid-read; read again once back
             log.info("reading the room failed", exc_info=True)
             return None
+
+    def _removed(self, client: ChatClient, name: str, reason: str, was_current: bool) -> None:
+        """The client closed the private room ``name``: this user was removed from
+        it. Say so once and, if it was current, show the room now current (the
+        lobby if none is open)."""
+        self._deliver(Problem(reason))
+        self._deliver(Parted(name, tuple(client.open_rooms)))
+        if not was_current:
+            return
+        try:
+            if client.current is not None:
+                self._deliver(self._open(client, client.current, switched=True))
+            else:
+                self._deliver(self._open(client, "lobby", switched=False))
+            self._snapshot(client)
+        except Exception as failure:
+            self._deliver(Problem(_one_line(failure)))
 
     def _beat(self, client: ChatClient) -> float:
         """Renew the presence lease; seconds until the next renewal."""
@@ -603,6 +675,30 @@ def _still_online(client: ChatClient, user: str) -> bool:
         return client.online(user)
     except Exception:
         return True  # unknown: say "left" rather than claim they quit
+
+
+def _label(key: str) -> str:
+    """An open room's key as shown: a private room's key is its label already."""
+    return key if key[:1] in "#@" else f"#{key}"
+
+
+def _match(client: ChatClient, wanted: str) -> str | None:
+    """The open room ``wanted`` names: its exact key, else a public room's name or a
+    private room's label (``plans``, ``#plans (private)``, ``@bob``) regardless of
+    case, public ones first."""
+    if wanted in client.open_rooms:
+        return wanted
+    folded = wanted.casefold().removeprefix("#")
+    public = [name for name in client.open_rooms if not client.is_private(name)]
+    private = [name for name in client.open_rooms if client.is_private(name)]
+    for name in public:
+        if name.casefold() == folded:
+            return name
+    for name in private:
+        plain = name.casefold().removeprefix("#").removesuffix(" (private)")
+        if folded in (name.casefold(), plain):
+            return name
+    return None
 
 
 def _one_line(error: BaseException) -> str:
