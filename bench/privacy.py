@@ -34,7 +34,7 @@ from ZODB.utils import p64, u64
 
 from chatzeo import open_db
 from chatzeo.client import ChatClient
-from chatzeo.identity import load_identity
+from chatzeo.server.identity import load_identity
 
 __all__ = ["main"]
 

@@ -4,19 +4,27 @@ Any client of a ZEO server can store any pickle, and a pickle can name any globa
 such as ``os.system``, to be called when it is loaded. Every database `open_db`
 returns loads through `class_factory`, which refuses every other global with
 `UnsafeRecord` before anything is imported or called. The same `is_allowed` check
-guards conflict resolution on the server (`chatzeo.server`).
+guards conflict resolution on the server (`chatzeo.server.serve`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
 from typing import Any
 
 import ZODB.ConflictResolution
 
 from .errors import UnsafeRecord
 
-__all__ = ["is_allowed", "class_factory", "find_global", "guard_conflict_resolution"]
+__all__ = [
+    "is_allowed",
+    "class_factory",
+    "find_global",
+    "guard_conflict_resolution",
+    "safe_loads",
+]
 
 _zodb_find_global = ZODB.ConflictResolution.find_global
 
@@ -84,3 +92,22 @@ def guard_conflict_resolution() -> None:
     conflicts itself. Idempotent.
     """
     ZODB.ConflictResolution.find_global = _resolving_find_global
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"this pickle may not name {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("this pickle may not hold persistent references")
+
+
+def safe_loads(data: bytes) -> Any:
+    """Unpickle ``data`` naming no global and no persistent reference: only plain
+    data (numbers, bytes, str, tuples, lists, dicts, None, bools) comes out. For
+    ZEO protocol messages and stored transaction extensions.
+
+    Raises `pickle.UnpicklingError` (or another ``Exception`` for a damaged pickle)
+    for anything else; nothing is imported or called.
+    """
+    return _NoGlobals(io.BytesIO(data)).load()

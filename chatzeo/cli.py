@@ -5,7 +5,7 @@ Exit status: 0 on success, 2 for a usage error (bad options, unknown command), 1
 a one-line ``chatzeo: error: ...`` on standard error for anything else (server
 unreachable, bad room name, message refused, ...). No traceback for a user mistake.
 
-Runs in the main thread; `chatzeo chat` hands over to `chatzeo.terminal`.
+Runs in the main thread; `chatzeo chat` hands over to `chatzeo.terminal.app`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .errors import ChatError, InvalidInput, InvalidName, NoSuchRoom
 from .message import Message
 from .reach import open_for_command
 from .retry import RetryPolicy, is_transient
-from .sanitize import clean
+from .terminal.sanitize import clean
 from .validation import (
     MAX_MESSAGE_BYTES,
     check_room_name,
@@ -95,7 +95,7 @@ def _resolve_connection(args: argparse.Namespace) -> None:
     default ``--name``; a different ``--name`` is refused, since the server would
     refuse every commit under it. Without any, a loopback server protects no name.
     """
-    from .identity import default_identity_path, load_identity
+    from .server.identity import default_identity_path, load_identity
     from .tls import context_from_options
 
     explicit = args.identity or os.environ.get("CHATZEO_IDENTITY") or None
@@ -408,7 +408,8 @@ _FILESTORAGE_MAGIC = (b"FS30", b"FS21")
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .maintenance import StorageDamaged, check_file
+    from .errors import StorageDamaged
+    from .maintenance import check_file
 
     path: Path = args.path
     if not path.exists():
@@ -451,7 +452,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .server.serve import serve
 
     data_dir: Path | None = args.data_dir
     if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
@@ -468,11 +469,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _authority(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The server's CA (`chatzeo.identity.Authority`) and its config, found the way
+    """The server's CA (`chatzeo.server.identity.Authority`) and its config, found the way
     `chatzeo serve` finds its data directory."""
     from .database import default_data_dir
-    from .identity import Authority
-    from .server import default_config_path, load_config
+    from .server.identity import Authority
+    from .server.serve import default_config_path, load_config
 
     data_dir = args.data_dir
     packaged = args.config is None and not os.environ.get("CHATZEO_CONFIG") and not Path(
@@ -484,7 +485,7 @@ def _authority(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _invite(args: argparse.Namespace) -> int:
-    from .identity import IDENTITY_SUFFIX, issue
+    from .server.identity import IDENTITY_SUFFIX, issue
 
     user = check_user_name(args.user)
     authority, config = _authority(args)
@@ -495,7 +496,7 @@ def _invite(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{user}{IDENTITY_SUFFIX}")
     if out.exists():
         raise InvalidInput(f"{out} exists already; remove it or pass --out FILE")
-    from .identity import _write
+    from .server.identity import _write
 
     text, serial = issue(authority, user, server=address)
     _write(out, text, 0o600, exclusive=True)
@@ -505,7 +506,7 @@ def _invite(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from .identity import revoke
+    from .server.identity import revoke
 
     user = check_user_name(args.user)
     authority, _ = _authority(args)
@@ -516,7 +517,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .terminal import run_chat
+    from .terminal.app import run_chat
 
     return run_chat(args)
 

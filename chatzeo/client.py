@@ -30,20 +30,25 @@ import transaction
 from ZODB.POSException import POSKeyError, ReadConflictError, StateLoadError
 
 from .delivery import ChangeFeed
-from .errors import ChatError, InvalidInput, NoSuchRoom, NoSuchUser, UnsafeRecord
+from .errors import (
+    AmbiguousRoom,
+    ChatError,
+    NoSuchRoom,
+    NoSuchUser,
+    NotAMember,
+    PrivateRoomsNeedTLS,
+    UnsafeRecord,
+)
 from .message import Message, MessageKind, new_message_id
-from .privacy import NotOwner, PrivateRoom, PrivateRoomsNeedTLS, new_key
+from .privacy import PrivateRoom, new_key
 from .realm import ChatRoot, _presence, get_root
 from .records import MAX_ROOM_NAME, name_problem
-from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
+from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction, with_retries
 from .session import ChatSession
 from .unread import RoomUnread, latest_mentions, unread_rooms
 from .validation import check_room_name, check_topic, check_user_name
 
-__all__ = [
-    "ChatClient", "RoomInfo", "AmbiguousRoom", "CatchUp", "MARK_EVERY", "MALFORMED_ROOM",
-    "NotAMember", "NotOwner",
-]
+__all__ = ["ChatClient", "RoomInfo", "CatchUp", "MARK_EVERY", "MALFORMED_ROOM"]
 
 # What `ChatClient.rooms` lists for a room entry that breaks the rules.
 MALFORMED_ROOM = "[malformed room]"
@@ -69,28 +74,6 @@ RoomInfo = tuple[str, int]
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-
-
-class NotAMember(ChatError, LookupError):
-    """A private room this user is not (or no longer) a member of, or no such room:
-    the server answers both alike. ``room`` is its key in `ChatClient.open_rooms`
-    when it was open (it is closed then), else None."""
-
-    def __init__(self, message: str, room: str | None = None) -> None:
-        super().__init__(message)
-        self.room = room
-
-
-class AmbiguousRoom(InvalidInput):
-    """A room name matches, without regard to case, several rooms and none exactly
-    (a database from before names were matched so may hold ``Dev`` and ``dev``)."""
-
-    def __init__(self, name: str, matches: list[str]):
-        self.name = name
-        self.matches = matches
-        super().__init__(
-            f"{name!r} matches several rooms: {', '.join(matches)}; type the exact name"
-        )
 
 
 class ChatClient:
@@ -120,7 +103,7 @@ class ChatClient:
         self._marks: dict[str, int] = {}  # room name -> key read, not yet written
         self._marked_at = -MARK_EVERY
         # Whether this connection proves a name with a TLS client certificate: only
-        # then does the server keep private rooms private (chatzeo.readguard).
+        # then does the server keep private rooms private (chatzeo.server.readguard).
         self.certified = bool(getattr(getattr(db, "storage", None), "_chatzeo_ssl", False))
         self._manager = transaction.TransactionManager()
         self._connection = db.open(transaction_manager=self._manager)
@@ -487,7 +470,7 @@ class ChatClient:
         sync = getattr(storage, "fanout_sync", None)
         try:
             # Watched fan-out sends this client only commits touching what it holds
-            # (chatzeo.fanout): a room never loaded here is never invalidated, so
+            # (chatzeo.server.fanout): a room never loaded here is never invalidated, so
             # waiting for invalidations would not end. Its sync reply comes after
             # every invalidation up to the server's last tid.
             if sync is not None and sync() is not None:
@@ -884,18 +867,21 @@ class ChatClient:
         yet in): ZODB then raises `ReadConflictError`, and a later snapshot has the
         newer revision. Retried within the client's policy; a failed read changes
         nothing (cursors move only on success)."""
-        started = time.monotonic()
-        attempt = 0
-        while True:
+
+        def attempt() -> T:
             self._manager.begin()
             try:
                 return read()
             except ReadConflictError:
                 self._manager.abort()
-                if time.monotonic() - started >= self.policy.max_seconds:
-                    raise
-                time.sleep(self.policy.delay(attempt))
-                attempt += 1
+                raise
+
+        return with_retries(
+            attempt,
+            retryable=lambda error: isinstance(error, ReadConflictError),
+            what="read",
+            policy=self.policy,
+        )
 
     def _write(
         self, change: Callable[[ChatRoot], Any], what: str, policy: RetryPolicy | None = None

@@ -8,14 +8,14 @@ ZEO client, FileStorage (``_AdapterSource``)
     client; ZEO's client calls ``invalidate(tid, oids)`` on the database's MVCC
     adapter, which passes them to each open connection. The feed registers itself
     beside those connections. No request goes to the server. From a `chatzeo serve`
-    only the commits touching what this client holds arrive (`chatzeo.fanout`), and
+    only the commits touching what this client holds arrive (`chatzeo.server.fanout`), and
     the watched objects' new states come with them, so the woken reader finds them
     in its cache.
 
 RelStorage on PostgreSQL (``_NotifySource``)
     RelStorage has no push: it polls when a transaction starts. A trigger installed
     by ``chatzeo init-db`` notifies each written object's own channel, and one
-    `chatzeo.pgnotify.Listener` per process and database (one extra connection,
+    `chatzeo.postgres.Listener` per process and database (one extra connection,
     whatever the number of feeds) listens to the channels its feeds watch and
     hands each feed its oids.
 
@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from . import pgnotify
+from . import postgres
 
 __all__ = ["ChangeFeed"]
 
@@ -103,7 +103,7 @@ class _Source(Protocol):
 
 def _source(db: Any, feed: ChangeFeed) -> _Source:
     # RelStorage first: it has an ``_instances`` of its own, of another kind.
-    dsn = pgnotify.dsn_of(db.storage)
+    dsn = postgres.dsn_of(db.storage)
     if dsn is not None:
         return _NotifySource(dsn, feed)
     adapter = db._mvcc_storage
@@ -119,7 +119,7 @@ class _AdapterSource:
         self._adapter = adapter
         self._feed = feed
         # A chatzeo ZEO client can have the watched objects' new states pushed with
-        # their invalidations (chatzeo.fanout), so the woken reader loads nothing.
+        # their invalidations (chatzeo.server.fanout), so the woken reader loads nothing.
         self._want = getattr(adapter._storage, "fanout_want", None)
         with adapter._lock:
             adapter._instances.add(feed)
@@ -152,7 +152,7 @@ class _NotifySource:
 
     def __init__(self, dsn: str, feed: ChangeFeed) -> None:
         self._feed = feed
-        self._listener = pgnotify.shared_listener(dsn)
+        self._listener = postgres.shared_listener(dsn)
 
     def _heard(self, oids: frozenset[bytes] | None) -> None:
         if oids is None:
@@ -173,4 +173,4 @@ class _NotifySource:
 
     def close(self) -> None:
         self._listener.subscribe(self, frozenset())
-        pgnotify.release_listener(self._listener)
+        postgres.release_listener(self._listener)

@@ -28,6 +28,17 @@ __all__ = [
     "MalformedRecord",
     "ProtocolViolation",
     "CommitLockTimeout",
+    "IdentityError",
+    "ServerConfigError",
+    "InvalidCommand",
+    "AmbiguousRoom",
+    "StorageDamaged",
+    "PrivateRoomsNeedTLS",
+    "NotOwner",
+    "NotAMember",
+    "CertificateRefused",
+    "ServerNotTrusted",
+    "NotAZEOServer",
 ]
 
 
@@ -161,7 +172,7 @@ class ProtocolViolation(ChatError, StorageError):
     make (undo, history, iterators, blobs, ...), one reserved to an operator (pack),
     or one whose arguments break its limits (a client-chosen tid or status, an
     extension that is not a plain mapping, a record or transaction above the size
-    limits; `chatzeo.protocol`). Nothing of the transaction was written; retrying
+    limits; `chatzeo.server.protocol`). Nothing of the transaction was written; retrying
     cannot help. The message names the rule. It carries no attributes, so ZEO sends
     it to the client as its args."""
 
@@ -176,3 +187,95 @@ class CommitLockTimeout(ChatError, TransientError):
         super().__init__(
             f"the server's commit lock stayed busy for {seconds:g}s (another writer holds it)"
         )
+
+
+class IdentityError(ChatError):
+    """An identity file, certificate authority or revocation list cannot be used."""
+
+
+class ServerConfigError(ChatError):
+    """The server's config is broken, its port is taken or its storage is locked."""
+
+
+class InvalidCommand(InvalidInput):
+    """A slash command that does not exist or whose argument is wrong."""
+
+
+class AmbiguousRoom(InvalidInput):
+    """A room name matches, without regard to case, several rooms and none exactly
+    (a database from before names were matched so may hold ``Dev`` and ``dev``)."""
+
+    def __init__(self, name: str, matches: list[str]):
+        self.name = name
+        self.matches = matches
+        super().__init__(
+            f"{name!r} matches several rooms: {', '.join(matches)}; type the exact name"
+        )
+
+
+class StorageDamaged(ChatError):
+    """``chatzeo check`` found problems in a data file; ``problems`` lists them."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        # One line; ``chatzeo check`` prints every problem before it.
+        shown = "; ".join(problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        super().__init__(f"{path} is damaged: {shown}{more}")
+
+
+class PrivateRoomsNeedTLS(ChatError):
+    """Private rooms were asked of a server (or a connection) without TLS client
+    certificates, where every client can read every object."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(
+            reason
+            or "private rooms need a server with TLS client certificates "
+            "(chatzeo serve --tls auto): without them any client can read every room"
+        )
+
+
+class CertificateRefused(ChatError):
+    """The server took the TLS handshake but refused this client's certificate
+    (signed by another CA, self-signed, expired) or wanted one and got none."""
+
+    def __init__(self, address: str, reason: str):
+        self.address = address
+        self.reason = reason
+        super().__init__(f"the server at {address} refused this certificate: {reason}")
+
+
+class ServerNotTrusted(ChatError):
+    """The server's certificate is not one the client's ``--tls-ca`` vouches for."""
+
+    def __init__(self, address: str, reason: str):
+        self.address = address
+        self.reason = reason
+        super().__init__(
+            f"the server at {address} has a certificate --tls-ca does not vouch for: {reason}"
+        )
+
+
+class NotAZEOServer(ChatError):
+    """Something accepted the connection but did not greet as a ZEO server."""
+
+    def __init__(self, address: str, reason: str):
+        self.address = address
+        self.reason = reason
+        super().__init__(f"{address} answered, but not as a chatzeo server: {reason}")
+
+
+class NotOwner(ChatError, PermissionError):
+    """Only a private room's owner may invite or remove its members."""
+
+
+class NotAMember(ChatError, LookupError):
+    """A private room this user is not (or no longer) a member of, or no such room:
+    the server answers both alike. ``room`` is its key in `ChatClient.open_rooms`
+    when it was open (it is closed then), else None."""
+
+    def __init__(self, message: str, room: str | None = None) -> None:
+        super().__init__(message)
+        self.room = room

@@ -2,7 +2,7 @@
 
 On PostgreSQL (RelStorage) it creates RelStorage's history-free schema (RelStorage
 does so when it opens a database that has none), chatzeo's root objects, and the
-NOTIFY trigger clients are pushed through (`chatzeo.pgnotify`). On any other target
+NOTIFY trigger clients are pushed through (`chatzeo.postgres`). On any other target
 (ZEO server, FileStorage) it creates the root objects only, which `chatzeo serve`
 also does. Every step checks what is there first, so a second run changes nothing.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import pgnotify
+from . import postgres
 from .database import DEFAULT_WAIT, open_db
 from .realm import get_root
 from .retry import run_in_transaction
@@ -32,12 +32,12 @@ def init_db(target: str | os.PathLike[str] | None, *, wait: float = DEFAULT_WAIT
         done = [f"storage ready: {db.storage.getName()}"]
         run_in_transaction(db, get_root, what="creating chatzeo's root")
         done.append("chatzeo root objects ready")
-        dsn = pgnotify.dsn_of(db.storage)
+        dsn = postgres.dsn_of(db.storage)
         if dsn is not None:
-            pgnotify.install_trigger(dsn)
+            postgres.install_trigger(dsn)
             done.append(
                 "NOTIFY trigger on object_state ready (a channel per object, "
-                f"{pgnotify.CHANNEL}_<oid>)"
+                f"{postgres.CHANNEL}_<oid>)"
             )
         return done
     finally:

@@ -7,7 +7,7 @@ live server (it then sees the file as of the moment it opened it). It checks, in
    has a consistent length, status and back pointer);
 2. references, as ``fsrefs`` does: every object the current records refer to exists;
    every transaction extension is a plain mapping (read without unpickling it:
-   `chatzeo.protocol.unsafe_extensions`; ZODB's undo log would run any other);
+   `unsafe_extensions`; ZODB's undo log would run any other);
 3. chatzeo's invariants, loading only allowlisted classes: in each room the message
    tree is sound (``BTrees.check``) and the clock's pending entries have strictly
    increasing keys, all above the tree's; the clock's ``count`` is the number of
@@ -39,24 +39,11 @@ from ZODB.utils import oid_repr
 
 from . import records
 from .allowlist import class_factory
-from .errors import ChatError
-from .protocol import unsafe_extensions
+from .errors import ChatError, StorageDamaged
 from .realm import ROOT_KEY, User
 from .session import ChatSession
 
 __all__ = ["check_file", "pack", "StorageDamaged"]
-
-
-class StorageDamaged(ChatError):
-    """``chatzeo check`` found problems in a data file; ``problems`` lists them."""
-
-    def __init__(self, path: str, problems: list[str]):
-        self.path = path
-        self.problems = problems
-        # One line; ``chatzeo check`` prints every problem before it.
-        shown = "; ".join(problems[:5])
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        super().__init__(f"{path} is damaged: {shown}{more}")
 
 
 def check_file(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -257,3 +244,16 @@ def pack(db: Any, days: float = 0.0) -> None:
     Through a ZEO client the server packs; readers and writers carry on meanwhile.
     """
     db.pack(days=days)
+
+
+def unsafe_extensions(storage: Any) -> list[str]:
+    """One problem line per transaction of ``storage`` (a FileStorage) whose stored
+    extension is not a plain mapping: what a client could store before chatzeo's
+    protocol checks (ZODB's own tools, such as the undo log, would run such a
+    pickle). Reads the raw bytes only (`records.stored_extension`)."""
+    return [
+        f"transaction {record.tid.hex()} has an extension that is not a plain "
+        "mapping (not loaded; ZODB's undo log would run it)"
+        for record in storage.iterator()
+        if records.stored_extension(record.extension_bytes) is None
+    ]

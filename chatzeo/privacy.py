@@ -8,7 +8,7 @@ What is stored
     and its ``session``, an ordinary `ChatSession` named ``p-<key>``. The directory
     is readable by everybody but holds only keys and references; everything else
     (this record, the session, its clock, message buckets and presence) is served
-    by `chatzeo serve` only to the certificates of the members (`chatzeo.readguard`).
+    by `chatzeo serve` only to the certificates of the members (`chatzeo.server.readguard`).
     The key is random, not derived from the members' names, so that the directory
     does not tell who talks to whom.
 
@@ -22,7 +22,7 @@ The rule (`access_problem`, checked by the server at each commit)
     new session; a direct conversation has exactly two members. Afterwards only the
     owner changes it, and only its members; the owner stays a member; the key,
     name, kind, owner and session never change; a conversation's members never
-    change. Kept here, apart from `chatzeo.trust`, so that the record schema can
+    change. Kept here, apart from `chatzeo.server.trust`, so that the record schema can
     take it over.
 
 Pure functions and a persistent class; the functions run in the server's event
@@ -38,7 +38,7 @@ from typing import Any
 
 from persistent import Persistent
 
-from .errors import ChatError
+from .errors import ChatError, NotOwner, PrivateRoomsNeedTLS
 from .session import ChatSession
 from .validation import check_room_name, check_user_name
 
@@ -55,22 +55,6 @@ __all__ = [
 MAX_MEMBERS = 256
 KINDS = ("room", "dm")
 _KEY = re.compile(r"[0-9a-f]{16}\Z")
-
-
-class PrivateRoomsNeedTLS(ChatError):
-    """Private rooms were asked of a server (or a connection) without TLS client
-    certificates, where every client can read every object."""
-
-    def __init__(self, reason: str = "") -> None:
-        super().__init__(
-            reason
-            or "private rooms need a server with TLS client certificates "
-            "(chatzeo serve --tls auto): without them any client can read every room"
-        )
-
-
-class NotOwner(ChatError, PermissionError):
-    """Only a private room's owner may invite or remove its members."""
 
 
 def new_key() -> str:
@@ -139,7 +123,7 @@ def access_problem(
     """What is wrong with a commit writing a `PrivateRoom` state, or None.
 
     ``old`` is the state the writer started from (None for a new record), ``new``
-    the state written, both as `chatzeo.trust.decode` gives them (dicts, references
+    the state written, both as `chatzeo.server.trust.decode` gives them (dicts, references
     as objects with an ``oid``); ``session_is_new`` whether the session it names is
     a new object of the same commit.
     """

@@ -35,7 +35,14 @@ from typing import Any
 import zc.lockfile
 
 from .database import open_db, parse_address
-from .errors import ChatError, InvalidTarget, ServerUnavailable
+from .errors import (
+    CertificateRefused,
+    ChatError,
+    InvalidTarget,
+    NotAZEOServer,
+    ServerNotTrusted,
+    ServerUnavailable,
+)
 
 __all__ = [
     "wait_for_server",
@@ -74,36 +81,6 @@ class HostNotFound(InvalidTarget):
         super().__init__(target, "name not found")
         self.host = host
         self.args = (f"cannot reach {target}: host {host!r} not found",)
-
-
-class CertificateRefused(ChatError):
-    """The server took the TLS handshake but refused this client's certificate
-    (signed by another CA, self-signed, expired) or wanted one and got none."""
-
-    def __init__(self, address: str, reason: str):
-        self.address = address
-        self.reason = reason
-        super().__init__(f"the server at {address} refused this certificate: {reason}")
-
-
-class ServerNotTrusted(ChatError):
-    """The server's certificate is not one the client's ``--tls-ca`` vouches for."""
-
-    def __init__(self, address: str, reason: str):
-        self.address = address
-        self.reason = reason
-        super().__init__(
-            f"the server at {address} has a certificate --tls-ca does not vouch for: {reason}"
-        )
-
-
-class NotAZEOServer(ChatError):
-    """Something accepted the connection but did not greet as a ZEO server."""
-
-    def __init__(self, address: str, reason: str):
-        self.address = address
-        self.reason = reason
-        super().__init__(f"{address} answered, but not as a chatzeo server: {reason}")
 
 
 def is_server_address(target: str | None) -> bool:

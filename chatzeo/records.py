@@ -3,7 +3,7 @@
 Every client of a ZEO server can store any state, so the shapes below are a
 contract that three parties check against this module, and only this module:
 
-- the server (`chatzeo.trust`, run by every `chatzeo serve`) refuses a commit
+- the server (`chatzeo.server.trust`, run by every `chatzeo serve`) refuses a commit
   whose records break it;
 - readers (`chatzeo.message.Message.from_record`, `chatzeo.session`,
   `chatzeo.realm`, `chatzeo.client`) turn a record that breaks it, stored before
@@ -53,6 +53,10 @@ most `MAX_PENDING` of them; a record of chatzeo's graph is at most `MAX_RECORD_B
 as a pickle (checked before it is decoded); the protocol layer bounds every record
 and transaction as well.
 
+Transaction extensions: a plain mapping of at most `MAX_EXTENSION_ITEMS` str keys
+to bounded str, int, float, bool or None (`plain_extension`); a stored one is
+decoded without naming any global (`stored_extension`).
+
 Pure functions and constants; any thread may call them.
 """
 
@@ -62,6 +66,8 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from .allowlist import safe_loads
 
 __all__ = [
     "KINDS",
@@ -98,6 +104,11 @@ __all__ = [
     "lease_problem",
     "expiry_problem",
     "number_problem",
+    "MAX_EXTENSION_ITEMS",
+    "MAX_EXTENSION_KEY",
+    "MAX_EXTENSION_TEXT",
+    "plain_extension",
+    "stored_extension",
 ]
 
 # A message's kind is stored as an index into this tuple.
@@ -112,12 +123,16 @@ MAX_KEY = 2**63 - 1
 # the bound keeps the record every post rewrites, and conflict resolution on it, small.
 MAX_PENDING = 192
 # The largest pickle of one record of chatzeo's graph, and so of any record the
-# server's protocol accepts (`chatzeo.protocol`): a full clock of MAX_PENDING
+# server's protocol accepts (`chatzeo.server.protocol`): a full clock of MAX_PENDING
 # messages of MAX_TEXT_BYTES is about 0.8 MB; honest ones stay below 0.3 MB.
 MAX_RECORD_BYTES = 1024 * 1024
 # How far ahead of the server's clock a message key or a lease expiry may lie
 # (seconds): writers' clocks may run that much ahead of the server's.
 FUTURE_SKEW = 300.0
+# A transaction's extension (its metadata mapping, stored by FileStorage as a pickle).
+MAX_EXTENSION_ITEMS = 32
+MAX_EXTENSION_KEY = 64
+MAX_EXTENSION_TEXT = 1024
 
 ROOM_FIELDS = frozenset({"name", "max_messages", "max_age", "_messages", "_clock", "presence"})
 USER_FIELDS = frozenset({"name", "leases", "last_connected"})
@@ -440,3 +455,52 @@ def expiry_problem(expiry: float, now: float, lease_seconds: float) -> str | Non
             "ahead of the server's clock"
         )
     return None
+
+
+def plain_extension(
+    value: object,
+    *,
+    max_items: int = MAX_EXTENSION_ITEMS,
+    max_key: int = MAX_EXTENSION_KEY,
+    max_text: int = MAX_EXTENSION_TEXT,
+) -> dict[str, Any] | str:
+    """A transaction extension ``value`` as a fresh dict of plain values, or the
+    reason it is not one (raw bytes, not a mapping, too many items, a long key, a
+    value other than a bounded str, int, float, bool or None)."""
+    if isinstance(value, bytes | bytearray):
+        return "the extension must be a mapping, not raw bytes"
+    if not isinstance(value, dict):
+        return f"the extension must be a mapping, not {type(value).__name__}"
+    if len(value) > max_items:
+        return f"the extension has {len(value)} items (limit {max_items})"
+    plain: dict[str, Any] = {}
+    for key, item in value.items():
+        if type(key) is not str or len(key) > max_key:
+            return f"extension keys must be str of at most {max_key} characters"
+        if (
+            item is None
+            or type(item) in (bool, float)
+            or (type(item) is int and -(2**63) <= item < 2**63)
+            or (type(item) is str and len(item) <= max_text)
+        ):
+            plain[key] = item
+        else:
+            return (
+                f"extension value of {key!r} is not a plain value (str, int, float, "
+                "bool or None, bounded)"
+            )
+    return plain
+
+
+def stored_extension(data: bytes) -> dict[str, Any] | None:
+    """A stored transaction extension (FileStorage keeps its pickle) as a dict, or
+    None if it is not a pickled mapping of plain values. Never runs code: for old
+    files, where a client could have stored any pickle as its extension."""
+    if not data:
+        return {}
+    try:
+        value = safe_loads(data)
+    except Exception:
+        return None
+    plain = plain_extension(value)
+    return plain if isinstance(plain, dict) else None

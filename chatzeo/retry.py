@@ -21,9 +21,16 @@ import transaction
 from transaction.interfaces import TransientError
 from ZODB.Connection import Connection
 
+from . import postgres
 from .errors import RetryLimitExceeded
 
-__all__ = ["RetryPolicy", "run_in_transaction", "is_transient", "commit_deadline"]
+__all__ = [
+    "RetryPolicy",
+    "run_in_transaction",
+    "with_retries",
+    "is_transient",
+    "commit_deadline",
+]
 
 # When the innermost run_in_transaction of this thread gives up (time.monotonic).
 _deadline: ContextVar[float | None] = ContextVar("chatzeo_commit_deadline", default=None)
@@ -86,32 +93,29 @@ def run_in_transaction(
     """
     manager = transaction.TransactionManager(explicit=True)
     connection = db.open(transaction_manager=manager)
-    started = clock()
-    attempt = 0
+
+    def attempt() -> T:
+        try:
+            # Inside the try: RelStorage polls the database here, so a lost
+            # server shows up at begin() as well as at commit().
+            manager.begin()
+            done = work(connection)
+            manager.commit()
+        except Exception:
+            manager.abort()
+            raise
+        return done
+
     token = _deadline.set(time.monotonic() + policy.max_seconds)
     try:
-        while True:
-            attempt += 1
-            try:
-                # Inside the try: RelStorage polls the database here, so a lost
-                # server shows up at begin() as well as at commit().
-                manager.begin()
-                result = work(connection)
-                manager.commit()
-                break
-            except Exception as error:
-                # As in transaction's own attempts(): ask before aborting, so the
-                # data managers can still say whether their error is retryable.
-                retryable = manager._retryable(type(error), error) or _lost_database(db, error)
-                manager.abort()
-                if not retryable:
-                    raise
-                elapsed = clock() - started
-                if attempt >= policy.max_attempts or elapsed >= policy.max_seconds:
-                    raise RetryLimitExceeded(what, attempt, elapsed, error) from error
-                if policy.on_retry is not None:
-                    policy.on_retry(error)
-                sleep(min(policy.delay(attempt - 1), max(0.0, policy.max_seconds - elapsed)))
+        result = with_retries(
+            attempt,
+            retryable=lambda error: is_transient(db, error),
+            what=what,
+            policy=policy,
+            clock=clock,
+            sleep=sleep,
+        )
         if then is None:
             return result
         try:
@@ -126,16 +130,42 @@ def run_in_transaction(
         connection.close()
 
 
+def with_retries(
+    attempt: Callable[[], T],
+    *,
+    retryable: Callable[[BaseException], bool],
+    what: str = "transaction",
+    policy: RetryPolicy = DEFAULT_POLICY,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``attempt()`` until it returns; after an error for which ``retryable``
+    is true, back off (`RetryPolicy.delay`) and call it again. chatzeo's one retry
+    loop: `run_in_transaction` (writes) and `chatzeo.client` (reads) use it.
+
+    Raises `RetryLimitExceeded` once the policy's time or attempt bound is reached,
+    and any other error at once. ``attempt`` cleans up after itself (aborts).
+    """
+    started = clock()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return attempt()
+        except Exception as error:
+            if not retryable(error):
+                raise
+            elapsed = clock() - started
+            if attempts >= policy.max_attempts or elapsed >= policy.max_seconds:
+                raise RetryLimitExceeded(what, attempts, elapsed, error) from error
+            if policy.on_retry is not None:
+                policy.on_retry(error)
+            sleep(min(policy.delay(attempts - 1), max(0.0, policy.max_seconds - elapsed)))
+
+
 def is_transient(db: Any, error: BaseException) -> bool:
     """True if ``error`` means "try again later": a conflict, or a lost server or
-    database (which reconnects by itself)."""
-    return isinstance(error, TransientError) or _lost_database(db, error)
-
-
-def _lost_database(db: Any, error: BaseException) -> bool:
-    """RelStorage reports a lost database server as its driver's error (psycopg2's
-    OperationalError), where ZEO raises the `TransientError` ClientDisconnected;
-    both mean the same thing, and a retry reconnects."""
-    driver = getattr(getattr(db.storage, "_adapter", None), "driver", None)
-    lost = getattr(driver, "disconnected_exceptions", ())
-    return bool(lost) and isinstance(error, lost)
+    database (which reconnects by itself). Public API only: transaction's own
+    check (``TransactionManager._retryable``) adds data managers' ``should_retry``,
+    which neither ZODB's connections nor RelStorage define."""
+    return isinstance(error, TransientError) or postgres.lost_database(db.storage, error)

@@ -1,6 +1,6 @@
 """Bad input: each is refused with one clear line, exit status 1 (2 for usage errors), and
 nothing is written. Through the real `chatzeo` command against a real server where a
-server is involved; property tests of `chatzeo.validation` and `chatzeo.sanitize`."""
+server is involved; property tests of `chatzeo.validation` and `chatzeo.terminal.sanitize`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from chatzeo import ChatClient, InvalidInput, get_root, open_db
 from chatzeo.errors import TrustViolation
-from chatzeo.sanitize import clean, is_clean
+from chatzeo.terminal.sanitize import clean, is_clean
 from chatzeo.validation import (
     MAX_MESSAGE_BYTES,
     MAX_ROOM_NAME,

@@ -1,4 +1,4 @@
-"""Watched fan-out (chatzeo.fanout) against real `chatzeo serve` servers.
+"""Watched fan-out (chatzeo.server.fanout) against real `chatzeo serve` servers.
 
 Every client here is its own ZEO connection over loopback (its own `open_db`), so the
 server filters each as it would a separate process; the invariant suite
@@ -29,7 +29,8 @@ from ZODB.utils import z64
 from bench.trust.certs import client_context, make_pki, server_conf
 from chatzeo import ChatClient, open_db
 from chatzeo.errors import TrustViolation
-from chatzeo.fanout import NOTICE, FanoutClientStorage, FanoutMixin, WatchIndex, install_fanout
+from chatzeo.server.fanout import FanoutMixin, WatchIndex, install_fanout
+from chatzeo.zeoclient import NOTICE, FanoutClientStorage
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,8 @@ import pytest
 from conftest import ServerProcess, chatzeo_command, stored, wait_until
 
 from chatzeo import ChatClient, RetryLimitExceeded, RetryPolicy, get_root, open_db
-from chatzeo.maintenance import StorageDamaged, check_file
+from chatzeo.errors import StorageDamaged
+from chatzeo.maintenance import check_file
 
 WORKERS = Path(__file__).with_name("fault_workers.py")
 pytestmark = pytest.mark.timeout(240)

@@ -122,7 +122,7 @@ def test_notify_wakes_a_reader_of_that_room_only(target):
 def test_an_aborted_transaction_notifies_no_one(target):
     from persistent.mapping import PersistentMapping
 
-    from chatzeo.pgnotify import Listener, dsn_of
+    from chatzeo.postgres import Listener, dsn_of
 
     db = open_db(target)
     manager = transaction.TransactionManager()
@@ -166,7 +166,7 @@ def test_an_aborted_transaction_notifies_no_one(target):
 
 def test_an_abort_after_vote_notifies_no_one(target):
     """Rows really reach object_state at the vote; aborting then must stay silent."""
-    from chatzeo.pgnotify import Listener, dsn_of
+    from chatzeo.postgres import Listener, dsn_of
 
     db = open_db(target)
     storage = db.storage
@@ -382,7 +382,7 @@ def test_one_listener_per_process_hears_only_its_rooms(cluster, target):
     # Three readers in this process, in two rooms, and a writer busy in a third:
     # one LISTEN connection serves all three feeds, and PostgreSQL sends it only the
     # notifications of the two watched clocks, not the writer's room.
-    from chatzeo import pgnotify
+    from chatzeo import postgres
 
     dbs = [open_db(target) for _ in range(4)]
     readers = [ChatClient(db) for db in dbs[:3]]
@@ -395,8 +395,8 @@ def test_one_listener_per_process_hears_only_its_rooms(cluster, target):
         for reader in readers:
             reader.wait(1)  # the one look every join takes
         assert _clients_of(cluster, "chatzeo-listener") == 1
-        listener = pgnotify.shared_listener(pgnotify.dsn_of(dbs[0].storage))
-        pgnotify.release_listener(listener)
+        listener = postgres.shared_listener(postgres.dsn_of(dbs[0].storage))
+        postgres.release_listener(listener)
         for index in range(20):
             writer.send(f"busy {index}")
         writer.join("one")
@@ -419,7 +419,7 @@ def test_a_database_with_the_old_trigger_still_delivers(cluster, target):
     # their readers still work (hearing everything) until init-db is run again.
     import psycopg2
 
-    from chatzeo import pgnotify
+    from chatzeo import postgres
 
     connection = psycopg2.connect(cluster.dsn("chat"))
     with connection, connection.cursor() as cursor:
@@ -448,6 +448,6 @@ def test_a_database_with_the_old_trigger_still_delivers(cluster, target):
     init_db(target)  # upgrades the trigger
     check = open_db(target)
     try:
-        assert pgnotify._trigger_kind(pgnotify.dsn_of(check.storage)) == "each"
+        assert postgres._trigger_kind(postgres.dsn_of(check.storage)) == "each"
     finally:
         check.close()

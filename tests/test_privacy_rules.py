@@ -1,9 +1,9 @@
 """The private-room rules and the read index without a server: fast unit tests.
 
 `chatzeo.privacy.access_problem` (who may create and change a `PrivateRoom`),
-`chatzeo.readguard.ReadIndex` over a real FileStorage written by chatzeo's own
+`chatzeo.server.readguard.ReadIndex` over a real FileStorage written by chatzeo's own
 classes (what belongs to a room, and that a commit can claim only new objects),
-and `chatzeo.identity` (issue, revoke, load) on a throwaway CA.
+and `chatzeo.server.identity` (issue, revoke, load) on a throwaway CA.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import ZODB
 from ZODB.FileStorage import FileStorage
 
 from chatzeo.errors import InvalidInput
-from chatzeo.identity import (
+from chatzeo.privacy import PrivateRoom, access_problem
+from chatzeo.realm import get_root
+from chatzeo.server.identity import (
     Revocations,
     ensure_authority,
     issue,
     load_identity,
     revoke,
 )
-from chatzeo.privacy import PrivateRoom, access_problem
-from chatzeo.readguard import ReadIndex
-from chatzeo.realm import get_root
-from chatzeo.trust import Ref, decode
+from chatzeo.server.readguard import ReadIndex
+from chatzeo.server.trust import Ref, decode
 
 Z64 = b"\0" * 8
 

@@ -27,11 +27,16 @@ from ZODB.POSException import POSKeyError
 from ZODB.utils import p64, u64
 
 from chatzeo import open_db
-from chatzeo.client import ChatClient, NotAMember
-from chatzeo.errors import ProtocolViolation, ServerUnavailable, TrustViolation
-from chatzeo.identity import load_identity
-from chatzeo.privacy import PrivateRoomsNeedTLS
+from chatzeo.client import ChatClient
+from chatzeo.errors import (
+    NotAMember,
+    PrivateRoomsNeedTLS,
+    ProtocolViolation,
+    ServerUnavailable,
+    TrustViolation,
+)
 from chatzeo.realm import get_root
+from chatzeo.server.identity import load_identity
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -137,7 +142,7 @@ def record_invalidations(client: ChatClient) -> list[bytes]:
     original_info = storage.info
 
     def info_spy(values: Any) -> Any:
-        # Fan-out (chatzeo.fanout) sends a watched object's change, with its new
+        # Fan-out (chatzeo.server.fanout) sends a watched object's change, with its new
         # state, in an info message instead.
         if isinstance(values, dict) and "chatzeo_push" in values:
             _, oids, carried = values["chatzeo_push"]
@@ -157,7 +162,7 @@ def assert_cannot_read(client: ChatClient, oids: list[bytes]) -> None:
     with pytest.raises(POSKeyError):  # the control: an oid that does not exist
         storage._call("loadBefore", missing, p64(u64(tid) + 1))
     # Refused as missing by the read guard, or (loadSerial, history) to every chat
-    # client by the protocol checks (chatzeo.protocol): either way, no data.
+    # client by the protocol checks (chatzeo.server.protocol): either way, no data.
     refused = (POSKeyError, ProtocolViolation)
     for oid in oids:
         with pytest.raises(POSKeyError):
@@ -502,8 +507,16 @@ def test_slash_commands_in_the_chat_worker(people: Site) -> None:
     worker (the terminal's database thread), as the terminal sends them."""
     from test_terminal import Events
 
-    from chatzeo.commands import parse
-    from chatzeo.worker import Arrived, ClientWorker, Joined, Landed, Notice, Outgoing, Problem
+    from chatzeo.terminal.commands import parse
+    from chatzeo.terminal.worker import (
+        Arrived,
+        ClientWorker,
+        Joined,
+        Landed,
+        Notice,
+        Outgoing,
+        Problem,
+    )
 
     identity = load_identity(people.identities["bob"])
     bob_db = open_db(identity.server, ssl=identity.context, wait=15)

@@ -1,4 +1,4 @@
-"""The ZEO protocol boundary of `chatzeo serve` (chatzeo.protocol), attacked as a raw client.
+"""The ZEO protocol boundary of `chatzeo serve` (chatzeo.server.protocol), attacked as a raw client.
 
 Every attack runs against a real server in both modes: the default loopback server
 and TLS with client certificates (and so the commit guard). `test_plain_zeo_...` is
@@ -41,8 +41,8 @@ from ZODB.utils import p64, u64, z64
 from bench.trust.certs import Pki, make_pki
 from chatzeo import open_db
 from chatzeo.errors import ProtocolViolation, TooManyConnections
-from chatzeo.protocol import safe_extension
 from chatzeo.realm import get_root
+from chatzeo.records import stored_extension
 
 pytestmark = pytest.mark.timeout(180)
 MiB = 1 << 20
@@ -159,8 +159,8 @@ def test_a_hostile_extension_is_refused_and_undo_log_reads_too(
         extensions = [record.extension_bytes for record in storage.iterator()]
     finally:
         storage.close()
-    assert safe_extension(extensions[-1]) == {"note": "room made by a test"}
-    assert all(safe_extension(ext) is not None for ext in extensions)
+    assert stored_extension(extensions[-1]) == {"note": "room made by a test"}
+    assert all(stored_extension(ext) is not None for ext in extensions)
 
 
 def test_an_old_file_with_a_hostile_extension_is_never_unpickled(
@@ -183,7 +183,7 @@ def test_an_old_file_with_a_hostile_extension_is_never_unpickled(
     db.close()
     ext = [record.extension_bytes for record in FileStorage(
         str(data / "chat.fs"), read_only=True).iterator()][-1]
-    assert ext.startswith(b"\x80") and safe_extension(ext) is None
+    assert ext.startswith(b"\x80") and stored_extension(ext) is None
     # check names the transaction without loading its extension.
     status, out, err, _ = cli("check", str(data / "chat.fs"))
     assert status == 1 and err.count("\n") == 1 and "Traceback" not in err

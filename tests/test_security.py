@@ -24,7 +24,7 @@ from bench.trust.certs import Pki, make_pki
 from chatzeo import get_root
 from chatzeo.database import DEFAULT_ADDRESS, parse_address
 from chatzeo.errors import TrustViolation
-from chatzeo.server import load_config
+from chatzeo.server.serve import load_config
 
 pytestmark = pytest.mark.timeout(180)
 TESTS = Path(__file__).resolve().parent

@@ -27,7 +27,11 @@ from prompt_toolkit.output import DummyOutput
 from ZEO.Exceptions import ClientDisconnected
 
 from chatzeo.client import ChatClient
-from chatzeo.commands import (
+from chatzeo.database import open_db
+from chatzeo.errors import InvalidInput, InvalidMessage, InvalidName, RetryLimitExceeded
+from chatzeo.message import Message
+from chatzeo.terminal.app import ChatScreen, chat
+from chatzeo.terminal.commands import (
     MAX_HISTORY,
     Help,
     History,
@@ -39,14 +43,9 @@ from chatzeo.commands import (
     Who,
     parse,
 )
-from chatzeo.database import open_db
-from chatzeo.display import OWN_MARK, message_line, prompt_text, stamp, status_text
-from chatzeo.errors import InvalidInput, InvalidMessage, InvalidName, RetryLimitExceeded
-from chatzeo.message import Message
-from chatzeo.sanitize import is_clean
-from chatzeo.terminal import ChatScreen, chat
-from chatzeo.validation import MAX_MESSAGE_BYTES, check_text
-from chatzeo.worker import (
+from chatzeo.terminal.display import OWN_MARK, message_line, prompt_text, stamp, status_text
+from chatzeo.terminal.sanitize import is_clean
+from chatzeo.terminal.worker import (
     Arrived,
     ClientWorker,
     Earlier,
@@ -59,6 +58,7 @@ from chatzeo.worker import (
     Outgoing,
     Problem,
 )
+from chatzeo.validation import MAX_MESSAGE_BYTES, check_text
 
 ESCAPES = "\x1b]2;PWNED\x07\x1b[2J\x9b31m\u202e"
 # What chatzeo's rules let a text hold that a terminal must still not obey: bidi
@@ -690,7 +690,7 @@ def test_input_line_draws_each_emoji_sequence_as_one_cell_two_columns_wide() -> 
     from prompt_toolkit.layout import screen as pt_screen
     from prompt_toolkit.output.vt100 import Vt100_Output
 
-    from chatzeo.editing import GraphemeWidths, grapheme_bindings
+    from chatzeo.terminal.editing import GraphemeWidths, grapheme_bindings
 
     output = Vt100_Output(_Tty(), lambda: Size(rows=10, columns=60), term="xterm")
     cells: list[tuple[int, str, int]] = []

@@ -10,13 +10,13 @@ import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 
-from chatzeo.commands import Bell, Part, Switch, Topic, parse
-from chatzeo.completion import ChatCompleter
-from chatzeo.display import catch_up_lines, message_lines, status_text
 from chatzeo.errors import InvalidInput
 from chatzeo.message import Message
-from chatzeo.terminal import ChatScreen
-from chatzeo.worker import Activity, Arrived, Joined, PresenceChanged
+from chatzeo.terminal.app import ChatScreen
+from chatzeo.terminal.commands import Bell, Part, Switch, Topic, parse
+from chatzeo.terminal.completion import ChatCompleter
+from chatzeo.terminal.display import catch_up_lines, message_lines, status_text
+from chatzeo.terminal.worker import Activity, Arrived, Joined, PresenceChanged
 
 
 def _text(line) -> str:

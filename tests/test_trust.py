@@ -1,4 +1,4 @@
-"""The commit guard of `chatzeo serve` with TLS client certificates (chatzeo.guard).
+"""The commit guard of `chatzeo serve` with TLS client certificates (chatzeo.server.guard).
 
 One real server process with client authentication, two certificates (alice, bob)
 made by the test's own CA; each test works in rooms of its own. Every refusal is
@@ -28,10 +28,10 @@ from bench.trust.certs import Pki, client_context, make_pki, server_conf
 from chatzeo import open_db
 from chatzeo.client import ChatClient
 from chatzeo.errors import ProtocolViolation, TrustViolation
-from chatzeo.guard import identity_of
 from chatzeo.realm import ChatRoot, get_root
+from chatzeo.server.guard import identity_of
+from chatzeo.server.trust import TrustIndex, check_commit
 from chatzeo.session import FLUSH, ChatSession
-from chatzeo.trust import TrustIndex, check_commit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -251,7 +251,7 @@ def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
         refused(guarded, alice_db, "schema", change)
 
     # Undo would take the last post back out of the room; the server refuses undo at
-    # the protocol (chatzeo.protocol), and the undo log before it.
+    # the protocol (chatzeo.server.protocol), and the undo log before it.
     last = server_last_transaction(alice_db)
     with pytest.raises(ProtocolViolation, match="^undoLog is not accepted"):
         alice_db.undoLog(0, 1)

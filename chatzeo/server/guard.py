@@ -3,7 +3,7 @@
 Every server
     ZEO's `StorageServer` makes one `ZEOStorage` per client connection through
     ``create_client_handler``; `install_guard` makes it a `GuardedZEOStorage`, which
-    checks each commit against `chatzeo.trust`'s record, history and structure
+    checks each commit against `chatzeo.server.trust`'s record, history and structure
     rules (the shapes of `chatzeo.records`), TLS or not.
 
 Identity (``install_guard(..., identities=True)``: a server with client certificates)
@@ -16,14 +16,14 @@ Identity (``install_guard(..., identities=True)``: a server with client certific
 Checking
     ZEO logs each store of a transaction and replays them in ``_vote`` once it holds
     the commit lock. `GuardedZEOStorage` keeps the same records as they arrive, and
-    its ``_vote`` first hands them to `chatzeo.trust.check_commit`; a refusal ends
+    its ``_vote`` first hands them to `chatzeo.server.trust.check_commit`; a refusal ends
     the transaction before the storage sees any of it, is logged here, and reaches
     the writer's ``commit()`` as `TrustViolation`. Deleting a checked object, undo,
     restore and blobs are refused outright: chatzeo writes none of them, and each
     can rewrite history. The roles of the objects a commit adds are recorded once
     ZEO has finished it.
 
-Threads: all of this runs in ZEO's asyncio loop thread (see `chatzeo.trust`).
+Threads: all of this runs in ZEO's asyncio loop thread (see `chatzeo.server.trust`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 from ZEO.asyncio.server import Delay, ServerProtocol
 
-from .errors import TrustViolation
+from ..errors import TrustViolation
 from .protocol import ChatZEOStorage
 from .trust import IndexUpdate, TrustIndex, check_commit
 
@@ -56,7 +56,7 @@ def identity_of(peercert: dict[str, Any] | None) -> str | None:
 
 
 class GuardedZEOStorage(ChatZEOStorage):
-    """A ZEO client handler that checks every commit against `chatzeo.trust`."""
+    """A ZEO client handler that checks every commit against `chatzeo.server.trust`."""
 
     identity: str | None = None
     _pending: IndexUpdate | None = None

@@ -1,4 +1,14 @@
-"""PostgreSQL LISTEN/NOTIFY: the commit push that RelStorage does not have.
+"""Everything chatzeo knows of PostgreSQL (RelStorage): opening, detecting, lost
+connections, and LISTEN/NOTIFY, the commit push that RelStorage does not have.
+
+Opening
+    `open_uri` opens a ``postgres://`` URI through zodburi: history-free unless the
+    URI says ``keep_history=`` (docs/scaling.md says why), waiting up to ``wait``
+    seconds for a PostgreSQL that is restarting, as a ZEO client waits for its
+    server. `is_relstorage` is the one test of whether a storage is RelStorage, and
+    `lost_database` whether an error means its database connection was lost.
+
+Push
 
 RelStorage learns of other clients' commits only when a transaction starts (it polls
 the database then), so by itself a reader would have to start transactions on a
@@ -38,14 +48,18 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ZODB.utils import p64, u64
 
-from .errors import DatabaseNotPrepared
+from .errors import DatabaseNotPrepared, InvalidTarget, ServerUnavailable
 
 __all__ = [
+    "open_uri",
+    "is_relstorage",
+    "lost_database",
     "CHANNEL",
     "Listener",
     "channel_of",
@@ -91,10 +105,78 @@ _HISTORY_FREE = (
 Callback = Callable[[frozenset[bytes] | None], None]
 
 
+# -- opening -------------------------------------------------------------------------
+
+
+def open_uri(uri: str, wait: float) -> tuple[Any, dict[str, Any]]:
+    """A RelStorage storage for a ``postgres://`` ``uri``, and the DB options the URI
+    gives. Raises `InvalidTarget` (no RelStorage installed, no such database, failed
+    authentication, a malformed URI) or `ServerUnavailable` after ``wait`` seconds
+    without an answer."""
+    import zodburi
+
+    if "keep_history=" not in uri:
+        uri += ("&" if "?" in uri else "?") + "keep_history=false"
+    try:
+        factory, options = zodburi.resolve_uri(uri)
+    except Exception as error:
+        if not _has_relstorage():
+            reason = "PostgreSQL needs RelStorage: pip install 'chatzeo[pg]'"
+            raise InvalidTarget(uri, reason) from None
+        raise InvalidTarget(uri, _one_line(error)) from None
+    import psycopg2
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return factory(), options
+        except psycopg2.OperationalError as error:
+            reason = _one_line(error)
+            if "does not exist" in reason or "authentication" in reason:
+                raise InvalidTarget(uri, reason) from None
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(uri, wait) from None
+            time.sleep(0.1)
+
+
+def is_relstorage(storage: Any) -> bool:
+    """Whether ``storage`` is a RelStorage (of any database)."""
+    return getattr(storage, "_adapter", None) is not None
+
+
+def lost_database(storage: Any, error: BaseException) -> bool:
+    """Whether ``error`` is RelStorage's report of a lost database server: its
+    driver's error (psycopg2's OperationalError), where ZEO raises the
+    `TransientError` ClientDisconnected. Both mean the same thing, and a retry
+    reconnects."""
+    if not is_relstorage(storage):
+        return False
+    lost = getattr(storage._adapter.driver, "disconnected_exceptions", ())
+    return bool(lost) and isinstance(error, lost)
+
+
+def _has_relstorage() -> bool:
+    try:
+        import relstorage  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# -- push ----------------------------------------------------------------------------
+
+
 def dsn_of(storage: Any) -> str | None:
     """The libpq DSN of ``storage`` if it is a RelStorage on PostgreSQL, else None."""
-    adapter = getattr(storage, "_adapter", None)
-    if adapter is None or type(adapter).__name__ != "PostgreSQLAdapter":
+    if not is_relstorage(storage):
+        return None
+    adapter = storage._adapter
+    if type(adapter).__name__ != "PostgreSQLAdapter":
         return None
     dsn = getattr(adapter, "_dsn", None)
     return dsn if isinstance(dsn, str) else None

@@ -86,37 +86,23 @@ from collections.abc import Iterable
 from typing import Any
 
 from ZEO.asyncio.server import Delay
-from ZEO.ClientStorage import ClientStorage
-from ZEO.Exceptions import ClientDisconnected
-from ZODB.utils import p64, u64, z64
+from ZODB.utils import p64, u64
 
-from .errors import ProtocolViolation
+from ..errors import ProtocolViolation
+from ..zeoclient import MAX_PUSHED_BYTES, MAX_WANTED, NOTICE, PROTOCOL, PUSH
 
 __all__ = [
     "FanoutMixin",
-    "FanoutClientStorage",
     "WatchIndex",
     "Fanout",
     "install_fanout",
     "MAX_WATCHED",
-    "PROTOCOL",
-    "NOTICE",
 ]
 
 log = logging.getLogger(__name__)
 
-# The version of this protocol, advertised in get_info and sent back by clients.
-PROTOCOL = 1
-# The key of the "you missed commits" notice inside an ``info`` message.
-NOTICE = "chatzeo_behind"
 # Beyond this many distinct oids a connection is sent every commit (stock ZEO).
 MAX_WATCHED = 100_000
-
-# The key of a pushed commit inside an ``info`` message: (tid, oids, [(oid, state)]).
-PUSH = "chatzeo_push"
-# At most this many oids pushed per connection, of at most this many bytes each.
-MAX_WANTED = 64
-MAX_PUSHED_BYTES = 64 * 1024
 
 _METHODS = frozenset({"chatzeo_filter", "chatzeo_sync", "chatzeo_want"})
 
@@ -345,7 +331,7 @@ class FanoutMixin:
         return result
 
     def check_call(self, name: str, args: tuple[Any, ...]) -> None:
-        """The protocol gate's rule for this module's calls (`chatzeo.protocol`):
+        """The protocol gate's rule for this module's calls (`chatzeo.server.protocol`):
         anyone may make them; ``chatzeo_want`` takes one list, which it checks itself
         (bounded, nonsense ignored), the others none. Other calls: as before."""
         if name in _METHODS:
@@ -516,122 +502,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-class FanoutClientStorage(ClientStorage):
-    """ZEO's client, opting in to watched fan-out when the server offers it.
-
-    See the module docstring: it empties its cache as it opts in, remembers the
-    newest "you missed commits" notice, and ``lastTransaction`` catches up with one
-    round trip when that notice is newer than its last tid.
-    """
-
-    _fanout_filtered = False
-    _fanout_notice: bytes = z64
-    _fanout_wanted: dict[Any, frozenset[bytes]] | None = None
-    _fanout_sent_wanted: frozenset[bytes] = frozenset()
-    # Round trips made to catch up (for benchmarks and tests).
-    fanout_syncs = 0
-
-    def notify_connected(self, conn: Any, info: dict[str, Any]) -> None:
-        self._fanout_notice = z64
-        self._fanout_filtered = info.get("chatzeo_fanout") == PROTOCOL
-        self._fanout_sent_wanted = frozenset()
-        if self._fanout_filtered:
-            self._forget_cache()
-            conn.call_async("chatzeo_filter", ())
-            wanted = self._fanout_union()
-            if wanted:
-                conn.call_async("chatzeo_want", (sorted(wanted),))
-                self._fanout_sent_wanted = wanted
-        super().notify_connected(conn, info)
-
-    def fanout_want(self, key: Any, oids: Iterable[bytes]) -> None:
-        """Ask the server to push the new states of ``oids`` with their invalidations
-        (``key`` names the asker, such as a `ChangeFeed`; no oids withdraws). Any
-        thread; best effort: without a server, or one that does not push, nothing."""
-        if self._fanout_wanted is None:
-            self._fanout_wanted = {}
-        chosen = frozenset(oids)
-        if chosen:
-            self._fanout_wanted[key] = chosen
-        else:
-            self._fanout_wanted.pop(key, None)
-        wanted = self._fanout_union()
-        if wanted == self._fanout_sent_wanted or not self._fanout_filtered:
-            return
-        try:
-            self._server.async_("chatzeo_want", sorted(wanted))
-        except ClientDisconnected:
-            return  # sent again as it reconnects
-        self._fanout_sent_wanted = wanted
-
-    def _fanout_union(self) -> frozenset[bytes]:
-        wanted = self._fanout_wanted or {}
-        return frozenset(oid for oids in list(wanted.values()) for oid in oids)
-
-    def _forget_cache(self) -> None:
-        # This server-side connection has recorded nothing yet: objects cached over
-        # an earlier one would never be invalidated. clear() keeps the last tid.
-        self._cache.clear()
-
-    def notify_disconnected(self) -> None:
-        self._fanout_filtered = False
-        super().notify_disconnected()
-
-    def info(self, values: dict[str, Any]) -> None:
-        notice = values.pop(NOTICE, None) if NOTICE in values else None
-        if isinstance(notice, bytes) and notice > self._fanout_notice:
-            self._fanout_notice = notice
-        push = values.pop(PUSH, None) if PUSH in values else None
-        if push is not None:
-            self._pushed(*push)
-        if values:
-            super().info(values)
-
-    def _pushed(self, tid: bytes, oids: list[bytes], states: list[tuple[bytes, bytes]]) -> None:
-        """An invalidation carrying new states (IO thread). Does what ZEO's client
-        does for ``invalidateTransaction``, and stores the states as current from
-        ``tid`` before the ZODB connections (and feeds) hear of it, as ZEO does for
-        a client's own commit, so the reader woken by it loads them from the cache."""
-        cache = self._cache
-        for oid in oids:
-            cache.invalidate(oid, tid)
-        for oid, data in states:
-            cache.store(oid, tid, None, data)
-        self.invalidateTransaction(tid, oids)
-        cache.setLastTid(tid)
-
-    def lastTransaction(self) -> bytes:  # noqa: N802 (ZODB's name)
-        tid: bytes = self._cache.getLastTid()
-        if (
-            self._fanout_filtered
-            and self._fanout_notice > tid
-            and _running_loop() is not getattr(self._server, "loop", None)  # not ZEO's IO thread
-            and self.is_connected()
-        ):
-            tid = self._catch_up(tid)
-        return tid
-
-    def fanout_sync(self) -> bytes | None:
-        """Hear of every commit the server has finished, now: one round trip, even
-        while current. Returns the last tid, or None (nothing asked) unless the
-        server filters this connection's invalidations: from stock ZEO every
-        commit's come anyway, and a caller waits for them. Not on ZEO's IO thread."""
-        if not (self._fanout_filtered and self.is_connected()):
-            return None
-        return self._catch_up(self._cache.getLastTid())
-
-    def _catch_up(self, tid: bytes) -> bytes:
-        try:
-            server_tid = self._server.call("chatzeo_sync")
-        except ClientDisconnected:
-            return tid  # as stock ZEO does when disconnected: the cache's view
-        self.fanout_syncs += 1
-        cache = self._cache
-        # Invalidations that arrived after the reply may have moved the tid on.
-        with cache._lock:
-            if isinstance(server_tid, bytes) and server_tid > cache.getLastTid():
-                cache.setLastTid(server_tid)
-            last: bytes = cache.getLastTid()
-        return last

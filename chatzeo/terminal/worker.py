@@ -40,7 +40,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .client import CatchUp, ChatClient, NotAMember
+from ..client import CatchUp, ChatClient
+from ..errors import NotAMember, RetryLimitExceeded
+from ..message import Message, MessageKind
+from ..unread import RoomUnread
 from .commands import (
     Create,
     Invite,
@@ -57,10 +60,7 @@ from .commands import (
     Who,
 )
 from .display import plural
-from .errors import RetryLimitExceeded
-from .message import Message, MessageKind
 from .sanitize import clean
-from .unread import RoomUnread
 
 __all__ = [
     "ClientWorker",

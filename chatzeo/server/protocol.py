@@ -24,7 +24,7 @@ attack surface, not only the records a commit stores. `create_server` builds ZEO
       for good. `ChatServerProtocol.close` tells the handler first, which aborts
       the transaction and releases the lock.
 
-`ChatZEOStorage` (the handler behind each connection; `chatzeo.guard` subclasses it)
+`ChatZEOStorage` (the handler behind each connection; `chatzeo.server.guard` subclasses it)
     decides every call by the table below and checks its arguments. Limits are in
     `ProtocolLimits`; docs/operations.md lists them.
 
@@ -50,7 +50,7 @@ vote, tpc_finish, tpc_abort    anyone      a transaction id (ZEO matches it)
 set_client_label               anyone      a short label of ``[A-Za-z0-9 ._:/@-]`` (it goes
                                            into every log line of the connection)
 iterator_gc                    anyone      a list of ints; a no-op, as no iterator starts
-chatzeo_filter, chatzeo_sync   anyone      no arguments; `chatzeo.fanout`'s calls (it checks
+chatzeo_filter, chatzeo_sync   anyone      no arguments; `chatzeo.server.fanout`'s calls (it checks
                                            them in ``FanoutMixin.check_call``)
 chatzeo_want                   anyone      one bounded list of oids (fan-out push requests)
 pack                           operator    a time; under TLS a certificate name given to
@@ -84,10 +84,8 @@ into that loop.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import logging
-import pickle
 import re
 import struct
 from collections import Counter
@@ -98,8 +96,15 @@ from typing import Any
 from ZEO.asyncio.server import Acceptor, Delay, ServerProtocol
 from ZEO.StorageServer import StorageServer, ZEOStorage
 
-from .errors import ProtocolViolation, TooManyConnections
-from .records import MAX_RECORD_BYTES
+from ..allowlist import safe_loads
+from ..errors import ProtocolViolation, TooManyConnections
+from ..records import (
+    MAX_EXTENSION_ITEMS,
+    MAX_EXTENSION_KEY,
+    MAX_EXTENSION_TEXT,
+    MAX_RECORD_BYTES,
+    plain_extension,
+)
 
 __all__ = [
     "ProtocolLimits",
@@ -109,9 +114,6 @@ __all__ = [
     "ChatAcceptor",
     "ChatStorageServer",
     "create_server",
-    "safe_loads",
-    "safe_extension",
-    "unsafe_extensions",
     "certificate_identity",
     "CALLS",
 ]
@@ -137,9 +139,9 @@ class ProtocolLimits:
     max_frame_bytes: int = MAX_RECORD_BYTES + 64 * 1024
     max_user_bytes: int = 1024
     max_description_bytes: int = 4096
-    max_extension_items: int = 32
-    max_extension_key: int = 64
-    max_extension_text: int = 1024
+    max_extension_items: int = MAX_EXTENSION_ITEMS
+    max_extension_key: int = MAX_EXTENSION_KEY
+    max_extension_text: int = MAX_EXTENSION_TEXT
 
 
 @dataclass(frozen=True)
@@ -161,78 +163,6 @@ class ServerPolicy:
 
 
 # -- decoding ----------------------------------------------------------------------
-
-
-class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"a protocol message may not name {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("a protocol message may not hold persistent references")
-
-
-def safe_loads(data: bytes) -> Any:
-    """Unpickle ``data`` naming no global and no persistent reference: only plain
-    data (numbers, bytes, str, tuples, lists, dicts, None, bools) comes out.
-
-    Raises `pickle.UnpicklingError` (or another ``Exception`` for a damaged pickle)
-    for anything else; nothing is imported or called.
-    """
-    return _NoGlobals(io.BytesIO(data)).load()
-
-
-def safe_extension(data: bytes) -> dict[str, Any] | None:
-    """A stored transaction extension (FileStorage keeps its pickle) as a dict, or
-    None if it is not a pickled mapping of plain values. Never runs code: for old
-    files, where a client could have stored any pickle as its extension."""
-    if not data:
-        return {}
-    try:
-        value = safe_loads(data)
-    except Exception:
-        return None
-    plain = _plain_extension(value, ProtocolLimits())
-    return plain if isinstance(plain, dict) else None
-
-
-def unsafe_extensions(storage: Any) -> list[str]:
-    """One problem line per transaction of ``storage`` (a FileStorage) whose stored
-    extension is not a plain mapping: what a client could store before this module
-    (ZODB's own tools, such as the undo log, would run such a pickle). Reads the raw
-    bytes only (`safe_extension`)."""
-    problems = []
-    for record in storage.iterator():
-        if safe_extension(record.extension_bytes) is None:
-            problems.append(
-                f"transaction {record.tid.hex()} has an extension that is not a plain "
-                "mapping (not loaded; ZODB's undo log would run it)"
-            )
-    return problems
-
-
-def _plain_extension(value: Any, limits: ProtocolLimits) -> dict[str, Any] | str:
-    """``value`` as a fresh dict of plain values, or the reason it is not one."""
-    if isinstance(value, bytes | bytearray):
-        return "the extension must be a mapping, not raw bytes"
-    if not isinstance(value, dict):
-        return f"the extension must be a mapping, not {type(value).__name__}"
-    if len(value) > limits.max_extension_items:
-        return f"the extension has {len(value)} items (limit {limits.max_extension_items})"
-    plain: dict[str, Any] = {}
-    for key, item in value.items():
-        if type(key) is not str or len(key) > limits.max_extension_key:
-            return "extension keys must be str of at most " \
-                f"{limits.max_extension_key} characters"
-        if item is None or type(item) in (bool, float):
-            plain[key] = item
-        elif type(item) is int and -(2**63) <= item < 2**63:
-            plain[key] = item
-        elif type(item) is str and len(item) <= limits.max_extension_text:
-            plain[key] = item
-        else:
-            return f"extension value of {key!r} is not a plain value (str, int, float, " \
-                "bool or None, bounded)"
-    return plain
 
 
 def _safe_decode(message: bytes) -> Any:
@@ -486,7 +416,12 @@ class ChatZEOStorage(ZEOStorage):
         user = self._text(user, "user", limits.max_user_bytes, problems)
         description = self._text(description, "description", limits.max_description_bytes,
                                  problems)
-        plain = _plain_extension({} if ext == b"" else ext, limits)
+        plain = plain_extension(
+            {} if ext == b"" else ext,
+            max_items=limits.max_extension_items,
+            max_key=limits.max_extension_key,
+            max_text=limits.max_extension_text,
+        )
         if isinstance(plain, str):
             problems.append(plain)
             plain = {}

@@ -46,8 +46,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import ChatError, InvalidInput
-from .validation import check_user_name
+from ..errors import IdentityError, InvalidInput
+from ..validation import check_user_name
 
 __all__ = [
     "Authority",
@@ -68,10 +68,6 @@ IDENTITY_SUFFIX = ".chatzeo"
 CA_DAYS = 3650
 LEAF_DAYS = 825
 _HEADER = "# chatzeo identity"
-
-
-class IdentityError(ChatError):
-    """An identity file, certificate authority or revocation list cannot be used."""
 
 
 @dataclass(frozen=True)

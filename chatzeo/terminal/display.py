@@ -3,7 +3,7 @@
 Every function returns prompt_toolkit formatted text (a list of ``(style, text)``
 fragments), so the terminal never parses what it prints for markup. Every string
 that came from the database or from typed input passes through
-`chatzeo.sanitize.clean` here, in one place, so no escape sequence any client
+`chatzeo.terminal.sanitize.clean` here, in one place, so no escape sequence any client
 stored can reach the terminal.
 
 Long messages are wrapped here too (`wrap`), at word boundaries, measuring each
@@ -22,7 +22,7 @@ from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.styles import Style
 from wcwidth import width as text_width
 
-from .message import Message
+from ..message import Message
 from .sanitize import clean, graphemes
 
 __all__ = [

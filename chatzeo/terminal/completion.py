@@ -1,7 +1,7 @@
 """Tab completion in `chatzeo chat`: nicks present in the room, commands, room names.
 
 `ChatCompleter` is a prompt_toolkit `Completer` over what the screen already knows
-(`chatzeo.terminal.ChatScreen`: who is present in each open room, the open rooms and
+(`chatzeo.terminal.app.ChatScreen`: who is present in each open room, the open rooms and
 the rooms listed by the server), so completing never asks the server anything.
 
 - ``/jo`` completes a command name (``/join ``);

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InvalidInput
-from .message import MessageKind
-from .validation import check_room_name, check_text, check_topic, check_user_name
+from ..errors import InvalidCommand
+from ..message import MessageKind
+from ..validation import check_room_name, check_text, check_topic, check_user_name
 
 __all__ = [
     "Command",
@@ -46,10 +46,6 @@ __all__ = [
 
 # A page bigger than this is more than a terminal's scrollback shows anyway.
 MAX_HISTORY = 1000
-
-
-class InvalidCommand(InvalidInput):
-    """A slash command that does not exist or whose argument is wrong."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ wide where the terminal draws two: the prompt was garbled. Two pieces fix that:
     the character cache prompt_toolkit builds cells through gives cells so marked
     the width the cluster needs (the rest zero, so they merge into one cell). This
     relies on prompt_toolkit 3.0's ``_CHAR_CACHE`` in ``layout.screen``, as
-    `chatzeo.terminal.print_lines` relies on its renderer.
+    `chatzeo.terminal.app.print_lines` relies on its renderer.
 
     Other clusters keep prompt_toolkit's own measure: terminals disagree about a
     skin-tone modifier (tmux 3.3a draws ``👍🏽`` four columns wide, kitty, WezTerm and

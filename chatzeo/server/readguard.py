@@ -10,7 +10,7 @@ The index
     objects are ever claimed, so no commit can pull an existing (say, a public)
     object into a room, and an object never leaves its room: the index only grows.
     References are read with `ZODB.serialize.referencesf`, which imports nothing;
-    the `PrivateRoom` records are decoded with `chatzeo.trust.decode` (allowlisted,
+    the `PrivateRoom` records are decoded with `chatzeo.server.trust.decode` (allowlisted,
     nothing imported or called).
 
 What a connection may not do (`ReadGuard`, a mixin of ZEO's per-connection handler)
@@ -25,7 +25,7 @@ What a connection may not do (`ReadGuard`, a mixin of ZEO's per-connection handl
       it reconnects with a cache;
     * write such an object (refused at the vote as ``private: ...``), or change a
       `PrivateRoom` otherwise than `chatzeo.privacy.access_problem` allows;
-    * connect at all with a revoked certificate (`chatzeo.identity.Revocations`,
+    * connect at all with a revoked certificate (`chatzeo.server.identity.Revocations`,
       checked when the connection is made and, for open connections, about once a
       second: a revoked certificate's connections are closed).
     A membership change takes effect when its commit is finished, for open
@@ -50,9 +50,9 @@ from typing import Any
 from ZODB.POSException import POSKeyError
 from ZODB.serialize import referencesf
 
-from .errors import TrustViolation
+from ..errors import TrustViolation
+from ..privacy import access_problem
 from .identity import Revocations
-from .privacy import access_problem
 from .trust import Ref, decode
 
 __all__ = [
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 Z64 = b"\0" * 8
 _ACCESS_CLASS = "chatzeo.privacy.PrivateRoom"
-# The key of a fan-out push inside an ``info`` message (chatzeo.fanout.PUSH).
+# The key of a fan-out push inside an ``info`` message (chatzeo.server.fanout.PUSH).
 _PUSH = "chatzeo_push"
 # How often open connections are checked against the revocation list (seconds).
 REVOCATION_POLL = 1.0
@@ -313,7 +313,7 @@ class ReadGuard:
             elif method == "info" and len(args) == 1 and isinstance(args[0], dict) and (
                 _PUSH in args[0]
             ):
-                # Fan-out (chatzeo.fanout) carries new states with the oids: a
+                # Fan-out (chatzeo.server.fanout) carries new states with the oids: a
                 # non-member must get neither (a member removed while its client
                 # still asks for the room's clock, say).
                 tid, oids, carried = args[0][_PUSH]

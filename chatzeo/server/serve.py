@@ -4,10 +4,10 @@ It reads the same ZConfig file as ``runzeo -C zeo.conf`` (ZEO's own schema), app
 the ``--address`` and ``--data-dir`` overrides, creates chatzeo's root objects before
 the first client connects (two clients creating the root of an empty storage at once
 would conflict), makes conflict resolution load only allowlisted classes, accepts
-only the ZEO calls chatzeo's clients make (`chatzeo.protocol`), checks every commit
+only the ZEO calls chatzeo's clients make (`chatzeo.server.protocol`), checks every commit
 against chatzeo's record rules and, with TLS client certificates, against its
-certificate (`chatzeo.guard`, ``--guard``), sends each commit only to the
-connections that hold what it changed (`chatzeo.fanout`), and then runs ZEO's
+certificate (`chatzeo.server.guard`, ``--guard``), sends each commit only to the
+connections that hold what it changed (`chatzeo.server.fanout`), and then runs ZEO's
 `StorageServer` until SIGINT or SIGTERM.
 
 Threads: everything here runs in the main thread; the server's network IO runs in
@@ -37,23 +37,20 @@ import ZEO
 import ZODB
 from BTrees.OOBTree import OOBTree
 
-from .allowlist import guard_conflict_resolution
-from .database import default_data_dir, parse_address
-from .errors import ChatError
+from .. import postgres
+from ..allowlist import guard_conflict_resolution
+from ..database import default_data_dir, parse_address
+from ..errors import IdentityError, ServerConfigError
+from ..realm import get_root
 from .fanout import install_fanout
 from .guard import install_guard
-from .identity import IdentityError, Revocations, ensure_authority, server_context
+from .identity import Revocations, ensure_authority, server_context
 from .protocol import ServerPolicy, create_server
 from .readguard import install_read_guard, install_revocation_check
-from .realm import get_root
 
 __all__ = ["serve", "load_config", "ServerConfigError", "default_config_path"]
 
 log = logging.getLogger(__name__)
-
-
-class ServerConfigError(ChatError):
-    """The server's config is broken, its port is taken or its storage is locked."""
 
 
 def default_config_path() -> Path:
@@ -133,9 +130,9 @@ def serve(
 
     ``tls`` is ``"config"`` (TLS as the config's ``<ssl>`` says, none without one)
     or ``"auto"``: require client certificates signed by the server's own CA in
-    ``DATA_DIR/tls``, created on first use (`chatzeo.identity`); ``chatzeo invite``
+    ``DATA_DIR/tls``, created on first use (`chatzeo.server.identity`); ``chatzeo invite``
     issues them. With client certificates, private rooms are served to their
-    members only (`chatzeo.readguard`); a database holding private rooms is
+    members only (`chatzeo.server.readguard`); a database holding private rooms is
     refused without them. ``private_rooms=False`` serves no private rooms even
     then (no read checks; a database holding some is refused).
 
@@ -246,7 +243,7 @@ def _warn_about_shared_databases(storages: dict[str, Any]) -> None:
     """A ZEO server tells its clients only of commits made through itself; over a
     database others can write to (RelStorage), their clients are never told."""
     for name, storage in storages.items():
-        if hasattr(storage, "_adapter"):
+        if postgres.is_relstorage(storage):
             log.warning(
                 "storage %s is a RelStorage database: clients of this server hear only of "
                 "commits made through this server, never of those made through another "

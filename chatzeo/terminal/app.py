@@ -36,12 +36,12 @@ before the client wrote a byte). The status bar is redrawn to fit the new width.
 Keys: Enter sends; Ctrl-C clears a line being typed, and on an empty line leaves
 (as Ctrl-D does); leaving while messages wait for an absent server asks first.
 Left, Right, Backspace and Delete work on whole characters, emoji sequences
-included (`chatzeo.editing`). A line that is refused stays in the input.
+included (`chatzeo.terminal.editing`). A line that is refused stays in the input.
 
 Threads
     UI thread (the main thread, running the asyncio loop): the `PromptSession`,
     `ChatScreen` (parsing typed lines, all drawing) and every print.
-    Worker thread (`chatzeo.worker.ClientWorker`): owns the `ChatClient` and its
+    Worker thread (`chatzeo.terminal.worker.ClientWorker`): owns the `ChatClient` and its
     ZODB connection; hands each result over with ``loop.call_soon_threadsafe``.
     ZEO's IO thread only sets the `ChangeFeed`'s event that wakes the worker.
     Nothing on the UI thread waits for the server: the status bar reads ZEO's
@@ -72,7 +72,13 @@ from prompt_toolkit.key_binding import (
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.renderer import print_formatted_text as render_text
 
-from .client import ChatClient
+from ..client import ChatClient
+from ..errors import ChatError, InvalidInput
+from ..message import Message
+from ..reach import open_for_command
+from ..tls import TLS_ENVIRONMENT, context_from_options
+from ..unread import mention_pattern, mentions
+from ..validation import check_room_name, check_user_name
 from .commands import (
     HELP,
     Bell,
@@ -98,13 +104,7 @@ from .display import (
     status_text,
 )
 from .editing import GraphemeWidths, grapheme_bindings
-from .errors import ChatError, InvalidInput
-from .message import Message
-from .reach import open_for_command
 from .sanitize import clean
-from .tls import TLS_ENVIRONMENT, context_from_options
-from .unread import mention_pattern, mentions
-from .validation import check_room_name, check_user_name
 from .worker import (
     Activity,
     Arrived,

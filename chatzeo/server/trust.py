@@ -96,11 +96,11 @@ from typing import Any, NoReturn
 from ZODB.POSException import ConflictError, POSKeyError
 from ZODB.utils import p64, u64
 
-from . import records
-from .allowlist import is_allowed
-from .errors import TrustViolation
-from .realm import ROOT_KEY
-from .records import FUTURE_SKEW
+from .. import records
+from ..allowlist import is_allowed
+from ..errors import TrustViolation
+from ..realm import ROOT_KEY
+from ..records import FUTURE_SKEW
 
 __all__ = ["TrustIndex", "IndexUpdate", "check_commit", "Ref", "decode", "FUTURE_SKEW"]
 
@@ -356,7 +356,7 @@ class TrustIndex:
         for name, value in index._walk(storage, state["users"].oid, ("users", None)):
             index._tolerate(f"user {name!r}", index._add_user, storage, value, name)
         # Private rooms (chatzeo.privacy): their sessions are rooms like any other;
-        # who may read and change them is chatzeo.readguard's business.
+        # who may read and change them is chatzeo.server.readguard's business.
         private = state.get("private")
         if isinstance(private, Ref):
             for name, value in index._walk(storage, private.oid, ("private", None)):
