@@ -193,7 +193,7 @@ def _reader_thread(system: str, target: str, room: str, count: int, ready: Any,
 def _idle_thread(system: str, target: str, room: str, ready: Any, wakeups: list[int],
                  stop: threading.Event, clients: list[Any]) -> None:
     if system == "chatzeo":
-        db, client = _chatzeo_client(target, room)
+        _db, client = _chatzeo_client(target, room)
         clients.append(client)
         ready.put("ready")
         while not stop.is_set():

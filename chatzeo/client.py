@@ -300,7 +300,7 @@ class ChatClient:
             if name in rooms:
                 return name
             wanted = name.casefold()
-            matches = [stored for stored in rooms.keys() if stored.casefold() == wanted]
+            matches = [stored for stored in rooms if stored.casefold() == wanted]
             if len(matches) > 1:
                 raise AmbiguousRoom(name, matches)
             return matches[0] if matches else None

@@ -35,6 +35,7 @@ A storage the feed cannot attach to raises `TypeError`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -137,10 +138,9 @@ class _AdapterSource:
 
     def close(self) -> None:
         if self._want is not None:
-            try:
+            # The storage may be closed already: nothing to withdraw then.
+            with contextlib.suppress(Exception):
                 self._want(id(self), ())
-            except Exception:  # the storage is closed already: nothing to withdraw
-                pass
         with self._adapter._lock:
             instances = getattr(self._adapter, "_instances", None)
             if instances is not None:

@@ -23,6 +23,7 @@ collects every problem. Runs in the calling thread.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
@@ -78,7 +79,7 @@ def check_file(path: str | os.PathLike[str]) -> dict[str, int]:
 def _check_references(storage: Any) -> tuple[list[str], dict[str, int]]:
     problems: list[str] = []
     index = storage._index  # FileStorage's oid -> position map; fsrefs reads it too.
-    for oid in index.keys():
+    for oid in index:
         try:
             data, _ = storage.load(oid)
         except Exception as error:
@@ -111,11 +112,11 @@ def _check_rooms(db: Any, counts: dict[str, int]) -> list[str]:
             return [problem]
         for name, room in _items(chat_root.rooms, "the room directory", problems):
             counts["rooms"] += 1
-            label = f"room {ascii(name)}"
+            label = f"room {name!a}"
             problems += [f"{label}: {p}" for p in _guarded(_check_room, name, room, counts)]
         now = time.time()
         for name, user in _items(chat_root.users, "the user directory", problems):
-            label = f"user {ascii(name)}"
+            label = f"user {name!a}"
             problems += [f"{label}: {p}" for p in _guarded(
                 _check_user, name, user, chat_root, now
             )]
@@ -189,7 +190,7 @@ def _check_room(name: Any, room: Any, counts: dict[str, int]) -> list[str]:
     if room.problem is not None:
         return [*problems, room.problem]
     if room.name != name:
-        problems.append(f"is filed under another name than its own {ascii(room.name)}")
+        problems.append(f"is filed under another name than its own {room.name!a}")
     tree = room._messages
     try:
         check_btree(tree)
@@ -232,7 +233,7 @@ def _check_room(name: Any, room: Any, counts: dict[str, int]) -> list[str]:
 
 def _increasing(keys: list[Any]) -> bool:
     try:
-        return all(earlier < later for earlier, later in zip(keys, keys[1:], strict=False))
+        return all(earlier < later for earlier, later in itertools.pairwise(keys))
     except TypeError:
         return False
 

@@ -44,6 +44,7 @@ Threads
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -312,10 +313,8 @@ class Listener:
         self._close_pipe()
 
     def _poke(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # closed already
             os.write(self._wake_write, b"x")
-        except OSError:  # closed already
-            pass
 
     # -- the listener thread ---------------------------------------------------
 
@@ -414,10 +413,8 @@ class Listener:
 
     def _close_pipe(self) -> None:
         for fd in (self._wake_read, self._wake_write):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 # One listener connection per process and database, shared by every feed: a

@@ -257,10 +257,14 @@ def _usable_entries(pending: Any) -> tuple[Entry, ...]:
     usable: list[Entry] = []
     previous = 0
     for entry in pending[:MAX_PENDING]:
-        if type(entry) is tuple and len(entry) == 2 and key_problem(entry[0]) is None:
-            if entry[0] > previous:
-                usable.append(entry)
-                previous = entry[0]
+        if (
+            type(entry) is tuple
+            and len(entry) == 2
+            and key_problem(entry[0]) is None
+            and entry[0] > previous
+        ):
+            usable.append(entry)
+            previous = entry[0]
     return tuple(usable)
 
 

@@ -31,6 +31,7 @@ Threads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -173,10 +174,8 @@ class Watch:
         self.stop()
         if self._feed is not None:
             self._feed.close()
-        try:
+        with contextlib.suppress(Exception):  # no transaction open: nothing to abort
             self._manager.abort()
-        except Exception:  # no transaction open: nothing to abort
-            pass
         self._connection.close()
 
     @property
@@ -216,10 +215,9 @@ class AsyncWatch:
         loop = asyncio.get_running_loop()
 
         def notify() -> None:  # on ZEO's IO thread (see chatzeo.delivery)
-            try:
+            # RuntimeError: the loop is closed, nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._changed.set)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
 
         def open_watch() -> None:  # on the worker thread, which then owns the watch
             self._watch = Watch(
@@ -242,10 +240,8 @@ class AsyncWatch:
                         yield message
                     continue
                 if batch is None:
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), RETRY_INTERVAL)
-                    except TimeoutError:
-                        pass
                 else:
                     await self._changed.wait()
         finally:

@@ -145,7 +145,7 @@ def test_escape_sequences_stored_by_another_client_never_reach_the_terminal(
     server: ServerProcess, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     # chatzeo serve refuses the record; a server that does not check stores it.
-    with pytest.raises(TrustViolation, match="^schema:"):
+    with pytest.raises(TrustViolation, match=r"^schema:"):
         store_escapes(server.address)
     unchecked = ServerProcess(tmp_path / "unchecked", options=("--guard", "off")).start()
     try:

@@ -67,7 +67,7 @@ def test_quick_fanout_benchmark_delivers_everything(tmp_path: Path) -> None:
     assert {row[1].strip() for row in rows} == systems
     assert len(rows) == 3 * len(systems)
     for row in rows:
-        shape, system, _, _, complete, _, requests, woken, _, _ = (cell.strip() for cell in row)
+        _shape, system, _, _, complete, _, requests, woken, _, _ = (cell.strip() for cell in row)
         assert complete == "30/30", row
         assert woken == "0", row  # bystanders never woke for the busy room
         if system == "chatzeo":

@@ -208,7 +208,7 @@ def test_joined_rooms_are_remembered_and_catch_up_counts_what_came_since(db):
         again.join(name, history=0, remember=True)
     caught = again.catch_up("random")
     assert (caught.unread, caught.lost) == (3, 0)
-    assert [m.text for m in caught.messages][0] == "while away 0"
+    assert next(m.text for m in caught.messages) == "while away 0"
     assert again.catch_up("general").unread == 0
     (general, random) = again.unread()
     assert (random.room, random.unread, random.mentions) == ("random", 3, 1)

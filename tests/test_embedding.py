@@ -327,7 +327,7 @@ def test_a_rolled_back_savepoint_forgets_the_posts_after_it(db, heard):
 
 
 def test_add_message_is_heard_once_even_when_it_retried(file_db, heard):
-    manager, connection, room = _room(file_db)
+    _manager, connection, room = _room(file_db)
     sent = room.add_message("hello", "alice")
     assert [event.message.id for event in heard] == [sent.id]
     connection.close()
@@ -369,7 +369,7 @@ def test_zope_event_subscribers_receive_the_event(db):
     received: list[object] = []
     zope_event.subscribers.append(received.append)
     try:
-        manager, connection, room = _room(db)
+        _manager, connection, room = _room(db)
         sent = room.add_message("hi", "alice")
         assert [getattr(event, "message", None) for event in received] == [sent]
         assert chatzeo.IMessagePosted.providedBy(received[0])
@@ -379,7 +379,7 @@ def test_zope_event_subscribers_receive_the_event(db):
 
 
 def test_subscribers_run_in_the_committing_thread(db, heard):
-    manager, connection, room = _room(db)
+    _manager, connection, room = _room(db)
     threads: list[str] = []
     unsubscribe = chatzeo.subscribe(lambda event: threads.append(threading.current_thread().name))
     try:

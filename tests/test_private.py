@@ -322,7 +322,7 @@ def test_non_members_and_members_cannot_change_what_is_not_theirs(people: Site) 
     meta = TransactionMetaData()
     storage.tpc_begin(meta)
     storage.store(clock_oid, serial, b"junk", "", meta)
-    with pytest.raises(TrustViolation, match="^private: only the members"):
+    with pytest.raises(TrustViolation, match=r"^private: only the members"):
         storage.tpc_vote(meta)
     storage.tpc_abort(meta)
     # Nor may she ask whether the clock's serial is still current (the conflict's
@@ -330,11 +330,11 @@ def test_non_members_and_members_cannot_change_what_is_not_theirs(people: Site) 
     meta = TransactionMetaData()
     storage.tpc_begin(meta)
     storage.checkCurrentSerialInTransaction(clock_oid, serial, meta)
-    with pytest.raises(TrustViolation, match="^private: only the members of a private room"):
+    with pytest.raises(TrustViolation, match=r"^private: only the members of a private room"):
         storage.tpc_vote(meta)
     storage.tpc_abort(meta)
     # bob, a member but not the owner, cannot let carol in.
-    with pytest.raises(TrustViolation, match="^private: only the owner"):
+    with pytest.raises(TrustViolation, match=r"^private: only the owner"):
         manager = transaction.TransactionManager()
         connection = bob.db.open(transaction_manager=manager)
         try:
@@ -361,11 +361,11 @@ def test_non_members_and_members_cannot_change_what_is_not_theirs(people: Site) 
             manager.abort()
             connection.close()
 
-    with pytest.raises(TrustViolation, match="^private: 'carol' cannot create"):
+    with pytest.raises(TrustViolation, match=r"^private: 'carol' cannot create"):
         plant("alice")
     plant("carol")  # the control: her own room is accepted
     # bob cannot post as alice in the private room either (the commit guard).
-    with pytest.raises(TrustViolation, match="^author:"):
+    with pytest.raises(TrustViolation, match=r"^author:"):
         bob.room.add_message("forged", author="alice")  # type: ignore[union-attr]
 
 

@@ -77,7 +77,7 @@ def memory_room() -> Iterator[tuple[object, ChatSession]]:
 
 
 def test_max_age_drops_messages_older_than_the_cap(memory_room: tuple[object, ChatSession]) -> None:
-    manager, room = memory_room
+    _manager, room = memory_room
     room.max_age = 10.0
     for at in (1000.0, 1005.0, 1009.0):
         room.post(f"at {at}", "alice", clock=lambda: at)  # noqa: B023 (called at once)

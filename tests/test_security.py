@@ -151,10 +151,12 @@ def test_clients_refuse_records_that_would_run_code(
     try:
         # (ZODB's plain client gets the refusal as ZEO's ServerException.)
         refusal = (TrustViolation, ServerException)
-        with pytest.raises(refusal, match="names posix.system, which is not allowed"):
-            with hostile.transaction() as connection:
-                room = get_root(connection).room("lobby")
-                room._messages[room._clock.head + 1] = Payload(str(marker))
+        with (
+            pytest.raises(refusal, match=r"names posix\.system, which is not allowed"),
+            hostile.transaction() as connection,
+        ):
+            room = get_root(connection).room("lobby")
+            room._messages[room._clock.head + 1] = Payload(str(marker))
     finally:
         hostile.close()
     # ...a server that does not check (plain ZEO; here `--guard off`) stores them.

@@ -305,7 +305,7 @@ def test_escape_sequences_from_others_are_shown_not_obeyed(
         assert "<mallory> gotcha \\u202eright\\u200bhidden" in screen
         assert "a line that must survive" in screen  # the screen was not cleared
         assert alice.title() == title and "PWNED" not in alice.title()
-        line = [line for line in alice.screen(escapes=True).splitlines() if "gotcha" in line][0]
+        line = next(line for line in alice.screen(escapes=True).splitlines() if "gotcha" in line)
         assert "\u202e" not in line and "\\u202e" in line
         alice.enter("/quit")
         alice.wait_for(f"{EXITED} 0")
@@ -521,7 +521,7 @@ def test_a_second_client_under_the_same_name_is_pointed_out_and_not_taken_for_ow
                       "proves nothing")
     impostor.enter("I am alice, honest")
     screen = alice.wait_for("<alice> I am alice, honest")
-    line = [row for row in screen.splitlines() if "I am alice, honest" in row][0]
+    line = next(row for row in screen.splitlines() if "I am alice, honest" in row)
     assert "\u00bb" not in line  # not marked as the real alice's own
     alice.enter("no you are not")
     alice.wait_for("\u00bb <alice> no you are not")

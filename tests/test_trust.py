@@ -176,9 +176,9 @@ def test_a_forged_author_is_refused(guarded, alice_db):
     connection = alice_db.open()
     try:
         session = get_root(connection).rooms["forgery"]
-        with pytest.raises(TrustViolation, match="^author: 'alice' cannot post as 'bob'"):
+        with pytest.raises(TrustViolation, match=r"^author: 'alice' cannot post as 'bob'"):
             session.add_message("x", author="bob")
-        with pytest.raises(TrustViolation, match="^author:"):
+        with pytest.raises(TrustViolation, match=r"^author:"):
             session.add_message("anonymous")
     finally:
         connection.close()
@@ -253,10 +253,10 @@ def test_history_cannot_be_rewritten_or_deleted(guarded, alice_db, bob_db):
     # Undo would take the last post back out of the room; the server refuses undo at
     # the protocol (chatzeo.server.protocol), and the undo log before it.
     last = server_last_transaction(alice_db)
-    with pytest.raises(ProtocolViolation, match="^undoLog is not accepted"):
+    with pytest.raises(ProtocolViolation, match=r"^undoLog is not accepted"):
         alice_db.undoLog(0, 1)
     alice_db.undo(last)
-    with pytest.raises(ProtocolViolation, match="^undoa is not accepted"):
+    with pytest.raises(ProtocolViolation, match=r"^undoa is not accepted"):
         transaction.commit()
     transaction.abort()
     assert server_last_transaction(alice_db) == last
@@ -481,7 +481,7 @@ def test_tree_surgery_is_refused(guarded, alice_db):
         tree._p_changed = True
 
     def skip_a_bucket(root: ChatRoot) -> None:
-        first, _, second, _, third = root.rooms["surgery"]._messages.__getstate__()[0][:5]
+        first, _, _second, _, third = root.rooms["surgery"]._messages.__getstate__()[0][:5]
         first.__setstate__((first.__getstate__()[0], third))
         first._p_changed = True
 
@@ -576,7 +576,7 @@ def test_directory_and_presence_trees_split_and_shrink_unrefused(tmp_path):
                       at=now + 999)
         assert len(root.rooms["hall"].presence) == 80 - 27 - 27
         assert len(root.rooms) == 81 and len(root.users) == 80
-        with pytest.raises(TrustViolation, match="^presence:"):
+        with pytest.raises(TrustViolation, match=r"^presence:"):
             commit_as("user002", root.rooms["hall"].presence.pop, "lease5")
         manager.abort()
     finally:
@@ -612,7 +612,7 @@ def test_deep_message_trees_split_and_trim_unrefused(tmp_path):
         del room._messages[room._messages.maxKey()]
         room._clock.count -= 1
         manager.commit()  # the storage is unguarded here; the check refuses it
-        with pytest.raises(TrustViolation, match="^history:"):
+        with pytest.raises(TrustViolation, match=r"^history:"):
             check_commit("alice", storage.records, storage, index)
     finally:
         db.close()

@@ -114,7 +114,7 @@ def test_a_missing_room_or_a_bad_start_is_refused_and_leaks_nothing(file_db):
 def test_watch_over_zeo_sees_a_send_from_another_process(server: ServerProcess, tmp_path):
     db = open_db(server.address)
     try:
-        session, connection = _poster(db)
+        _session, connection = _poster(db)
         with chatzeo.watch(db, "lobby") as watching:
             sender = subprocess.run(
                 chatzeo_command("send", "--server", server.address, "--room", "lobby",

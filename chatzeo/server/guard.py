@@ -80,7 +80,7 @@ class GuardedZEOStorage(ChatZEOStorage):
         peercert = transport.get_extra_info("peercert") if transport is not None else None
         self.identity = identity_of(peercert)
         # ascii(): a CN is the certificate owner's text, and may hold escapes.
-        self.log(f"client certificate identity: {ascii(self.identity)}")
+        self.log(f"client certificate identity: {self.identity!a}")
 
     def tpc_begin(self, id: Any, *args: Any, **kw: Any) -> None:
         fresh = self.transaction is None

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -609,13 +610,10 @@ async def _prompt_loop(screen: ChatScreen) -> None:
         return screen.keep_input
 
     session.default_buffer.accept_handler = accept
-    with patch_stdout():
-        try:
-            await session.prompt_async(
-                screen.prompt, bottom_toolbar=screen.status, refresh_interval=REFRESH_SECONDS
-            )
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
-            pass
+    with patch_stdout(), contextlib.suppress(EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
+        await session.prompt_async(
+            screen.prompt, bottom_toolbar=screen.status, refresh_interval=REFRESH_SECONDS
+        )
 
 
 def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
