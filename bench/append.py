@@ -27,8 +27,7 @@ from chatzeo.database import open_db
 from chatzeo.errors import RetryLimitExceeded
 from chatzeo.realm import get_root
 from chatzeo.retry import RetryPolicy, run_in_transaction
-
-from .stats import percentile
+from chatzeo.testing import percentile
 
 __all__ = ["AppendResult", "measure"]
 

@@ -18,10 +18,10 @@ from typing import Any
 from chatzeo.database import open_db
 from chatzeo.realm import get_root
 from chatzeo.retry import run_in_transaction
+from chatzeo.testing import percentile
 
 from .peers import READERS, WRITERS, seed_db
 from .seed import seed_room
-from .stats import percentile
 
 __all__ = ["DeliveryResult", "measure", "schedule", "prepare_room"]
 

@@ -29,9 +29,9 @@ from ZODB.FileStorage import FileStorage
 
 import chatzeo
 from chatzeo.realm import get_root
+from chatzeo.testing import ServerProcess, percentile
 
-from .services import ZeoServer
-from .stats import ms, percentile
+from .stats import ms
 
 _BATCH = 10_000
 _WRITER = """
@@ -108,7 +108,7 @@ def _readers(path: Path, size: int, iterations: int) -> dict[str, float]:
 
 
 def _delivery(work: Path, count: int) -> tuple[float, float]:
-    with ZeoServer(work / "zeo") as server:
+    with ServerProcess(work / "zeo") as server:
         writer = subprocess.Popen(
             [sys.executable, "-c", _WRITER, server.address, str(count)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

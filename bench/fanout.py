@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .services import RedisServer, ZeoServer
-from .stats import ms, percentile
+from chatzeo.testing import ServerProcess, WireCounter, percentile
+
+from .services import RedisServer
+from .stats import ms
 
 __all__ = ["main", "Shape", "DeliveryFigures", "ThroughputFigures", "SETTINGS"]
 
@@ -116,29 +118,6 @@ class ThroughputFigures:
 # -- child processes -------------------------------------------------------------
 
 
-class _Wire:
-    """Counts the bytes one ZEO connection receives and the requests it sends."""
-
-    def __init__(self, storage: Any) -> None:
-        self.bytes = 0
-        self.requests = 0
-        protocol = storage._server.client.protocol
-        received, write = protocol.data_received, protocol.write_message
-        heartbeat = getattr(protocol, "heartbeat_bytes", None)
-
-        def data_received(data: bytes) -> None:
-            self.bytes += len(data)
-            received(data)
-
-        def write_message(message: bytes) -> None:
-            if message != heartbeat:
-                self.requests += 1
-            write(message)
-
-        protocol.data_received = data_received
-        protocol.write_message = write_message
-
-
 def _chatzeo_client(target: str, room: str) -> tuple[Any, Any]:
     from chatzeo.client import ChatClient
     from chatzeo.database import open_db
@@ -154,7 +133,7 @@ def _reader_thread(system: str, target: str, room: str, count: int, ready: Any,
     arrivals: dict[int, float] = {}
     if system == "chatzeo":
         db, client = _chatzeo_client(target, room)
-        wire = _Wire(db.storage)
+        wire = WireCounter(db.storage)
         ready.put("ready")
         wire.bytes = wire.requests = 0
         while len(arrivals) < count and not stop.is_set():
@@ -426,7 +405,7 @@ def run(settings: Settings, work: Path, progress: Callable[[str], None]) -> Resu
     rng = random.Random(14)
     gaps = [rng.uniform(0.010, 0.030) for _ in range(settings.messages)]
     systems: list[tuple[str, str, int]] = []
-    with ZeoServer(work / "zeo") as zeo:
+    with ServerProcess(work / "zeo") as zeo:
         assert zeo.process is not None
         systems.append(("chatzeo", zeo.address, zeo.process.pid))
         redis_server = None

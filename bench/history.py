@@ -28,9 +28,9 @@ from ZODB.FileStorage import FileStorage
 
 from chatzeo.realm import get_root
 from chatzeo.session import ChatSession
+from chatzeo.testing import percentile
 
 from .seed import SeedChatSession, fill, seed_room
-from .stats import percentile
 
 __all__ = ["HistoryResult", "build", "measure", "room_name"]
 

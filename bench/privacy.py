@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,53 +32,19 @@ from ZODB.utils import p64, u64
 from chatzeo import open_db
 from chatzeo.client import ChatClient
 from chatzeo.server.identity import load_identity
+from chatzeo.testing import ServerProcess, percentile
 
 __all__ = ["main"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _chatzeo(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "chatzeo", *args], check=True,
-                   capture_output=True, timeout=60)
-
-
 @contextmanager
-def _server(data: Path, private: str) -> Iterator[str]:
-    address = f"127.0.0.1:{_free_port()}"
-    data.mkdir(parents=True)
-    log = open(data.parent / f"server-{private}.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "chatzeo", "serve", "--address", address, "--data-dir",
-         str(data), "--tls", "auto", "--private-rooms", private],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        host, port = address.split(":")
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {(data.parent / log.name).read_text()}")
-            with socket.socket() as probe:
-                if probe.connect_ex((host, int(port))) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        yield address
-    finally:
-        process.terminate()
-        process.wait(15)
-        log.close()
+def _server(data: Path, private: str) -> Iterator[ServerProcess]:
+    with ServerProcess(data, tls="auto", options=("--private-rooms", private)) as server:
+        yield server
 
 
-def _client(data: Path, address: str, name: str) -> ChatClient:
-    out = data.parent / f"{data.name}-{name}.chatzeo"
-    _chatzeo("invite", name, "--data-dir", str(data), "--server", address, "--out", str(out))
+def _client(server: ServerProcess, name: str) -> ChatClient:
+    out = server.invite(name, server.data_dir.parent / f"{server.data_dir.name}-{name}.chatzeo")
     identity = load_identity(out)
     return ChatClient(open_db(identity.server, ssl=identity.context, wait=30), identity.name)
 
@@ -116,11 +79,10 @@ def _time_loads(client: ChatClient, oids: list[bytes], count: int) -> list[float
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
     return {
-        "loads": len(ordered),
-        "p50_us": statistics.median(ordered) * 1e6,
-        "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6,
+        "loads": len(values),
+        "p50_us": percentile(values, 0.50) * 1e6,
+        "p99_us": percentile(values, 0.99) * 1e6,
     }
 
 
@@ -130,11 +92,11 @@ def run(rounds: int, block: int, messages: int, private: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="chatzeo-bench-privacy-") as scratch, \
             ExitStack() as stack:
         base = Path(scratch)
-        off_address = stack.enter_context(_server(base / "off", "off"))
-        on_address = stack.enter_context(_server(base / "on", "on"))
-        off = _client(base / "off", off_address, "alice")
-        on = _client(base / "on", on_address, "alice")
-        other = _client(base / "on", on_address, "bob")
+        off_server = stack.enter_context(_server(base / "off", "off"))
+        on_server = stack.enter_context(_server(base / "on", "on"))
+        off = _client(off_server, "alice")
+        on = _client(on_server, "alice")
+        other = _client(on_server, "bob")
         for client in (off, on, other):
             stack.callback(client.db.close)
             stack.callback(client.close)

@@ -15,13 +15,15 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatzeo.testing import percentile
+
 from .append import AppendResult
 from .delivery import DeliveryResult
 from .history import HistoryResult
 from .idle import IdleResult
 from .memory import MemoryResult
 from .peers import PREFETCH_LABEL
-from .stats import ms, percentile
+from .stats import ms
 
 __all__ = ["Results", "Target", "targets", "render_markdown", "render_terminal", "write_plot"]
 

@@ -21,10 +21,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatzeo.testing import ServerProcess
+
 from . import append, delivery, history, idle, memory
 from .peers import PREFETCH_LABEL
 from .report import Results, render_markdown, render_terminal, write_plot
-from .services import RedisServer, ZeoServer
+from .services import RedisServer
 
 __all__ = ["main", "Settings", "SETTINGS"]
 
@@ -77,7 +79,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _delivery(settings: Settings, work: Path, zeo: ZeoServer, progress: Progress,
+def _delivery(settings: Settings, work: Path, zeo: ServerProcess, progress: Progress,
               results: Results) -> None:
     """Every system in turn, in ``DELIVERY_ROUNDS`` rounds with the same slice of the
     schedule, so a noisy spell of the machine (or its disk) hits them all alike."""
@@ -114,7 +116,7 @@ def _delivery(settings: Settings, work: Path, zeo: ZeoServer, progress: Progress
 
 
 def run(settings: Settings, work: Path, progress: Progress, results: Results) -> None:
-    with ZeoServer(work / "zeo") as server:
+    with ServerProcess(work / "zeo") as server:
         assert server.process is not None
         for writers in settings.writers:
             progress(f"append: {writers} writer(s) for {settings.append_seconds:g}s")
@@ -129,7 +131,7 @@ def run(settings: Settings, work: Path, progress: Progress, results: Results) ->
     results.history = history.measure(
         store / "chat.fs", sizes, settings.iterations, settings.seed_budget, progress
     )
-    with ZeoServer(store) as server:
+    with ServerProcess(store) as server:
         biggest = sizes[-1]
         for system in ("chatzeo", "seed"):
             progress(f"memory: {system} client opening {biggest:,} messages")

@@ -1,5 +1,5 @@
-"""The servers a benchmark run starts and stops: a `chatzeo serve` ZEO server and a
-redis-server, each on a free 127.0.0.1 port, and the helpers to wait for them.
+"""The redis-server a benchmark run starts beside chatzeo's (the ZEO server is
+`chatzeo.testing.ServerProcess`), on a free 127.0.0.1 port.
 
 Everything here runs in the benchmark's main process and thread.
 """
@@ -10,53 +10,40 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
-__all__ = ["ZeoServer", "RedisServer", "free_port", "wait_until", "REPO", "ZEO_CONF"]
+from chatzeo.testing import free_port, wait_until
 
-REPO = Path(__file__).resolve().parent.parent
-ZEO_CONF = REPO / "zeo.conf"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+__all__ = ["RedisServer"]
 
 
-def wait_until(label: str, condition: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Poll ``condition`` until it returns something truthy; `TimeoutError` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {label}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+class RedisServer:
+    """A redis-server of its own; ``fsync=True`` appends and fsyncs every write (the
+    like-for-like peer of FileStorage), ``False`` keeps everything in memory. Its
+    output goes to ``directory/redis.log``; a context manager stops it."""
 
-
-class _Process:
-    """A server subprocess listening on ``port``; its output goes to ``log``."""
-
-    name = "server"
-
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, fsync: bool) -> None:
         self.directory = directory
+        self.fsync = fsync
         self.port = free_port()
-        self.log = directory / f"{self.name}.log"
+        self.log = directory / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
 
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("redis-server") is not None
+
     def _command(self) -> list[str]:
-        raise NotImplementedError
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.fsync
+            else ["--appendonly", "no"]
+        )
+        return [
+            "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+            "--save", "", "--dir", str(self.directory), *persistence,
+        ]
 
     def start(self, timeout: float = 30.0) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -65,7 +52,7 @@ class _Process:
                 self._command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.directory
             )
         try:
-            wait_until(f"{self.name} on port {self.port}", self._answers, timeout)
+            wait_until(f"redis on port {self.port}", self._answers, timeout)
         except BaseException:  # one that never answered must not be left running
             self.stop()
             raise
@@ -74,7 +61,7 @@ class _Process:
     def _answers(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+            raise RuntimeError(f"redis exited: {self.log.read_text()[-2000:]}")
         with socket.socket() as probe:
             return probe.connect_ex(("127.0.0.1", self.port)) == 0
 
@@ -93,47 +80,3 @@ class _Process:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class ZeoServer(_Process):
-    """``chatzeo serve`` with the repo's zeo.conf, as users start it; ``data_dir`` holds chat.fs."""
-
-    name = "zeo"
-
-    def __init__(self, data_dir: Path) -> None:
-        super().__init__(data_dir)
-        self.address = f"127.0.0.1:{self.port}"
-
-    def _command(self) -> list[str]:
-        return [
-            sys.executable, "-m", "chatzeo", "serve",
-            "--config", str(ZEO_CONF),
-            "--address", self.address,
-            "--data-dir", str(self.directory),
-        ]
-
-
-class RedisServer(_Process):
-    """A redis-server of its own; ``fsync=True`` appends and fsyncs every write (the
-    like-for-like peer of FileStorage), ``False`` keeps everything in memory."""
-
-    name = "redis"
-
-    def __init__(self, directory: Path, fsync: bool) -> None:
-        super().__init__(directory)
-        self.fsync = fsync
-
-    @staticmethod
-    def available() -> bool:
-        return shutil.which("redis-server") is not None
-
-    def _command(self) -> list[str]:
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always"]
-            if self.fsync
-            else ["--appendonly", "no"]
-        )
-        return [
-            "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-            "--save", "", "--dir", str(self.directory), *persistence,
-        ]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -33,9 +32,9 @@ from typing import Any
 
 import transaction
 
-from bench.services import ZeoServer
 from chatzeo import ChatClient, get_root, open_db
 from chatzeo.session import ChatSession
+from chatzeo.testing import ServerProcess, percentile
 from chatzeo.unread import room_unread
 
 READER = "reader"
@@ -133,9 +132,9 @@ def time_counts(address: str, prefix: str, mentions: bool, repeat: int) -> dict[
         "rooms": len(result),
         "unread": sum(row.unread for row in result),
         "mentions": sum(row.mentions for row in result),
-        "cold_ms": statistics.median(cold) * 1000,
-        "warm_ms": statistics.median(warm) * 1000,
-        "loads": statistics.median(loads),
+        "cold_ms": percentile(cold, 0.50) * 1000,
+        "warm_ms": percentile(warm, 0.50) * 1000,
+        "loads": percentile(loads, 0.50),
     }
 
 
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores; figures are medians of {args.repeat} runs")
     # ZEO's server reads the oids of its last 10,000 transactions when it starts
     # (its invalidation queue); the build's huge transactions make that slow.
-    server = ZeoServer(directory).start(timeout=600)
+    server = ServerProcess(directory).start(timeout=600)
     try:
         print("\nunread counts for the reader (one fresh ZEO client per run):")
         print(f"{'rooms':>18} {'mentions':>9} {'cold ms':>9} {'warm ms':>9} {'loads':>6}"

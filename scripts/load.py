@@ -28,9 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,20 +41,6 @@ ROOM = "load"
 # How long the workers may take to connect before the window opens: a bound for a
 # loaded machine, not a pause (the run starts as soon as all are ready).
 SETUP_SECONDS = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for(label: str, condition: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"load: timed out after {timeout}s waiting for {label}")
-        time.sleep(0.05)
 
 
 # -- workers -------------------------------------------------------------------------
@@ -178,27 +161,15 @@ def spawn(role: str, *args: str) -> subprocess.Popen[bytes]:
 def run(seconds: float, writers: int, readers: int, work: Path) -> dict[str, Any]:
     from chatzeo import ChatClient, open_db
     from chatzeo.maintenance import check_file
+    from chatzeo.testing import ServerProcess, percentile, wait_until
 
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    data_dir = work / "server"
-    log = open(work / "server.log", "wb")  # noqa: SIM115 (closed in finally)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "chatzeo", "serve", "--config", str(REPO / "zeo.conf"),
-         "--address", address, "--data-dir", str(data_dir)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    server = ServerProcess(work / "server")
+    data_dir, address = server.data_dir, server.address
     processes: list[subprocess.Popen[bytes]] = []
     samples: list[tuple[float, int]] = []
     stop_sampling = threading.Event()
     try:
-        def answers() -> bool:
-            if server.poll() is not None:
-                raise SystemExit(f"load: server exited: {(work / 'server.log').read_text()}")
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for("the server", answers, 30)
+        server.start()
         db = open_db(address, wait=30)
         setup = ChatClient(db)
         setup.join(ROOM)
@@ -220,8 +191,8 @@ def run(seconds: float, writers: int, readers: int, work: Path) -> dict[str, Any
             spawn("reader", address, f"reader-{n}", str(work), "120")
             for n in range(readers)
         ]
-        wait_for("the readers", lambda: len(list(work.glob("reader-*.ready"))) == readers,
-                 SETUP_SECONDS)
+        wait_until("the readers", lambda: len(list(work.glob("reader-*.ready"))) == readers,
+                   SETUP_SECONDS)
         spawned = time.monotonic()
         writer_procs = [
             spawn("writer", address, f"w{n}", str(work / "go"), str(work / f"writer-{n}.json"))
@@ -236,7 +207,7 @@ def run(seconds: float, writers: int, readers: int, work: Path) -> dict[str, Any
                                      f"{process.communicate()[1].decode()[-2000:]}")
             return len(list(work.glob("writer-*.ready"))) == writers
 
-        wait_for("the writers", writers_ready, SETUP_SECONDS)
+        wait_until("the writers", writers_ready, SETUP_SECONDS)
         ready_seconds = time.monotonic() - spawned
         opened = time.time()
         (work / "go.tmp").write_text(repr(opened + seconds))
@@ -259,10 +230,7 @@ def run(seconds: float, writers: int, readers: int, work: Path) -> dict[str, Any
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
-        log.close()
+        server.stop(timeout=30)
     check_problem = None
     try:
         check_file(data_dir / "chat.fs")
@@ -288,9 +256,8 @@ def run(seconds: float, writers: int, readers: int, work: Path) -> dict[str, Any
         "retries": sum(r["retries"] for r in results),
         "conflicts": sum(r["conflicts"] for r in results),
         "failed_sends": sum(r["failed"] for r in results),
-        "send_p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
-        "send_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2)
-        if latencies else None,
+        "send_p50_ms": round(percentile(latencies, 0.50) * 1000, 2) if latencies else None,
+        "send_p99_ms": round(percentile(latencies, 0.99) * 1000, 2) if latencies else None,
         "lost": len(set(acked) - stored_set),
         "duplicated": len(stored) - len(stored_set),
         "unacknowledged_stored": len(stored_set - set(acked)),
@@ -316,7 +283,10 @@ def main() -> int:
         reader(rest[0], rest[1], Path(rest[2]), float(rest[3]))
         return 0
     with tempfile.TemporaryDirectory(prefix="chatzeo-load-") as work:
-        report = run(args.seconds, args.writers, args.readers, Path(work))
+        try:
+            report = run(args.seconds, args.writers, args.readers, Path(work))
+        except AssertionError as timed_out:  # wait_until's: one line, not a traceback
+            raise SystemExit(f"load: {timed_out}") from None
     rss = report["rss_kib"]
     print(f"{report['messages']} messages in {report['seconds']}s from {args.writers} writers "
           f"({report['throughput_per_s']}/s), {args.readers} readers; the writers took "

@@ -17,16 +17,15 @@ import socket
 import ssl
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import REPO, ServerProcess, chatzeo_command, free_port, wait_until
+from support import REPO
 from ZEO.ClientStorage import ClientStorage
 from ZODB.utils import z64
 
-from bench.trust.certs import Pki, client_context
+from chatzeo.testing import Pki, ServerProcess, chatzeo_command
 
 # Long enough that a `chatzeo send` started while the lock is held reaches its vote
 # before the timeout frees the lock, even on a loaded 2-core machine.
@@ -34,87 +33,17 @@ TRANSACTION_TIMEOUT = 10
 
 
 class Served(ServerProcess):
-    """A server for these tests: ``tls`` with ``pki`` (certificates by name), ``plain``
-    for ZEO's own runzeo (the control: what the attack does without chatzeo)."""
+    """A server for these tests, with the short `TRANSACTION_TIMEOUT`: ``tls`` with
+    ``pki`` (certificates by name), ``plain`` for ZEO's own runzeo (the control: what
+    the attack does without chatzeo)."""
 
     def __init__(
         self, data_dir: Path, *, pki: Pki | None = None, plain: bool = False,
         options: tuple[str, ...] = (),
     ) -> None:
-        self.pki = pki
         self.plain = plain
-        data_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(data_dir, config=self._write_config(data_dir), options=options)
-
-    def _write_config(self, data_dir: Path) -> Path:
-        ssl_section = ""
-        if self.pki is not None:
-            ssl_section = f"""
-  <ssl>
-    certificate {self.pki.cert("server")}
-    key {self.pki.key("server")}
-    authenticate {self.pki.ca}
-  </ssl>"""
-        config = data_dir / "zeo-test.conf"
-        config.write_text(f"""%define DATA_DIR {data_dir}
-<zeo>
-  address 127.0.0.1:8765
-  invalidation-queue-size 10000
-  transaction-timeout {TRANSACTION_TIMEOUT}{ssl_section}
-</zeo>
-<filestorage 1>
-  path $DATA_DIR/chat.fs
-</filestorage>
-""")
-        return config
-
-    def start(self, timeout: float = 20.0) -> Served:
-        if not self.plain:
-            super().start(timeout)
-            return self
-        with open(self.log, "ab") as log:
-            text = self.config.read_text().replace("127.0.0.1:8765", self.address)
-            text += "<eventlog>\n  level INFO\n  <logfile>\n    path STDERR\n  </logfile>\n" \
-                "</eventlog>\n"
-            config = self.data_dir / "runzeo.conf"
-            config.write_text(text)
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ZEO.runzeo", "-C", str(config)],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        wait_until(f"runzeo on {self.address}", self._answers, timeout)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def rss(self) -> int:
-        """The server's resident memory in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-    def context(self, name: str) -> ssl.SSLContext | None:
-        return client_context(self.pki, name) if self.pki is not None else None
-
-    def cli_args(self, name: str) -> list[str]:
-        """The `chatzeo` options that connect as ``name``."""
-        args = ["--server", self.address]
-        if self.pki is not None:
-            args += ["--tls-cert", str(self.pki.cert(name)), "--tls-key",
-                     str(self.pki.key(name)), "--tls-ca", str(self.pki.ca)]
-        return args
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def logged(self, text: str, timeout: float = 15.0) -> str:
-        """Wait for ``text`` in the server log; return the first line holding it."""
-        wait_until(f"{text!r} in the server log", lambda: text in self.log_text(), timeout)
-        return next(line for line in self.log_text().splitlines() if text in line)
+        super().__init__(data_dir, options=options, pki=pki, runzeo=plain,
+                         transaction_timeout=TRANSACTION_TIMEOUT)
 
 
 def cli(*args: str, timeout: float = 120) -> tuple[int, str, str, float]:
@@ -222,7 +151,7 @@ def closed_by_peer(sock: socket.socket, timeout: float = 15.0) -> bool:
 
 
 __all__: list[str] = ["Served", "RawClient", "cli", "raw_socket", "send_frame", "closed_by_peer",
-           "persistent_record", "TRANSACTION_TIMEOUT", "free_port"]
+           "persistent_record", "TRANSACTION_TIMEOUT"]
 
 
 class ExecPayload:

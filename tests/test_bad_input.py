@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import transaction
-from conftest import ServerProcess, chatzeo_command
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chatzeo import ChatClient, InvalidInput, get_root, open_db
 from chatzeo.errors import TrustViolation
 from chatzeo.terminal.sanitize import clean, is_clean
+from chatzeo.testing import ServerProcess, chatzeo_command
 from chatzeo.validation import (
     MAX_MESSAGE_BYTES,
     MAX_ROOM_NAME,

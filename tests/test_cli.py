@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ServerProcess, chatzeo_command, free_port, wait_until
+from chatzeo.testing import ServerProcess, chatzeo_command, free_port, wait_until
 
 
 def run(env, *args, input=None, timeout=60):

@@ -6,10 +6,10 @@ import subprocess
 import time
 
 import pytest
-from conftest import chatzeo_command, free_port, wait_until
 
 from chatzeo import ChatClient, InvalidTarget, ServerUnavailable, open_db
 from chatzeo.database import parse_address
+from chatzeo.testing import chatzeo_command, free_port, wait_until
 
 
 def _round_trip(db) -> list[str]:

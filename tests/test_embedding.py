@@ -395,7 +395,7 @@ def test_subscribers_run_in_the_committing_thread(db, heard):
 def test_the_embedding_docs_first_example_runs(capsys):
     import re
 
-    from conftest import REPO
+    from support import REPO
 
     text = (REPO / "docs" / "embedding.md").read_text()
     block = re.findall(r"```python\n(.*?)```", text, re.S)[0]

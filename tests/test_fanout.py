@@ -10,7 +10,6 @@ against.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -20,16 +19,23 @@ from typing import Any
 import pytest
 import transaction
 import ZODB
-from conftest import ServerProcess, require, wait_until
 from ZEO.ClientStorage import ClientStorage
 from ZEO.StorageServer import StorageServer, ZEOStorage
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import z64
 
-from bench.trust.certs import client_context, make_pki, server_conf
 from chatzeo import ChatClient, open_db
 from chatzeo.errors import TrustViolation
 from chatzeo.server.fanout import FanoutMixin, WatchIndex, install_fanout
+from chatzeo.testing import (
+    ServerProcess,
+    WireCounter,
+    client_context,
+    make_pki,
+    openssl_missing,
+    require,
+    wait_until,
+)
 from chatzeo.zeoclient import NOTICE, FanoutClientStorage
 
 pytestmark = pytest.mark.timeout(120)
@@ -223,9 +229,9 @@ def test_after_a_reconnection_posts_still_arrive(
 
 
 def test_with_the_commit_guard_on(tmp_path: Path):
-    require("openssl", None if shutil.which("openssl") else "the openssl command is missing")
+    require("openssl", openssl_missing())
     pki = make_pki(tmp_path / "pki")
-    guarded = ServerProcess(tmp_path / "data", config=server_conf(pki, tmp_path / "zeo.conf"))
+    guarded = ServerProcess(tmp_path / "data", pki=pki)
     guarded.start()
     opened: list[Any] = []
     try:
@@ -392,8 +398,6 @@ def test_a_woken_reader_loads_nothing_from_the_server(
 ):
     # The room's clock comes with its invalidation (chatzeo_want), so delivering a
     # post costs the reader no request. The control asks for no push.
-    from bench.fanout import _Wire
-
     if not push:
         monkeypatch.setattr(FanoutClientStorage, "fanout_want", lambda self, key, oids: None)
     writer = ChatClient(_open(dbs, server.address), "writer")
@@ -401,7 +405,7 @@ def test_a_woken_reader_loads_nothing_from_the_server(
     reader_db = _open(dbs, server.address)
     reader = ChatClient(reader_db)
     reader.join("pushed")
-    wire = _Wire(reader_db.storage)
+    wire = WireCounter(reader_db.storage)
     texts: list[str] = []
     for index in range(20):
         writer.send(f"p{index}")

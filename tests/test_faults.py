@@ -14,11 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, chatzeo_command, stored, wait_until
+from support import stored
 
 from chatzeo import ChatClient, RetryLimitExceeded, RetryPolicy, get_root, open_db
 from chatzeo.errors import StorageDamaged
 from chatzeo.maintenance import check_file
+from chatzeo.testing import ServerProcess, chatzeo_command, wait_until
 
 WORKERS = Path(__file__).with_name("fault_workers.py")
 pytestmark = pytest.mark.timeout(240)

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import transaction
-from conftest import REPO, stored, wait_until
+from support import REPO, stored
 
 from chatzeo import ChatClient, get_root, open_db
+from chatzeo.testing import wait_until
 
 WORKERS = str(REPO / "tests" / "workers.py")
 

@@ -1,6 +1,6 @@
 """PostgreSQL-only behaviour: init-db, NOTIFY push, crashes of a writer and of the server.
 
-Each test starts its own throwaway cluster (tests/pgcluster.py). Without PostgreSQL
+Each test starts its own throwaway cluster (`chatzeo.testing.PostgresCluster`). Without PostgreSQL
 they skip, or fail under ``CHATZEO_REQUIRE_POSTGRES=1``.
 """
 
@@ -16,20 +16,20 @@ from pathlib import Path
 
 import pytest
 import transaction
-from conftest import REPO, chatzeo_command, wait_until
-from pgcluster import PostgresCluster, require_or_skip
+from support import REPO
 
 from chatzeo import ChatClient, open_db
 from chatzeo.errors import DatabaseNotPrepared
 from chatzeo.initdb import init_db
 from chatzeo.retry import RetryPolicy
+from chatzeo.testing import PostgresCluster, chatzeo_command, postgres_missing, require, wait_until
 
 WORKERS = str(REPO / "tests" / "workers.py")
 
 
 @pytest.fixture
 def cluster() -> Iterator[PostgresCluster]:
-    require_or_skip()
+    require("postgres", postgres_missing())
     running = PostgresCluster().start()
     try:
         yield running
@@ -325,7 +325,7 @@ def test_postgres_restart_under_load_loses_and_repeats_nothing(cluster, target):
 
 
 def test_serve_over_relstorage_warns_about_other_front_ends(cluster, target, tmp_path):
-    from conftest import ServerProcess
+    from chatzeo.testing import ServerProcess
 
     config = tmp_path / "zeo-relstorage.conf"
     config.write_text(

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import transaction
-from conftest import REPO, ServerProcess, chatzeo_command, wait_until
+from support import REPO
 from ZEO.ClientStorage import ClientStorage
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import POSKeyError
@@ -37,6 +37,7 @@ from chatzeo.errors import (
 )
 from chatzeo.realm import get_root
 from chatzeo.server.identity import load_identity
+from chatzeo.testing import ServerProcess, chatzeo_command, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from typing import Any
 import pytest
 import transaction
 import ZODB
-from conftest import chatzeo_command, require, wait_until
 from protocol_client import (
     TRANSACTION_TIMEOUT,
     ExecPayload,
@@ -39,11 +37,11 @@ from ZODB.FileStorage import FileStorage
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import p64, u64, z64
 
-from bench.trust.certs import Pki, make_pki
 from chatzeo import open_db
 from chatzeo.errors import ProtocolViolation, TooManyConnections
 from chatzeo.realm import get_root
 from chatzeo.records import stored_extension
+from chatzeo.testing import Pki, chatzeo_command, make_pki, openssl_missing, require, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 MiB = 1 << 20
@@ -51,7 +49,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    require("openssl", None if shutil.which("openssl") else "the openssl command is missing")
+    require("openssl", openssl_missing())
     return make_pki(tmp_path_factory.mktemp("pki"), clients=("alice", "bob", "admin"))
 
 

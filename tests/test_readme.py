@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import REPO
+from support import REPO
 
 
 def _python_blocks(section: str) -> list[str]:

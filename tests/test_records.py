@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -30,7 +29,6 @@ import pytest
 import transaction
 import ZODB
 from BTrees.OOBTree import OOBTree
-from conftest import ServerProcess, chatzeo_command, free_port, require, wait_until
 from hostile import post_record, rewrite_record
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
@@ -38,7 +36,6 @@ from persistent.mapping import PersistentMapping
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
 
-from bench.trust.certs import client_context, make_pki, server_conf
 from chatzeo import open_db
 from chatzeo.allowlist import class_factory
 from chatzeo.client import MALFORMED_ROOM, ChatClient
@@ -48,6 +45,16 @@ from chatzeo.realm import MALFORMED_PRESENCE, ChatRoot, User, get_root
 from chatzeo.records import MAX_PENDING, MAX_TEXT_BYTES, clock_problem, message_problem
 from chatzeo.server.trust import IndexUpdate, TrustIndex, check_commit
 from chatzeo.session import FLUSH, ChatSession, RoomClock, _dropped
+from chatzeo.testing import (
+    ServerProcess,
+    chatzeo_command,
+    client_context,
+    free_port,
+    make_pki,
+    openssl_missing,
+    require,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,11 +82,9 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         server = ServerProcess(directory / "data").start()
         db = open_db(server.address, wait=30)
     else:
-        require("openssl", None if shutil.which("openssl") else "the openssl command is missing")
+        require("openssl", openssl_missing())
         pki = make_pki(directory / "pki")
-        server = ServerProcess(
-            directory / "data", config=server_conf(pki, directory / "zeo.conf")
-        ).start()
+        server = ServerProcess(directory / "data", pki=pki).start()
         db = open_db(server.address, wait=30, ssl=client_context(pki, "alice"))
     try:
         yield Served(request.param, server, db, str(directory / "pki") if pki else "")
@@ -332,7 +337,7 @@ from chatzeo.realm import get_root
 address, pki, stop = sys.argv[1:4]
 ssl = None
 if pki:
-    from bench.trust.certs import Pki, client_context
+    from chatzeo.testing import Pki, client_context
     ssl = client_context(Pki(pathlib.Path(pki), pathlib.Path(pki) / "ca.pem"), "alice")
 db = open_db(address, wait=30, ssl=ssl)
 room = get_root(db.open()).rooms["honest"]

@@ -4,7 +4,6 @@ that would run code when unpickled, on clients and in the server's conflict reso
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,17 +13,26 @@ from pathlib import Path
 import pytest
 import transaction
 import ZODB
-from conftest import REPO, ServerProcess, chatzeo_command, free_port, require, wait_until
 from hostile import Payload, Trojan
+from support import REPO
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ServerException
 from ZODB.POSException import ConflictError
 
-from bench.trust.certs import Pki, make_pki
 from chatzeo import get_root
 from chatzeo.database import DEFAULT_ADDRESS, parse_address
 from chatzeo.errors import TrustViolation
 from chatzeo.server.serve import load_config
+from chatzeo.testing import (
+    Pki,
+    ServerProcess,
+    chatzeo_command,
+    free_port,
+    make_pki,
+    openssl_missing,
+    require,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 TESTS = Path(__file__).resolve().parent
@@ -42,7 +50,7 @@ def test_server_binds_loopback_by_default(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Pki, Pki]]:
-    require("openssl", None if shutil.which("openssl") else "the openssl command is missing")
+    require("openssl", openssl_missing())
     pki = make_pki(tmp_path / "pki", clients=("client",))
     rogue = make_pki(tmp_path / "rogue", clients=("rogue",))  # another CA altogether
     # The repo's zeo.conf with its <ssl> section switched on.

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import transaction
 import ZODB
-from conftest import ServerProcess, chatzeo_command, wait_until
 from hostile import post_unchecked
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,6 +57,7 @@ from chatzeo.terminal.worker import (
     Outgoing,
     Problem,
 )
+from chatzeo.testing import ServerProcess, chatzeo_command, wait_until
 from chatzeo.validation import MAX_MESSAGE_BYTES, check_text
 
 ESCAPES = "\x1b]2;PWNED\x07\x1b[2J\x9b31m\u202e"

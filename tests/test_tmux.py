@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, ServerProcess, free_port, require, wait_until
 from hostile import post_unchecked
+from support import REPO
 
 from chatzeo.client import ChatClient
 from chatzeo.database import open_db
+from chatzeo.testing import ServerProcess, free_port, require, wait_until
 
 pytestmark = pytest.mark.tmux
 

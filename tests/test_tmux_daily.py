@@ -14,9 +14,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, chatzeo_command, wait_until
 from test_tmux import EXITED, Pane, Tmux, prompt_line, start_chat
 from test_tmux import tmux as _tmux_fixture  # noqa: F401 (the "tmux" fixture)
+
+from chatzeo.testing import ServerProcess, chatzeo_command, wait_until
 
 pytestmark = pytest.mark.tmux
 

@@ -8,23 +8,19 @@ logs it, and the storage's last transaction did not move.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import pytest
 import transaction
 import ZODB
-from conftest import ServerProcess, chatzeo_command, free_port, require, wait_until
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
 
-from bench.trust.certs import Pki, client_context, make_pki, server_conf
 from chatzeo import open_db
 from chatzeo.client import ChatClient
 from chatzeo.errors import ProtocolViolation, TrustViolation
@@ -32,45 +28,32 @@ from chatzeo.realm import ChatRoot, get_root
 from chatzeo.server.guard import identity_of
 from chatzeo.server.trust import TrustIndex, check_commit
 from chatzeo.session import FLUSH, ChatSession
+from chatzeo.testing import (
+    Pki,
+    ServerProcess,
+    chatzeo_command,
+    client_context,
+    free_port,
+    make_pki,
+    openssl_missing,
+    require,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class TlsServer(ServerProcess):
-    """`chatzeo serve` with a TLS config and extra command-line arguments."""
-
-    def __init__(self, data_dir: Path, config: Path, *args: str):
-        super().__init__(data_dir, config=config)
-        self.args = args
-
-    def start(self, timeout: float = 20.0) -> TlsServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                chatzeo_command(
-                    "serve", "--config", str(self.config), "--address", self.address,
-                    "--data-dir", str(self.data_dir), *self.args,
-                ),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_until(f"server on {self.address}", self._answers, timeout)
-        return self
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    require("openssl", None if shutil.which("openssl") else "the openssl command is missing")
+    require("openssl", openssl_missing())
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
-def guarded(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+def guarded(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     directory = tmp_path_factory.mktemp("guarded")
     # alice packs (test_splits_...): under TLS only a named operator may.
-    server = TlsServer(
-        directory / "data", server_conf(pki, directory / "zeo.conf"), "--operator", "alice"
-    ).start()
+    server = ServerProcess(directory / "data", pki=pki, options=("--operator", "alice")).start()
     try:
         yield server
     finally:
@@ -82,14 +65,14 @@ def connect(server: ServerProcess, pki: Pki, name: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def alice_db(guarded: TlsServer, pki: Pki) -> Iterator[Any]:
+def alice_db(guarded: ServerProcess, pki: Pki) -> Iterator[Any]:
     db = connect(guarded, pki, "alice")
     yield db
     db.close()
 
 
 @pytest.fixture(scope="module")
-def bob_db(guarded: TlsServer, pki: Pki) -> Iterator[Any]:
+def bob_db(guarded: ServerProcess, pki: Pki) -> Iterator[Any]:
     db = connect(guarded, pki, "bob")
     yield db
     db.close()
@@ -503,9 +486,7 @@ def test_tree_surgery_is_refused(guarded, alice_db):
 
 
 def test_an_unguarded_server_accepts_all_of_it(pki, tmp_path):
-    server = TlsServer(
-        tmp_path / "data", server_conf(pki, tmp_path / "zeo.conf"), "--guard", "off"
-    ).start()
+    server = ServerProcess(tmp_path / "data", pki=pki, guard="off").start()
     try:
         db = connect(server, pki, "alice")
         try:

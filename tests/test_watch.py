@@ -10,11 +10,11 @@ import threading
 import pytest
 import transaction
 import ZODB
-from conftest import ServerProcess, chatzeo_command, wait_until
 from ZODB.FileStorage import FileStorage
 
 import chatzeo
 from chatzeo import NoSuchRoom, get_root, open_db
+from chatzeo.testing import ServerProcess, chatzeo_command, wait_until
 
 
 def _feeds(db):

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, ServerProcess, chatzeo_command, free_port, require, wait_until
+from support import REPO
+
+from chatzeo.testing import ServerProcess, chatzeo_command, free_port, require, wait_until
 
 
 def _missing() -> str | None:

@@ -13,7 +13,7 @@ rooms       16 writer processes over 64 rooms (each writer takes 4 rooms in turn
             writer processes on one room.
 
 ZEO is ``chatzeo serve`` with the repo's zeo.conf (FileStorage, fsync per commit);
-PostgreSQL is a throwaway cluster (tests/pgcluster.py, fsync on, default
+PostgreSQL is a throwaway cluster (`chatzeo.testing.PostgresCluster`, fsync on, default
 synchronous_commit) used directly by the clients through RelStorage, prepared by
 `chatzeo.initdb.init_db`. Runs in the main thread; clients are processes.
 """
@@ -24,9 +24,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,46 +33,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-
-from pgcluster import PostgresCluster  # noqa: E402
-
-from chatzeo import ChatClient, open_db  # noqa: E402
-from chatzeo.initdb import init_db  # noqa: E402
+from chatzeo import ChatClient, open_db
+from chatzeo.initdb import init_db
+from chatzeo.testing import PostgresCluster, ServerProcess, percentile
 
 __all__ = ["main"]
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+REPO = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
 def zeo_backend(work: Path) -> Iterator[str]:
-    port = _free_port()
-    log = open(work / "zeo.log", "ab")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "chatzeo", "serve", "--config", str(REPO / "zeo.conf"),
-         "--address", f"127.0.0.1:{port}", "--data-dir", str(work / "zeo")],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("ZEO server did not start")
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
-        log.close()
+    with ServerProcess(work / "zeo") as server:
+        yield server.address
 
 
 @contextmanager
@@ -130,11 +100,6 @@ def _run_clients(work: Path, clients: list[tuple[str, dict[str, Any]]]) -> list[
     return [json.loads(out.read_text()) for out in outs]
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _writes(results: list[dict[str, Any]]) -> dict[str, Any]:
     posts = [post for result in results for post in result["posts"]]
     latencies = [(returned - began) * 1000 for _, began, returned in posts]
@@ -143,8 +108,8 @@ def _writes(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "posts": len(posts),
         "errors": sum(result["errors"] for result in results),
-        "p50_ms": _pct(latencies, 0.50),
-        "p99_ms": _pct(latencies, 0.99),
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
         "per_s": len(posts) / (last - first),
     }
 
@@ -186,11 +151,11 @@ def delivery(target: str, work: Path, messages: int) -> dict[str, Any]:
     return {
         "messages": len(written),
         "missed": len(written) - len(from_post),
-        "p50_ms": _pct(from_post, 0.50),
-        "p99_ms": _pct(from_post, 0.99),
-        "after_commit_p50_ms": _pct(from_commit, 0.50),
-        "after_commit_p99_ms": _pct(from_commit, 0.99),
-        "commit_p50_ms": statistics.median((r - b) * 1000 for _, b, r in written),
+        "p50_ms": percentile(from_post, 0.50),
+        "p99_ms": percentile(from_post, 0.99),
+        "after_commit_p50_ms": percentile(from_commit, 0.50),
+        "after_commit_p99_ms": percentile(from_commit, 0.99),
+        "commit_p50_ms": percentile([(r - b) * 1000 for _, b, r in written], 0.50),
     }
 
 

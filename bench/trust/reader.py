@@ -18,8 +18,7 @@ from pathlib import Path
 
 from chatzeo import open_db
 from chatzeo.client import ChatClient
-
-from .certs import Pki, client_context
+from chatzeo.testing import Pki, client_context
 
 __all__ = ["main"]
 

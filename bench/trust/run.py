@@ -3,7 +3,7 @@
 By default the two servers are what a local user runs: ``on`` is `chatzeo serve`
 as it starts by default (loopback, no TLS: the record rules of `chatzeo.records`),
 ``off`` is plain ZEO (``runzeo``) over the same kind of FileStorage. With ``--tls``
-they start from one throwaway CA (`bench.trust.certs`): ``on`` is ``--guard on``
+they start from one throwaway CA (`chatzeo.testing.make_pki`): ``on`` is ``--guard on``
 (record and identity rules), ``off`` is ``--guard off``. Against each, a reader
 process (`bench.trust.reader`, as bob) waits for pushes while this process (alice)
 posts with
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,63 +39,32 @@ import transaction
 from chatzeo import open_db
 from chatzeo.realm import get_root
 from chatzeo.session import ChatSession
-
-from .certs import Pki, client_context, make_pki, server_conf
+from chatzeo.testing import Pki, ServerProcess, client_context, make_pki, percentile
 
 __all__ = ["main"]
 
 MODES = ("on", "off")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def _server(
-    config: Path | None, data: Path, guard: str, off: str = "runzeo"
+    pki: Pki | None, data: Path, guard: str, off: str = "runzeo"
 ) -> Iterator[tuple[str, int]]:
-    """``chatzeo serve --guard GUARD`` with ``config`` (TLS), or without a config:
+    """``chatzeo serve --guard GUARD`` requiring ``pki``'s certificates, or without TLS:
     ``on`` is `chatzeo serve`'s default, ``off`` plain ``runzeo`` (or, with ``off``
     "guard-off", ``chatzeo serve --guard off``; with "protocol-off", both sides are
     ``chatzeo serve --guard off`` with ``--protocol-checks`` on and off)."""
-    address = f"127.0.0.1:{_free_port()}"
-    data.mkdir(parents=True)
-    log = open(data / "server.log", "wb")  # noqa: SIM115 (closed below)
-    if config is not None:
-        command = [sys.executable, "-m", "chatzeo", "serve", "--config", str(config),
-                   "--address", address, "--data-dir", str(data), "--guard", guard]
+    if pki is not None:
+        server = ServerProcess(data, pki=pki, guard=guard)
     elif off == "protocol-off":
         # The protocol gate alone: both sides without record checks.
-        command = [sys.executable, "-m", "chatzeo", "serve", "--address", address,
-                   "--data-dir", str(data), "--guard", "off", "--protocol-checks", guard]
+        server = ServerProcess(data, guard="off", options=("--protocol-checks", guard))
     elif guard == "on" or off == "guard-off":
-        command = [sys.executable, "-m", "chatzeo", "serve", "--address", address,
-                   "--data-dir", str(data), "--guard", "auto" if guard == "on" else "off"]
+        server = ServerProcess(data, guard="auto" if guard == "on" else "off")
     else:
-        command = [sys.executable, "-m", "ZEO.runzeo", "-a", address,
-                   "-f", str(data / "chat.fs")]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", int(address.rsplit(":", 1)[1]))) == 0:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {(data / 'server.log').read_text()}")
-            time.sleep(0.05)
-        yield address, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        log.close()
+        server = ServerProcess(data, runzeo=True)
+    with server:
+        yield server.address, server.pid
 
 
 @contextmanager
@@ -122,28 +90,22 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
 def _summary(values: list[float]) -> dict[str, float]:
     return {
-        "p50_ms": _percentile(values, 0.50) * 1000,
-        "p90_ms": _percentile(values, 0.90) * 1000,
-        "p99_ms": _percentile(values, 0.99) * 1000,
+        "p50_ms": percentile(values, 0.50) * 1000,
+        "p90_ms": percentile(values, 0.90) * 1000,
+        "p99_ms": percentile(values, 0.99) * 1000,
         "mean_ms": statistics.fmean(values) * 1000,
     }
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     pki = make_pki(workdir / "pki") if args.tls else None
-    config = server_conf(pki, workdir / "zeo.conf") if pki else None
     rooms = ("plain", "capped")
     results: dict[str, Any] = {}
     with ExitStack() as stack:
         servers = {
-            m: stack.enter_context(_server(config, workdir / m, m, args.off)) for m in MODES
+            m: stack.enter_context(_server(pki, workdir / m, m, args.off)) for m in MODES
         }
         dbs = {}
         sessions: dict[tuple[str, str], ChatSession] = {}
