@@ -76,7 +76,9 @@ def free_port() -> int:
         return port
 
 
-def wait_until(label: str, condition: Callable[[], _T], timeout: float = 15.0) -> _T:
+def wait_until(
+    label: str, condition: Callable[[], _T | None], timeout: float = 15.0
+) -> _T:
     """Call ``condition`` until it returns something truthy, and return that.
 
     Polls with a delay growing from 5 ms to 100 ms; raises `AssertionError` naming

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import ZODB
+from support import Backend, PostgresBackend, ZEOBackend
+from ZODB.FileStorage import FileStorage
 from ZODB.MappingStorage import MappingStorage
 
-from chatzeo.testing import PostgresCluster, ServerProcess, postgres_missing, require
+from chatzeo.testing import ServerProcess
 
 
 @pytest.fixture
@@ -41,75 +43,6 @@ def cli_env(server: ServerProcess, tmp_path: Path) -> dict[str, str]:
     return env
 
 
-class Backend:
-    """A running shared database the invariant tests run against, by kind.
-
-    ``target`` is what `chatzeo.open_db` (and every `chatzeo` command) accepts;
-    ``crash()`` kills the database server with -9 and ``restart()`` brings it back
-    on the same address with the same data.
-    """
-
-    kind = "abstract"
-    target: str
-
-    def crash(self) -> None:
-        raise NotImplementedError
-
-    def restart(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class ZEOBackend(Backend):
-    """`chatzeo serve` over a FileStorage."""
-
-    kind = "zeo"
-
-    def __init__(self, data_dir: Path):
-        self.server = ServerProcess(data_dir).start()
-        self.target = self.server.address
-
-    def crash(self) -> None:
-        self.server.kill()
-
-    def restart(self) -> None:
-        self.server.start()
-
-    def close(self) -> None:
-        self.server.stop()
-
-
-class PostgresBackend(Backend):
-    """A throwaway PostgreSQL cluster (`chatzeo.testing.PostgresCluster`), clients on RelStorage
-    directly, prepared by `chatzeo init-db`. Skips (or, with
-    ``CHATZEO_REQUIRE_POSTGRES=1``, fails) where PostgreSQL cannot run."""
-
-    kind = "postgres"
-
-    def __init__(self, data_dir: Path):
-        from chatzeo.initdb import init_db
-
-        require("postgres", postgres_missing())
-        self.cluster = PostgresCluster().start()
-        try:
-            self.target = self.cluster.create_database("chat")
-            init_db(self.target)
-        except BaseException:
-            self.cluster.close()
-            raise
-
-    def crash(self) -> None:
-        self.cluster.kill()
-
-    def restart(self) -> None:
-        self.cluster.start()
-
-    def close(self) -> None:
-        self.cluster.close()
-
-
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "zeo": ZEOBackend,
     "postgres": PostgresBackend,
@@ -128,7 +61,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 @pytest.fixture
 def db() -> Iterator[ZODB.DB]:
-    """A database in memory (MappingStorage), closed after the test."""
+    """An in-process database in memory (MappingStorage), closed after the test."""
     database = ZODB.DB(MappingStorage())
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def file_db(tmp_path: Path) -> Iterator[ZODB.DB]:
+    """An in-process FileStorage database (it resolves conflicts, as ZEO's server does),
+    closed after the test."""
+    database = ZODB.DB(FileStorage(str(tmp_path / "data.fs")))
     yield database
     database.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import uuid
+from collections.abc import Callable
 
 import transaction
 
@@ -59,4 +60,5 @@ def batcher(address: str, room: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"writer": writer, "batcher": batcher}[sys.argv[1]](*sys.argv[2:])
+    roles: dict[str, Callable[..., None]] = {"writer": writer, "batcher": batcher}
+    roles[sys.argv[1]](*sys.argv[2:])

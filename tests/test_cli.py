@@ -9,10 +9,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from chatzeo.testing import ServerProcess, chatzeo_command, free_port, wait_until
 
 
-def run(env, *args, input=None, timeout=60):
+def run(
+    env: dict[str, str], *args: str, input: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         chatzeo_command(*args), env=env, input=input, capture_output=True, timeout=timeout
     )
@@ -48,7 +52,11 @@ def test_tail_prints_each_new_message_as_it_arrives(cli_env, tmp_path):
         wait_until("history line", lambda: len(lines()) == 1)
         for index in range(3):
             assert run(cli_env, "send", "--name", "bob", f"live {index}").returncode == 0
-            wait_until(f"live {index}", lambda i=index: len(lines()) == i + 2)
+
+            def grew(count: int = index + 2) -> bool:
+                return len(lines()) == count
+
+            wait_until(f"live {index}", grew)
         assert [m["text"] for m in lines()] == ["before", "live 0", "live 1", "live 2"]
         tail.send_signal(signal.SIGINT)
         assert tail.wait(15) == 0
@@ -97,6 +105,7 @@ client.close()
         wait_until("carol joined", ready.exists, timeout=30)
         assert run(cli_env, "who", "--room", "den").stdout == b"carol\n"
         assert run(cli_env, "who").stdout == b""
+        assert carol.stdin is not None
         carol.stdin.close()
         assert carol.wait(30) == 0
         assert run(cli_env, "who", "--room", "den").stdout == b""
@@ -161,6 +170,7 @@ def test_a_server_that_is_starting_is_still_waited_for(cli_env, tmp_path):
         assert "Error" not in late.log.read_text(), late.log.read_text()
     finally:
         sender.kill()
+        sender.communicate(timeout=30)  # reaps it and closes its stderr pipe
         late.stop()
 
 
@@ -212,11 +222,9 @@ def test_send_fails_in_one_line_when_the_server_cannot_write(cli_env, tmp_path):
         kwargs["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         return original(*args, **kwargs)
 
-    subprocess.Popen = limited
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", limited)
         small.start()
-    finally:
-        subprocess.Popen = original
     env = {**cli_env, "CHATZEO_SERVER": small.address}
     try:
         text = "x" * 4000
@@ -296,6 +304,7 @@ client.close()
             assert b"already has 1 live connections" in second.stderr
             assert run(env, "send", "--name", "eve", "someone else").returncode == 0
         finally:
+            assert dora.stdin is not None
             dora.stdin.close()
             dora.wait(30)
     finally:

@@ -6,13 +6,14 @@ import subprocess
 import time
 
 import pytest
+import ZODB
 
 from chatzeo import ChatClient, InvalidTarget, ServerUnavailable, open_db
 from chatzeo.database import parse_address
 from chatzeo.testing import chatzeo_command, free_port, wait_until
 
 
-def _round_trip(db) -> list[str]:
+def _round_trip(db: ZODB.DB) -> list[str]:
     """Post through one client and read it back through another."""
     writer, reader = ChatClient(db), ChatClient(db)
     try:

@@ -7,13 +7,14 @@ In-process databases (MappingStorage, and FileStorage where conflicts must resol
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
-from ZODB.FileStorage import FileStorage
-from ZODB.MappingStorage import MappingStorage
+from ZODB.Connection import Connection
 from ZODB.POSException import ConflictError
 
 import chatzeo
@@ -21,21 +22,9 @@ from chatzeo import ChatSession, Message, ReadMarkers, get_root
 from chatzeo.session import FLUSH
 
 
-@pytest.fixture
-def db():
-    database = ZODB.DB(MappingStorage())
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def file_db(tmp_path):
-    database = ZODB.DB(FileStorage(str(tmp_path / "app.fs")))
-    yield database
-    database.close()
-
-
-def _room(db, name="general"):
+def _room(
+    db: ZODB.DB, name: str = "general"
+) -> tuple[transaction.TransactionManager, Connection, ChatSession]:
     """A committed room, and the explicit transaction manager of its connection."""
     manager = transaction.TransactionManager(explicit=True)
     connection = db.open(transaction_manager=manager)
@@ -186,7 +175,7 @@ def test_markers_move_only_forward_and_write_only_when_they_move(db):
     connection.close()
 
 
-def _markers_in_two_connections(db):
+def _markers_in_two_connections(db: ZODB.DB) -> Any:
     """Two connections (two tabs of one user) holding the same committed ReadMarkers."""
     setup = transaction.TransactionManager(explicit=True)
     connection = db.open(transaction_manager=setup)
@@ -248,7 +237,7 @@ def test_a_malformed_marker_state_is_refused_in_resolution():
 
 
 @pytest.fixture
-def heard():
+def heard() -> Iterator[list[chatzeo.MessagePosted]]:
     events: list[chatzeo.MessagePosted] = []
     unsubscribe = chatzeo.subscribe(events.append)
     yield events

@@ -9,9 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import transaction
-from support import REPO, stored
+from support import REPO, Backend, gather, stored
 
 from chatzeo import ChatClient, get_root, open_db
 from chatzeo.testing import wait_until
@@ -37,7 +38,9 @@ def _finish(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 
-def _run(backend, tmp_path: Path, offsets: list[float], per_writer: int, readers: int):
+def _run(
+    backend: Backend, tmp_path: Path, offsets: list[float], per_writer: int, readers: int
+) -> Any:
     """Writers with the given clock offsets and live readers, all at once."""
     room = "invariants"
     setup = ChatClient(open_db(backend.target))
@@ -108,7 +111,7 @@ def test_cursor_and_embedding_across_processes(backend):
             return [m.text for m in room.new_messages()]
 
         received: list[str] = []
-        wait_until("five messages", lambda: received.extend(arrived()) or len(received) >= 5)
+        wait_until("five messages", gather(received, arrived, 5))
         assert received == [f"from another process {i}" for i in range(5)]
     finally:
         writer.wait(60)

@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import transaction
@@ -44,7 +45,16 @@ def target(cluster: PostgresCluster) -> str:
     return uri
 
 
-def _psql_one(cluster: PostgresCluster, sql: str) -> object:
+def _dsn(storage: Any) -> str:
+    """The PostgreSQL connection string of a RelStorage ``storage`` (it must have one)."""
+    from chatzeo.postgres import dsn_of
+
+    dsn = dsn_of(storage)
+    assert dsn is not None, f"{storage!r} is not on PostgreSQL"
+    return dsn
+
+
+def _psql_one(cluster: PostgresCluster, sql: str) -> Any:
     import psycopg2
 
     connection = psycopg2.connect(cluster.dsn("chat"))
@@ -122,7 +132,7 @@ def test_notify_wakes_a_reader_of_that_room_only(target):
 def test_an_aborted_transaction_notifies_no_one(target):
     from persistent.mapping import PersistentMapping
 
-    from chatzeo.postgres import Listener, dsn_of
+    from chatzeo.postgres import Listener
 
     db = open_db(target)
     manager = transaction.TransactionManager()
@@ -138,7 +148,7 @@ def test_an_aborted_transaction_notifies_no_one(target):
         with lock:
             heard.append(oids)
 
-    listener = Listener(dsn_of(db.storage), hear)
+    listener = Listener(_dsn(db.storage), hear)
     listener.subscribe(listener, frozenset({aborted, committed}))
     try:
         root["aborted"]["x"] = 1
@@ -166,12 +176,12 @@ def test_an_aborted_transaction_notifies_no_one(target):
 
 def test_an_abort_after_vote_notifies_no_one(target):
     """Rows really reach object_state at the vote; aborting then must stay silent."""
-    from chatzeo.postgres import Listener, dsn_of
+    from chatzeo.postgres import Listener
 
     db = open_db(target)
     storage = db.storage
     heard: list[frozenset[bytes] | None] = []
-    listener = Listener(dsn_of(storage), heard.append)
+    listener = Listener(_dsn(storage), heard.append)
     manager = transaction.TransactionManager()
     connection = db.open(transaction_manager=manager)
     try:
@@ -395,7 +405,7 @@ def test_one_listener_per_process_hears_only_its_rooms(cluster, target):
         for reader in readers:
             reader.wait(1)  # the one look every join takes
         assert _clients_of(cluster, "chatzeo-listener") == 1
-        listener = postgres.shared_listener(postgres.dsn_of(dbs[0].storage))
+        listener = postgres.shared_listener(_dsn(dbs[0].storage))
         postgres.release_listener(listener)
         for index in range(20):
             writer.send(f"busy {index}")
@@ -448,6 +458,6 @@ def test_a_database_with_the_old_trigger_still_delivers(cluster, target):
     init_db(target)  # upgrades the trigger
     check = open_db(target)
     try:
-        assert postgres._trigger_kind(postgres.dsn_of(check.storage)) == "each"
+        assert postgres._trigger_kind(_dsn(check.storage)) == "each"
     finally:
         check.close()

@@ -41,25 +41,32 @@ def state(**changes: Any) -> dict[str, Any]:
     return base
 
 
+def refusal(*args: Any, **kwargs: Any) -> str:
+    """What `access_problem` says of a change it must refuse (it fails if accepted)."""
+    problem = access_problem(*args, **kwargs)
+    assert problem is not None, "accepted"
+    return problem
+
+
 def test_access_rules() -> None:
     assert access_problem("alice", None, state()) is None
-    assert "cannot create a private room owned by" in access_problem("bob", None, state())
-    assert "new session" in access_problem("alice", None, state(), session_is_new=False)
-    assert "owner must be one of" in access_problem("alice", None, state(members=("bob",)))
-    assert "sorted tuple" in access_problem("alice", None, state(members=("bob", "alice")))
-    assert "exactly two" in access_problem("alice", None, state(kind="dm", members=("alice",)))
-    assert "malformed" in access_problem("alice", None, {**state(), "extra": 1})
-    assert "malformed" in access_problem("alice", None, state(key="../../etc"))
-    assert "bad name" in access_problem("alice", None, state(members=("alice", "b\x1bob")))
+    assert "cannot create a private room owned by" in refusal("bob", None, state())
+    assert "new session" in refusal("alice", None, state(), session_is_new=False)
+    assert "owner must be one of" in refusal("alice", None, state(members=("bob",)))
+    assert "sorted tuple" in refusal("alice", None, state(members=("bob", "alice")))
+    assert "exactly two" in refusal("alice", None, state(kind="dm", members=("alice",)))
+    assert "malformed" in refusal("alice", None, {**state(), "extra": 1})
+    assert "malformed" in refusal("alice", None, state(key="../../etc"))
+    assert "bad name" in refusal("alice", None, state(members=("alice", "b\x1bob")))
     grown = state(members=("alice", "bob", "carol"))
     assert access_problem("alice", state(), grown) is None
-    assert "only the owner" in access_problem("bob", state(), grown)
-    assert "owner cannot change" in access_problem(
+    assert "only the owner" in refusal("bob", state(), grown)
+    assert "owner cannot change" in refusal(
         "alice", state(), state(owner="bob", members=("alice", "bob")))
-    assert "session cannot change" in access_problem(
+    assert "session cannot change" in refusal(
         "alice", state(), state(session=Ref(b"\0" * 7 + b"\x0a")))
     dm = state(kind="dm", name="dm")
-    assert "keeps its two members" in access_problem(
+    assert "keeps its two members" in refusal(
         "alice", dm, state(kind="dm", name="dm", members=("alice", "carol")))
 
 
@@ -132,7 +139,7 @@ def test_identity_issue_load_and_revoke(tmp_path: Path) -> None:
     assert ensure_authority(tmp_path / "tls").ca_cert.read_bytes() == authority.ca_cert.read_bytes()
     revocations = Revocations(authority.revoked)
     revocations.refresh()
-    peer = {"serialNumber": serial.upper()}
+    peer: dict[str, object] = {"serialNumber": serial.upper()}
     assert not revocations.is_revoked(peer)
     assert revoke(authority, "alice") == [serial]
     assert revocations.refresh() and revocations.is_revoked(peer)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import transaction
-from support import REPO
+from support import REPO, gather
 from ZEO.ClientStorage import ClientStorage
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import POSKeyError
@@ -277,7 +277,7 @@ def test_a_member_reads_and_posts_a_non_member_gets_nothing(people: Site) -> Non
     assert [m.text for m in bob.join(name)] == ["the plan is secret"]
     bob.send("agreed")
     got: list[Any] = []
-    wait_until("bob's post at alice", lambda: got.extend(alice.receive()) or len(got) > 1)
+    wait_until("bob's post at alice", gather(got, alice.receive, 2))
     assert [(m.author, m.text) for m in got] == [
         ("alice", "the plan is secret"), ("bob", "agreed")]
     assert bob.members() == ("alice", ("alice", "bob"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import transaction
 import ZODB
-from ZODB.MappingStorage import MappingStorage
 
 from chatzeo import ChatClient, TooManyConnections, get_root
 
@@ -18,20 +17,13 @@ class FakeClock:
         return self.now
 
 
-def _lease(db) -> float:
+def _lease(db: ZODB.DB) -> float:
     connection = db.open()
     try:
         return get_root(connection).lease_seconds
     finally:
         transaction.abort()
         connection.close()
-
-
-@pytest.fixture
-def db():
-    database = ZODB.DB(MappingStorage())
-    yield database
-    database.close()
 
 
 def test_one_user_object_however_many_connections(db):

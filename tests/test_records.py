@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from hostile import post_record, rewrite_record
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from persistent.mapping import PersistentMapping
+from support import edit, read, server_last_transaction
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
 
@@ -93,44 +95,17 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         server.stop()
 
 
-def edit(db: Any, change: Callable[[ChatRoot], Any]) -> Any:
-    """Apply ``change`` to chatzeo's root in a fresh connection and commit."""
-    manager = transaction.TransactionManager()
-    connection = db.open(transaction_manager=manager)
-    try:
-        result = change(get_root(connection))
-        manager.commit()
-        return result
-    finally:
-        manager.abort()
-        connection.close()
-
-
-def read(db: Any, look: Callable[[ChatRoot], Any]) -> Any:
-    manager = transaction.TransactionManager()
-    connection = db.open(transaction_manager=manager)
-    try:
-        return look(get_root(connection))
-    finally:
-        manager.abort()
-        connection.close()
-
-
-def last_transaction(db: Any) -> bytes:
-    return db.storage._call("lastTransaction")
-
-
 def refused(
     served: Served, commit: Callable[[], Any], rule: str = "schema", alone: bool = True
 ) -> str:
     """``commit()`` is refused under ``rule``, logged by the server, and (checked when
     it commits ``alone``, with no other writer) not written."""
-    last = last_transaction(served.db)
+    last = server_last_transaction(served.db)
     logged = len(served.server.log.read_bytes())
     with pytest.raises(TrustViolation, match=f"^{rule}:") as refusal:
         commit()
     if alone:
-        assert last_transaction(served.db) == last, "the refused commit was written"
+        assert server_last_transaction(served.db) == last, "the refused commit was written"
     wait_until("the refusal in the server log", lambda: str(refusal.value) in (
         served.server.log.read_bytes()[logged:].decode(errors="replace")))
     return str(refusal.value)
@@ -212,7 +187,7 @@ def test_names_with_escapes_are_refused(served: Served) -> None:
         root.users[f"{served.name}{ESC}"] = user
 
     for change in (key_with_escapes, name_with_escapes, user_with_escapes):
-        detail = refused(served, lambda change=change: edit(served.db, change))
+        detail = refused(served, partial(edit, served.db, change))
         assert "\x1b" not in detail  # the refusal itself shows the name escaped
     assert read(served.db, lambda root: [n for n in root.rooms if n.startswith("evil")]) == []
 
@@ -233,7 +208,7 @@ def test_message_records_break_no_rule_of_the_schema(served: Served) -> None:
         [new_message_id(), me, "a list", 0],
     ]
     for record in bad:
-        refused(served, lambda record=record: post_record(served.db, "kinds", record))
+        refused(served, partial(post_record, served.db, "kinds", record))
     refused(served, lambda: post_record(served.db, "kinds", (new_message_id(), me, "k", 0), 2.5))
     assert read(served.db, lambda root: len(root.rooms["kinds"])) == 0
 
@@ -255,7 +230,7 @@ def test_objects_where_chatzeo_puts_none_are_refused(served: Served) -> None:
         root.users[served.name] = user
 
     for change in (extra_session, extra_clock_attribute, extra_user_attribute):
-        assert "extra" in refused(served, lambda change=change: edit(served.db, change))
+        assert "extra" in refused(served, partial(edit, served.db, change))
     assert read(served.db, lambda root: "hollow" in root.rooms or "ticking" in root.rooms) is False
 
 
@@ -378,8 +353,9 @@ def test_a_pending_flood_is_refused_and_other_rooms_keep_posting(
         return change
 
     try:
-        assert writer.stdout is not None
-        wait_until("the honest writer to start", lambda: int(writer.stdout.readline()) >= 5)
+        progress = writer.stdout
+        assert progress is not None
+        wait_until("the honest writer to start", lambda: int(progress.readline()) >= 5)
         with pytest.raises(ProtocolViolation, match="bytes is above the limit of"):
             edit(served.db, flood(150_000))
         detail = refused(served, lambda: edit(served.db, flood(MAX_PENDING + 1)), alone=False)
@@ -495,7 +471,7 @@ def store_every_attack(db: Any) -> None:
         hollow = root.rooms["hollow"] = ChatSession("hollow")
         hollow.extra = ChatSession("inner")  # type: ignore[attr-defined]
         broken = root.rooms["broken"] = ChatSession("broken")
-        broken._clock.head = "soon"
+        broken._clock.head = "soon"  # type: ignore[assignment]
         root.rooms["absent"] = ChatSession("absent")
         root.rooms["absent"].presence = "nobody"  # not a tree at all
         user = root.user("mallory")
@@ -709,11 +685,11 @@ def test_mutated_records_are_refused_or_readers_cope(
         return read(db, look)  # type: ignore[no-any-return]
 
     # The checked server refuses the change, or what it stored keeps every rule.
-    last = last_transaction(checked)
+    last = server_last_transaction(checked)
     try:
         rewrite_record(checked, oid_of(checked), mutate(target, where, value))
     except (TrustViolation, ConflictError):
-        assert last_transaction(checked) == last
+        assert server_last_transaction(checked) == last
     except NotApplicable:
         reject()
     reader = ChatClient(checked)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from functools import partial
 
 import pytest
 import transaction
@@ -27,14 +29,7 @@ from chatzeo.session import RoomClock
 
 
 @pytest.fixture
-def db():
-    database = ZODB.DB(MappingStorage())
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def room(db):
+def room(db: ZODB.DB) -> Iterator[ChatSession]:
     """A committed room in the default transaction manager's connection."""
     connection = db.open()
     session = get_root(connection).room("general")
@@ -217,7 +212,7 @@ def test_retention_by_count_and_by_age(db):
     aged = root.rooms["aged"] = ChatSession("aged", max_age=60)
     for index in range(25):
         capped.post(f"c{index}")
-        aged.post(f"a{index}", clock=lambda i=index: 10_000.0 + i * 10)
+        aged.post(f"a{index}", clock=partial(float, 10_000.0 + index * 10))
     transaction.commit()
     assert [m.text for m in capped.history()] == [f"c{i}" for i in range(15, 25)]
     assert len(capped) == 10

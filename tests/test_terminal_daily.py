@@ -6,9 +6,12 @@ tests/test_tmux_daily.py runs the same in a real terminal.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import FormattedText
 
 from chatzeo.errors import InvalidInput
 from chatzeo.message import Message
@@ -19,7 +22,7 @@ from chatzeo.terminal.display import catch_up_lines, message_lines, status_text
 from chatzeo.terminal.worker import Activity, Arrived, Joined, PresenceChanged
 
 
-def _text(line) -> str:
+def _text(line: FormattedText) -> str:
     return "".join(fragment[1] for fragment in line)
 
 
@@ -27,7 +30,7 @@ def _message(room: str, text: str, author: str = "bob", key: int = 1) -> Message
     return Message(f"id-{room}-{key}", room, 1_700_000_000_000_000 + key, author, text)
 
 
-def _screen():
+def _screen() -> Any:
     shown: list[str] = []
     submitted: list[object] = []
     rings: list[int] = []

@@ -501,8 +501,10 @@ def test_long_lines_wrap_at_words_and_the_status_bar_fits_after_a_resize(
         wait_until("no stale prompt copies",
                    lambda: sum("alice> half a line" in row for row in alice.lines()) == 1)
         # ... and at 40 columns the status bar still says whether it is connected.
-        wait_until(f"a status bar that fits {columns} columns",
-                   lambda width=columns: [len(row) < width for row in status_rows()] == [True])
+        def fits(width: int = columns) -> bool:
+            return [len(row) < width for row in status_rows()] == [True]
+
+        wait_until(f"a status bar that fits {columns} columns", fits)
         assert "connected" in status_rows()[0], alice.screen()
     alice.key("C-c")
     alice.key("C-c")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import transaction
 import ZODB
+from support import edit, gather, read, server_last_transaction
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
 
@@ -78,33 +79,6 @@ def bob_db(guarded: ServerProcess, pki: Pki) -> Iterator[Any]:
     db.close()
 
 
-def edit(db: Any, change: Callable[[ChatRoot], Any]) -> None:
-    """Apply ``change`` to chatzeo's root in a fresh connection and commit."""
-    manager = transaction.TransactionManager()
-    connection = db.open(transaction_manager=manager)
-    try:
-        change(get_root(connection))
-        manager.commit()
-    finally:
-        manager.abort()
-        connection.close()
-
-
-def read(db: Any, look: Callable[[ChatRoot], Any]) -> Any:
-    manager = transaction.TransactionManager()
-    connection = db.open(transaction_manager=manager)
-    try:
-        return look(get_root(connection))
-    finally:
-        manager.abort()
-        connection.close()
-
-
-def server_last_transaction(db: Any) -> bytes:
-    # Asked of the server: the client's own view lags by the invalidations in flight.
-    return db.storage._call("lastTransaction")
-
-
 def caught_up(db: Any) -> None:
     """Wait until ``db`` has heard of every commit the server has finished."""
     wait_until("the client to catch up", lambda: (
@@ -139,7 +113,7 @@ def test_each_user_posts_as_itself(guarded, alice_db, bob_db):
         alice.send("hi from alice")
         bob.send("hi from bob")
         seen: list[Any] = []
-        wait_until("both messages at alice", lambda: seen.extend(alice.receive()) or len(seen) > 1)
+        wait_until("both messages at alice", gather(seen, alice.receive, 2))
         assert [(m.author, m.text) for m in seen] == [
             ("alice", "hi from alice"), ("bob", "hi from bob")
         ]
@@ -638,7 +612,7 @@ def test_daily_use_passes_the_guard(guarded, alice_db, bob_db):
         rows = {row.room: row for row in again.unread()}
         assert (rows["day-2"].unread, rows["day-2"].mentions) == (1, 0)
         again.join("day-2", history=0)
-        assert again.topic()[:2] == ("standup at ten", "alice")
+        assert (again.topic() or ())[:2] == ("standup at ten", "alice")
     finally:
         again.close()
 

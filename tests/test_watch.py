@@ -6,28 +6,31 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import transaction
 import ZODB
+from ZODB.Connection import Connection
 from ZODB.FileStorage import FileStorage
 
 import chatzeo
-from chatzeo import NoSuchRoom, get_root, open_db
+from chatzeo import ChatSession, NoSuchRoom, get_root, open_db
 from chatzeo.testing import ServerProcess, chatzeo_command, wait_until
 
 
-def _feeds(db):
+def _feeds(db: ZODB.DB) -> list[chatzeo.ChangeFeed]:
     """The ChangeFeeds registered with the database's MVCC adapter right now."""
     return [i for i in db._mvcc_storage._instances if isinstance(i, chatzeo.ChangeFeed)]
 
 
-def _open_connections(db) -> int:
+def _open_connections(db: ZODB.DB) -> int:
     return sum(1 for c in db.pool.all if c.opened is not None)
 
 
 @pytest.fixture
-def file_db(tmp_path):
+def file_db(tmp_path: Path) -> Iterator[ZODB.DB]:
     database = ZODB.DB(FileStorage(str(tmp_path / "app.fs")))
     manager = transaction.TransactionManager(explicit=True)
     connection = database.open(transaction_manager=manager)
@@ -39,7 +42,7 @@ def file_db(tmp_path):
     database.close()
 
 
-def _poster(db, room="lobby"):
+def _poster(db: ZODB.DB, room: str = "lobby") -> tuple[ChatSession, Connection]:
     """``room`` (created if needed) in a connection of its own, to post to with
     add_message (which commits through a private one)."""
     chatzeo.run_in_transaction(db, lambda c: get_root(c).room(room))

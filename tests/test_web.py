@@ -224,8 +224,10 @@ def test_a_terminal_send_shows_up_on_both_pages(site):
     )
     assert sent.returncode == 0, sent.stderr
     for browser in (site["alice"], site["bob"]):
-        wait_until("the terminal's message", lambda b=browser: "from the terminal" in _texts(b),
-                   timeout=20)
+        def arrived(at: Any = browser) -> bool:
+            return "from the terminal" in _texts(at)
+
+        wait_until("the terminal's message", arrived, timeout=20)
     from selenium.webdriver.common.by import By
 
     last = site["bob"].find_elements(By.CSS_SELECTOR, "#messages li")[-1]

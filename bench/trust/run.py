@@ -183,20 +183,20 @@ def _report(results: dict[str, Any], tls: bool, off: str = "plain runzeo") -> st
     ]
     for room in ("plain", "capped"):
         for mode in MODES:
-            r = results[f"{mode}/{room}"]
+            row = results[f"{mode}/{room}"]
             lines.append(
-                f"{room + ' checks ' + mode:16} {r['commit']['p50_ms']:10.2f} "
-                f"{r['commit']['p99_ms']:7.2f} {r['throughput_per_s']:8.0f} "
-                f"{r['delivery_burst']['p50_ms']:10.2f} {r['delivery_burst']['p99_ms']:7.2f} "
-                f"{r['delivery_paced']['p50_ms']:10.2f} {r['delivery_paced']['p99_ms']:7.2f}"
+                f"{room + ' checks ' + mode:16} {row['commit']['p50_ms']:10.2f} "
+                f"{row['commit']['p99_ms']:7.2f} {row['throughput_per_s']:8.0f} "
+                f"{row['delivery_burst']['p50_ms']:10.2f} {row['delivery_burst']['p99_ms']:7.2f} "
+                f"{row['delivery_paced']['p50_ms']:10.2f} {row['delivery_paced']['p99_ms']:7.2f}"
             )
-        on, off = results[f"on/{room}"], results[f"off/{room}"]
+        on, base = results[f"on/{room}"], results[f"off/{room}"]
         lines.append(
-            f"{room + ' on/off':16} {on['commit']['p50_ms'] / off['commit']['p50_ms']:10.2f} "
-            f"{on['commit']['p99_ms'] / off['commit']['p99_ms']:7.2f} "
-            f"{on['throughput_per_s'] / off['throughput_per_s']:8.2f} "
-            f"{on['delivery_burst']['p50_ms'] / off['delivery_burst']['p50_ms']:10.2f} "
-            f"{'':7} {on['delivery_paced']['p50_ms'] / off['delivery_paced']['p50_ms']:10.2f}"
+            f"{room + ' on/off':16} {on['commit']['p50_ms'] / base['commit']['p50_ms']:10.2f} "
+            f"{on['commit']['p99_ms'] / base['commit']['p99_ms']:7.2f} "
+            f"{on['throughput_per_s'] / base['throughput_per_s']:8.2f} "
+            f"{on['delivery_burst']['p50_ms'] / base['delivery_burst']['p50_ms']:10.2f} "
+            f"{'':7} {on['delivery_paced']['p50_ms'] / base['delivery_paced']['p50_ms']:10.2f}"
         )
     lines.append(
         "server CPU per post: checks on {:.3f} ms, off {:.3f} ms".format(
