@@ -31,6 +31,7 @@ import chatzeo
 from chatzeo.realm import get_root
 from chatzeo.testing import ServerProcess, percentile
 
+from .history import post_many
 from .stats import ms
 
 _BATCH = 10_000
@@ -55,12 +56,7 @@ def _build(path: Path, size: int) -> None:
     connection = db.open()
     room = get_root(connection).room(f"room-{size}")
     transaction.commit()
-    for index in range(size):
-        room.post(f"message {index}", "alice")
-        if (index + 1) % _BATCH == 0:
-            transaction.commit()
-            connection.cacheMinimize()
-    transaction.commit()
+    post_many(connection, room, size, "message", _BATCH)
     connection.close()
     db.close()
 

@@ -32,7 +32,7 @@ from chatzeo.testing import percentile
 
 from .seed import SeedChatSession, fill, seed_room
 
-__all__ = ["HistoryResult", "build", "measure", "room_name"]
+__all__ = ["HistoryResult", "build", "measure", "room_name", "post_many"]
 
 _BATCH = 100_000
 
@@ -45,6 +45,21 @@ class HistoryResult:
     new_iterations: int
     latest: float
     latest_iterations: int
+
+
+def post_many(
+    connection: ZODB.Connection.Connection, room: ChatSession, count: int, text: str,
+    batch: int,
+) -> None:
+    """Post ``count`` messages ``TEXT N`` by alice to ``room`` in the default transaction
+    manager, committing every ``batch`` and emptying ``connection``'s cache after each
+    commit, so that building a large room keeps memory flat."""
+    for index in range(count):
+        room.post(f"{text} {index}", "alice")
+        if (index + 1) % batch == 0:
+            transaction.commit()
+            connection.cacheMinimize()
+    transaction.commit()
 
 
 def room_name(size: int) -> str:
@@ -61,12 +76,7 @@ def build(path: Path, sizes: list[int], progress: Callable[[str], None]) -> None
             progress(f"history: building {size:,} messages")
             room = root.room(room_name(size))
             transaction.commit()
-            for index in range(size):
-                room.post(f"history message {index}", "alice")
-                if (index + 1) % _BATCH == 0:
-                    transaction.commit()
-                    connection.cacheMinimize()
-            transaction.commit()
+            post_many(connection, room, size, "history message", _BATCH)
             fill(seed_room(connection, room_name(size)), size, transaction.commit, _BATCH)
             connection.cacheMinimize()
         connection.close()
