@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -175,7 +174,8 @@ def write_server_config(
 
 # Every ServerProcess that may still run: killed at exit, so that a test process that
 # dies between start and stop (an interrupted run, a failing fixture) leaves none behind.
-_RUNNING: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
+# A strong set: a server dropped unstopped must still be found (and its Popen kept).
+_RUNNING: set[ServerProcess] = set()
 
 
 @atexit.register

@@ -112,7 +112,7 @@ def test_writer_killed_mid_commit_leaves_no_partial_message(tmp_path: Path) -> N
                 time.sleep(rng.uniform(0.0, 0.02))  # the random moment, not a wait for a state
             finally:
                 process.send_signal(signal.SIGKILL)
-                process.wait(10)
+                process.communicate(timeout=10)  # reaps it and closes its stderr pipe
             kills += 1
         log = lines(out)
         begun = {line.split()[1] for line in log if line.startswith("begin")}

@@ -234,7 +234,7 @@ def test_send_and_tail_with_a_postgres_uri(target, tmp_path):
         assert line.rstrip().endswith("<bob> hi")
     finally:
         tail.send_signal(signal.SIGINT)
-        tail.wait(30)
+        tail.communicate(timeout=30)  # reaps it and closes its pipes
 
 
 def test_a_writer_killed_mid_stream_loses_nothing_committed(target, tmp_path):

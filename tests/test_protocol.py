@@ -180,8 +180,11 @@ def test_an_old_file_with_a_hostile_extension_is_never_unpickled(
     storage.tpc_vote(hostile)
     storage.tpc_finish(hostile)
     db.close()
-    ext = [record.extension_bytes for record in FileStorage(
-        str(data / "chat.fs"), read_only=True).iterator()][-1]
+    written = FileStorage(str(data / "chat.fs"), read_only=True)
+    try:
+        ext = [record.extension_bytes for record in written.iterator()][-1]
+    finally:
+        written.close()
     assert ext.startswith(b"\x80") and stored_extension(ext) is None
     # check names the transaction without loading its extension.
     status, _out, err, _ = cli("check", str(data / "chat.fs"))
@@ -321,17 +324,30 @@ def test_pack_is_for_operators(served: Served) -> None:
 # -- a hung writer -------------------------------------------------------------------
 
 
-def hold_commit_lock(server: Served, name: str = "alice") -> Any:
-    """A writer that votes an honest post and never finishes: it holds the lock."""
-    db = open_db(server.address, ssl=server.context(name))
-    manager = transaction.TransactionManager()
-    connection = db.open(transaction_manager=manager)
-    get_root(connection).room("lobby").post("never finished", name)
-    txn = manager.get()
-    connection.tpc_begin(txn)
-    connection.commit(txn)
-    connection.tpc_vote(txn)
-    return db
+class HungWriter:
+    """A writer that votes an honest post and never finishes: it holds the lock until
+    the server's transaction timeout drops it."""
+
+    def __init__(self, server: Served, name: str) -> None:
+        self.db = open_db(server.address, ssl=server.context(name))
+        manager = transaction.TransactionManager()
+        connection = self.db.open(transaction_manager=manager)
+        get_root(connection).room("lobby").post("never finished", name)
+        self.txn = manager.get()
+        connection.tpc_begin(self.txn)
+        connection.commit(self.txn)
+        connection.tpc_vote(self.txn)
+
+    def close(self) -> None:
+        # The server dropped the transaction; what is left is the client's own buffer
+        # of it (a temporary file) and its local commit lock: tpc_end frees both.
+        self.db.storage.tpc_end(self.txn)
+        self.db.close()
+
+
+def hold_commit_lock(server: Served, name: str = "alice") -> HungWriter:
+    """A writer holding the commit lock (see `HungWriter`)."""
+    return HungWriter(server, name)
 
 
 def test_a_hung_writer_is_bounded(served: Served) -> None:

@@ -184,7 +184,7 @@ def test_pack_while_clients_write_and_read(server: ServerProcess, tmp_path: Path
             raise AssertionError(f"the tail saw {len(seen())} of 241: {err.decode()[-1500:]}")
     finally:
         tail.terminate()
-        tail.wait(15)
+        tail.communicate(timeout=15)  # reaps it and closes its stderr pipe
     ids = seen()[1:]
     assert sorted(ids) == sorted(acked)  # every message, once, to a reader across packs
     items = stored(server.address, "packed")
