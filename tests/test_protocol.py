@@ -337,11 +337,13 @@ class HungWriter:
         connection.tpc_begin(self.txn)
         connection.commit(self.txn)
         connection.tpc_vote(self.txn)
+        # What the storage knows this commit by (Connection.tpc_begin made it).
+        self.meta_data = self.txn.data(connection)
 
     def close(self) -> None:
         # The server dropped the transaction; what is left is the client's own buffer
         # of it (a temporary file) and its local commit lock: tpc_end frees both.
-        self.db.storage.tpc_end(self.txn)
+        self.db.storage.tpc_end(self.meta_data)
         self.db.close()
 
 
