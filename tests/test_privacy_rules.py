@@ -21,6 +21,7 @@ from ZODB.FileStorage import FileStorage
 from chatzeo.errors import InvalidInput
 from chatzeo.privacy import PrivateRoom, access_problem
 from chatzeo.realm import get_root
+from chatzeo.server.decoding import Ref, decode
 from chatzeo.server.identity import (
     Revocations,
     ensure_authority,
@@ -29,7 +30,6 @@ from chatzeo.server.identity import (
     revoke,
 )
 from chatzeo.server.readguard import ReadIndex
-from chatzeo.server.trust import Ref, decode
 
 Z64 = b"\0" * 8
 

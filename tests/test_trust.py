@@ -29,8 +29,9 @@ from chatzeo import open_db
 from chatzeo.client import ChatClient
 from chatzeo.errors import ProtocolViolation, TrustViolation
 from chatzeo.realm import ChatRoot, get_root
-from chatzeo.server.guard import identity_of
-from chatzeo.server.trust import TrustIndex, check_commit
+from chatzeo.server.index import TrustIndex
+from chatzeo.server.protocol import certificate_identity
+from chatzeo.server.rules import check_commit
 from chatzeo.session import FLUSH, ChatSession
 
 pytestmark = pytest.mark.timeout(120)
@@ -523,10 +524,10 @@ def test_the_identity_is_the_single_common_name():
     def cert(*subject: tuple[str, str]) -> dict[str, Any]:
         return {"subject": tuple((pair,) for pair in subject)}
 
-    assert identity_of(cert(("organizationName", "x"), ("commonName", "alice"))) == "alice"
-    assert identity_of(cert(("commonName", "alice"), ("commonName", "bob"))) is None
-    assert identity_of(cert(("organizationName", "x"))) is None
-    assert identity_of(None) is None
+    assert certificate_identity(cert(("organizationName", "x"), ("commonName", "alice"))) == "alice"
+    assert certificate_identity(cert(("commonName", "alice"), ("commonName", "bob"))) is None
+    assert certificate_identity(cert(("organizationName", "x"))) is None
+    assert certificate_identity(None) is None
 
 
 class RecordingStorage(FileStorage):

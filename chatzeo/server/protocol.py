@@ -296,7 +296,7 @@ def _shown(value: Any) -> str:
 # -- the per-connection handler ----------------------------------------------------
 
 
-class ChatZEOStorage(ZEOStorage):
+class ChatZEOStorage(ZEOStorage):  # type: ignore[misc]  # ZEO is untyped (Any)
     """ZEO's per-connection handler, accepting only the calls in `CALLS`.
 
     Refusals inside a transaction are remembered (`refuse_transaction`) and raised
@@ -305,6 +305,10 @@ class ChatZEOStorage(ZEOStorage):
     """
 
     log_label: str
+    # The connection's verified client certificate (`ssl.SSLSocket.getpeercert`'s
+    # form) and its name (`certificate_identity`), read once when it connects; the
+    # commit guard, the read guard and fan-out use these, and read neither again.
+    peercert: dict[str, Any] | None = None
     identity: str | None = None
     operator = False
     # The first refusal of the current transaction, and what it has buffered.
@@ -327,7 +331,8 @@ class ChatZEOStorage(ZEOStorage):
         transport = conn.sm_protocol.transport if conn.sm_protocol is not None else None
         extra = transport.get_extra_info if transport is not None else (lambda name: None)
         peer = extra("peername")
-        self.identity = certificate_identity(extra("peercert"))
+        self.peercert = extra("peercert")
+        self.identity = certificate_identity(self.peercert)
         tls = self.server.ssl is not None
         self.operator = (self.identity in self.policy.operators) if tls else _is_local(peer)
         # ZEO labels a connection by the server's own address; add the peer's.
@@ -403,7 +408,7 @@ class ChatZEOStorage(ZEOStorage):
 
     # -- transactions ------------------------------------------------------------
 
-    def tpc_begin(  # type: ignore[override]
+    def tpc_begin(
         self, id: Any, user: Any, description: Any, ext: Any, tid: Any = None, status: Any = " "
     ) -> None:
         fresh = self.transaction is None
@@ -560,7 +565,7 @@ class _FrameLimit:
             self.forward(b"".join(kept))
 
 
-class ChatServerProtocol(ServerProtocol):
+class ChatServerProtocol(ServerProtocol):  # type: ignore[misc]  # untyped, as above
     """ZEO's server protocol with chatzeo's frame limit, decoder, gate and close."""
 
     zeo_storage: ChatZEOStorage | None
@@ -569,7 +574,7 @@ class ChatServerProtocol(ServerProtocol):
         super().connection_made(transport)
         storage = self.zeo_storage
         assert storage is not None
-        self.data_received = _FrameLimit(  # type: ignore[method-assign]
+        self.data_received = _FrameLimit(
             self.sm_protocol.data_received,
             storage.limits.max_frame_bytes,
             storage.frame_too_large,
@@ -664,7 +669,7 @@ class ChatServerProtocol(ServerProtocol):
         return closing
 
 
-class ChatAcceptor(Acceptor):
+class ChatAcceptor(Acceptor):  # type: ignore[misc]  # untyped, as above
     """ZEO's acceptor, making a `ChatServerProtocol` for each connection."""
 
     def factory(self) -> ChatServerProtocol:
@@ -672,7 +677,7 @@ class ChatAcceptor(Acceptor):
         return ChatServerProtocol(self.event_loop, self.addr, storage, self.msgpack)
 
 
-class ChatStorageServer(StorageServer):
+class ChatStorageServer(StorageServer):  # type: ignore[misc]  # untyped, as above
     """ZEO's `StorageServer` serving `ChatZEOStorage` handlers under ``policy``."""
 
     def __init__(self, address: Any, storages: dict[str, Any], *, policy: ServerPolicy,
