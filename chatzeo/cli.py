@@ -485,7 +485,7 @@ def _authority(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _invite(args: argparse.Namespace) -> int:
-    from .server.identity import IDENTITY_SUFFIX, issue
+    from .server.identity import IDENTITY_SUFFIX, issue, save_identity
 
     user = check_user_name(args.user)
     authority, config = _authority(args)
@@ -496,10 +496,8 @@ def _invite(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{user}{IDENTITY_SUFFIX}")
     if out.exists():
         raise InvalidInput(f"{out} exists already; remove it or pass --out FILE")
-    from .server.identity import _write
-
     text, serial = issue(authority, user, server=address)
-    _write(out, text, 0o600, exclusive=True)
+    save_identity(out, text)
     print(f"wrote {out} for {user} (certificate {serial}); give it to {user} privately:")
     print(f"  chatzeo chat --identity {out}")
     return EXIT_OK
