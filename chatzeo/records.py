@@ -3,7 +3,7 @@
 Every client of a ZEO server can store any state, so the shapes below are a
 contract that three parties check against this module, and only this module:
 
-- the server (`chatzeo.server.trust`, run by every `chatzeo serve`) refuses a commit
+- the server (`chatzeo.server.rules`, run by every `chatzeo serve`) refuses a commit
   whose records break it;
 - readers (`chatzeo.message.Message.from_record`, `chatzeo.session`,
   `chatzeo.realm`, `chatzeo.client`) turn a record that breaks it, stored before

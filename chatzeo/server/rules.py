@@ -442,7 +442,7 @@ class CommitRules:
         for owner, clock in self.clocks.items():
             self._schema_clock(owner, clock)
 
-    def _problem(self, problem: str | None) -> None:
+    def _schema_problem(self, problem: str | None) -> None:
         """Refuse under ``schema`` if ``problem`` (a `chatzeo.records` finding)."""
         if problem is not None:
             self.refuse("schema", problem)
@@ -450,7 +450,7 @@ class CommitRules:
     def _schema_object(self, record: _Record) -> None:
         check = _OBJECT_RULES.get(record.kind)
         if check is not None:
-            self._problem(check(record.new_state))
+            self._schema_problem(check(record.new_state))
 
     def _schema_items(self, record: _Record) -> None:
         """Every key (and separator) of a written node or bucket has its tree's key
@@ -465,21 +465,21 @@ class CommitRules:
         before = {(type(key), key) for key in (*old.keys, *old.separators.values())}
         for key in (*new.keys, *(k for k in new.separators.values() if k is not None)):
             if (type(key), key) not in before:
-                self._problem(key_rule(key))
+                self._schema_problem(key_rule(key))
         value_rule = _VALUE_RULES.get(record.kind)
         if value_rule is None:
             return
         kept = old.items
         for key, value in new.items.items():
             if not (key in kept and _same(kept[key], value)):
-                self._problem(value_rule(key, value))
+                self._schema_problem(value_rule(key, value))
 
     def _schema_expiries(self, role: Role, group: _Group) -> None:
         """A lease or presence entry written expires at most a lease ahead (its
         shape is `_schema_items`')."""
         if role[0] in ("leases", "presence"):
             for value in group.written():
-                self._problem(records.expiry_problem(value[1], self.now, self.index.lease_seconds))
+                self._schema_problem(records.expiry_problem(value[1], self.now, self.index.lease_seconds))
 
     def _schema_lease_count(self, owner: str, group: _Group) -> None:
         """A commit that adds a lease leaves its user at most ``max_connections``
@@ -512,7 +512,7 @@ class CommitRules:
         """A room clock's fields, and every message it adds, keep their shapes. Keys
         strictly increase in both states (the old one was checked when it was
         written, unless it came from before this server: then it is checked now)."""
-        self._problem(records.clock_problem(clock.new_state, messages=False))
+        self._schema_problem(records.clock_problem(clock.new_state, messages=False))
         if not (clock.is_new or clock.old_checked) and records.clock_problem(
             clock.old_state, messages=False
         ) is not None:
