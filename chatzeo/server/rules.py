@@ -478,8 +478,9 @@ class CommitRules:
         """A lease or presence entry written expires at most a lease ahead (its
         shape is `_schema_items`')."""
         if role[0] in ("leases", "presence"):
+            lease = self.index.lease_seconds
             for value in group.written():
-                self._schema_problem(records.expiry_problem(value[1], self.now, self.index.lease_seconds))
+                self._schema_problem(records.expiry_problem(value[1], self.now, lease))
 
     def _schema_lease_count(self, owner: str, group: _Group) -> None:
         """A commit that adds a lease leaves its user at most ``max_connections``
