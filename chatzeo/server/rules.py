@@ -225,6 +225,7 @@ class _ClockChange:
 
 
 _FRESH_CLOCK = {"head": 0, "count": 0, "flushed": 0, "total": 0}
+_NO_TREE = _Group()  # a room's tree this commit does not write; never written to
 
 
 class CommitRules:
@@ -255,8 +256,9 @@ class CommitRules:
         self.records = {oid: _Record(oid, serial, data) for oid, serial, data in stores}
         self.update = IndexUpdate()
         self.shapes: dict[bytes, tuple[Shape, Shape]] = {}
-        self.objects: list[_Record] = []  # checked records that are not trees or clocks
+        self.objects: dict[str, list[_Record]] = {}  # kind -> the records of single objects
         self.groups: dict[Role, _Group] = {}
+        self.trees: dict[str, list[tuple[Any, _Group]]] = {}  # kind -> (owner, its tree)
         self.clocks: dict[bytes, _Record] = {}  # room oid -> its clock's record
         self.changes: dict[bytes, _ClockChange] = {}  # room oid -> what its clock says
 
@@ -390,11 +392,15 @@ class CommitRules:
             if record.role is None:
                 continue
             if record.kind in TREE_KINDS:
-                self.groups.setdefault(record.role, _Group()).records.append(record)
+                group = self.groups.get(record.role)
+                if group is None:
+                    group = self.groups[record.role] = _Group()
+                    self.trees.setdefault(record.kind, []).append((record.owner, group))
+                group.records.append(record)
             elif record.kind == "clock":
                 self.clocks[record.owner] = record
             else:
-                self.objects.append(record)
+                self.objects.setdefault(record.kind, []).append(record)
         for group in self.groups.values():
             self._account(group)
 
@@ -409,11 +415,11 @@ class CommitRules:
             if before != after:
                 group.changed[key] = (before, after)
 
-    def _of_kind(self, kind: str) -> Iterator[_Record]:
-        return (record for record in self.objects if record.kind == kind)
+    def _of_kind(self, kind: str) -> list[_Record]:
+        return self.objects.get(kind, [])
 
-    def _groups_of(self, kind: str) -> Iterator[tuple[Any, _Group]]:
-        return ((role[1], group) for role, group in self.groups.items() if role[0] == kind)
+    def _groups_of(self, kind: str) -> list[tuple[Any, _Group]]:
+        return self.trees.get(kind, [])
 
     # -- identity ------------------------------------------------------------------
 
@@ -430,8 +436,9 @@ class CommitRules:
 
     def schema(self) -> None:
         """Every checked record keeps `chatzeo.records`' shapes (module docstring)."""
-        for record in self.objects:
-            self._schema_object(record)
+        for of_kind in self.objects.values():
+            for record in of_kind:
+                self._schema_object(record)
         for role, group in self.groups.items():
             for record in group.records:
                 self._schema_items(record)
@@ -526,7 +533,7 @@ class CommitRules:
 
     def _clock_change(self, owner: bytes, clock: _Record) -> _ClockChange:
         """What a well-formed clock and its room's tree say this commit does."""
-        tree = self.groups.get(("messages", owner), _Group())
+        tree = self.groups.get(("messages", owner), _NO_TREE)
         old: dict[str, Any] = _FRESH_CLOCK if clock.is_new else clock.old_state
         new: dict[str, Any] = clock.new_state
         old_entries = old.get("pending", ())
@@ -803,7 +810,7 @@ class CommitRules:
     def _history_flush(self, change: _ClockChange) -> None:
         """Messages put in the tree lie below the pending ones and at most at the
         clock's ``flushed`` mark, which moves only with them."""
-        into_tree = self.groups.get(("messages", change.owner), _Group()).added
+        into_tree = self.groups.get(("messages", change.owner), _NO_TREE).added
         flushed = change.new.get("flushed")
         if into_tree:
             top = max(into_tree)
