@@ -296,7 +296,7 @@ def _shown(value: Any) -> str:
 # -- the per-connection handler ----------------------------------------------------
 
 
-class ChatZEOStorage(ZEOStorage):  # type: ignore[misc]  # ZEO is untyped (Any)
+class ChatZEOStorage(ZEOStorage):
     """ZEO's per-connection handler, accepting only the calls in `CALLS`.
 
     Refusals inside a transaction are remembered (`refuse_transaction`) and raised
@@ -565,7 +565,7 @@ class _FrameLimit:
             self.forward(b"".join(kept))
 
 
-class ChatServerProtocol(ServerProtocol):  # type: ignore[misc]  # untyped, as above
+class ChatServerProtocol(ServerProtocol):
     """ZEO's server protocol with chatzeo's frame limit, decoder, gate and close."""
 
     zeo_storage: ChatZEOStorage | None
@@ -669,7 +669,7 @@ class ChatServerProtocol(ServerProtocol):  # type: ignore[misc]  # untyped, as a
         return closing
 
 
-class ChatAcceptor(Acceptor):  # type: ignore[misc]  # untyped, as above
+class ChatAcceptor(Acceptor):
     """ZEO's acceptor, making a `ChatServerProtocol` for each connection."""
 
     def factory(self) -> ChatServerProtocol:
@@ -677,7 +677,7 @@ class ChatAcceptor(Acceptor):  # type: ignore[misc]  # untyped, as above
         return ChatServerProtocol(self.event_loop, self.addr, storage, self.msgpack)
 
 
-class ChatStorageServer(StorageServer):  # type: ignore[misc]  # untyped, as above
+class ChatStorageServer(StorageServer):
     """ZEO's `StorageServer` serving `ChatZEOStorage` handlers under ``policy``."""
 
     def __init__(self, address: Any, storages: dict[str, Any], *, policy: ServerPolicy,
