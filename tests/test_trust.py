@@ -675,6 +675,9 @@ def test_every_rule_is_a_method_whose_refusals_name_it():
         assert callable(getattr(CommitRules, name)), name
         assert f"``{name}``" in (rules.__doc__ or ""), name
         assert f"| `{name}` |" in table, name
+    # The table lists them in the order they are applied, as it says.
+    rows = [table.index(f"| `{name}` |") for name in RULES]
+    assert rows == sorted(rows)
     source = ast.parse(Path(rules.__file__).read_text())
     methods = next(node for node in source.body
                    if isinstance(node, ast.ClassDef) and node.name == "CommitRules").body
