@@ -44,10 +44,8 @@ from chatzeo.terminal.commands import (
     parse,
 )
 from chatzeo.terminal.display import OWN_MARK, message_line, prompt_text, stamp, status_text
-from chatzeo.terminal.sanitize import is_clean
-from chatzeo.terminal.worker import (
+from chatzeo.terminal.events import (
     Arrived,
-    ClientWorker,
     Earlier,
     EarlierPage,
     Event,
@@ -58,6 +56,8 @@ from chatzeo.terminal.worker import (
     Outgoing,
     Problem,
 )
+from chatzeo.terminal.sanitize import is_clean
+from chatzeo.terminal.worker import ClientWorker
 from chatzeo.validation import MAX_MESSAGE_BYTES, check_text
 
 ESCAPES = "\x1b]2;PWNED\x07\x1b[2J\x9b31m\u202e"

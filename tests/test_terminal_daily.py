@@ -16,7 +16,7 @@ from chatzeo.terminal.app import ChatScreen
 from chatzeo.terminal.commands import Bell, Part, Switch, Topic, parse
 from chatzeo.terminal.completion import ChatCompleter
 from chatzeo.terminal.display import catch_up_lines, message_lines, status_text
-from chatzeo.terminal.worker import Activity, Arrived, Joined, PresenceChanged
+from chatzeo.terminal.events import Activity, Arrived, Joined, PresenceChanged
 
 
 def _text(line) -> str:

@@ -105,11 +105,9 @@ from .display import (
     status_text,
 )
 from .editing import GraphemeWidths, grapheme_bindings
-from .sanitize import clean
-from .worker import (
+from .events import (
     Activity,
     Arrived,
-    ClientWorker,
     ConnectionChanged,
     Earlier,
     EarlierPage,
@@ -126,6 +124,8 @@ from .worker import (
     Request,
     TopicChanged,
 )
+from .sanitize import clean
+from .worker import ClientWorker
 
 __all__ = ["ChatScreen", "chat", "run_chat", "print_lines"]
 

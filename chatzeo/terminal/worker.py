@@ -38,12 +38,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..client import CatchUp, ChatClient
 from ..errors import NotAMember, RetryLimitExceeded
-from ..message import Message, MessageKind
-from ..unread import RoomUnread
+from ..message import Message
 from .commands import (
     Create,
     Invite,
@@ -54,36 +52,33 @@ from .commands import (
     Msg,
     Part,
     Query,
-    Rooms,
     Switch,
     Topic,
     Who,
 )
 from .display import plural
+from .events import (
+    Activity,
+    Arrived,
+    ConnectionChanged,
+    Earlier,
+    EarlierPage,
+    Event,
+    Joined,
+    Landed,
+    MentionList,
+    Notice,
+    NotSent,
+    Outgoing,
+    Parted,
+    PresenceChanged,
+    Problem,
+    Request,
+    TopicChanged,
+)
 from .sanitize import clean
 
-__all__ = [
-    "ClientWorker",
-    "Outgoing",
-    "Earlier",
-    "Request",
-    "Event",
-    "Joined",
-    "Arrived",
-    "Landed",
-    "NotSent",
-    "EarlierPage",
-    "Notice",
-    "Problem",
-    "Parted",
-    "Activity",
-    "PresenceChanged",
-    "TopicChanged",
-    "ConnectionChanged",
-    "MentionList",
-    "HISTORY_PAGE",
-    "CATCH_UP",
-]
+__all__ = ["ClientWorker", "HISTORY_PAGE", "CATCH_UP"]
 
 log = logging.getLogger(__name__)
 
@@ -93,161 +88,6 @@ HISTORY_PAGE = 50
 CATCH_UP = 200
 # Switching to a room with nothing new shows its last few messages for context.
 SWITCH_CONTEXT = 10
-
-
-# -- requests: UI thread -> worker ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to post; ``id`` is the UI's handle on it while it is pending."""
-
-    id: int
-    text: str
-    kind: MessageKind = "say"
-
-
-@dataclass(frozen=True)
-class Earlier:
-    """Fetch the ``count`` messages before ``before`` in the current room."""
-
-    count: int
-    before: Message
-
-
-Request = (
-    Outgoing | Earlier | Join | Rooms | Who | Switch | Part | Topic | Mentions
-    | Create | Invite | Kick | Members | Msg | Query
-)
-
-
-# -- events: worker -> UI thread -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Joined:
-    """Now in ``room`` (just opened, or ``switched`` to); ``page`` holds its latest
-    history, oldest first, or when ``new`` messages came since the user's read
-    marker, the newest `CATCH_UP` of those; ``lost`` more were removed by retention
-    before they were read. ``topic`` is the room's, as `ChatClient.topic` gives it;
-    ``rooms`` every room open now, in order (keys of `ChatClient.open_rooms`: a
-    private room's is its label). ``shown`` is how the room is named on screen
-    (``#lobby``, ``#plans (private)``, ``@bob``)."""
-
-    room: str
-    page: tuple[Message, ...]
-    new: int = 0
-    lost: int = 0
-    topic: tuple[str, str, float] | None = None
-    switched: bool = False
-    rooms: tuple[str, ...] = ()
-    shown: str = field(default="", compare=False)
-
-
-@dataclass(frozen=True)
-class Parted:
-    """``room`` is closed; ``rooms`` are the ones still open."""
-
-    room: str
-    rooms: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Activity:
-    """Unread state of the other open rooms as stored (at start: what came while
-    away); ``known`` names every room on the server (for completion)."""
-
-    rooms: tuple[RoomUnread, ...]
-    known: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class PresenceChanged:
-    """In ``room``, ``came`` are now present and ``parted`` left it (still online
-    elsewhere); ``present`` is everyone there now. With ``room`` "", ``quit`` names
-    those who left the chat (no live connection any more) from any open room."""
-
-    room: str
-    came: tuple[str, ...] = ()
-    parted: tuple[str, ...] = ()
-    quit: tuple[str, ...] = ()
-    present: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TopicChanged:
-    """Someone (``topic[1]``) changed the topic of ``room``."""
-
-    room: str
-    topic: tuple[str, str, float] | None
-
-
-@dataclass(frozen=True)
-class ConnectionChanged:
-    """The connection to the server was lost (``up`` False) or is back."""
-
-    up: bool
-
-
-@dataclass(frozen=True)
-class MentionList:
-    """The answer to `Mentions`: the latest messages mentioning the user, oldest first."""
-
-    messages: tuple[Message, ...]
-
-
-@dataclass(frozen=True)
-class Arrived:
-    """New messages, oldest first per room: the current room's to be shown, the
-    others' to be counted (each message names its room)."""
-
-    messages: tuple[Message, ...]
-
-
-@dataclass(frozen=True)
-class Landed:
-    """Outgoing message ``id`` is stored, as the message whose id is ``stored``;
-    ``messages`` are what arrived up to it."""
-
-    id: int
-    messages: tuple[Message, ...]
-    stored: str | None = None
-
-
-@dataclass(frozen=True)
-class NotSent:
-    """Outgoing message ``id`` was given up; ``reason`` says why, in one line."""
-
-    id: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class EarlierPage:
-    """The answer to `Earlier`: the messages before ``before``, oldest first."""
-
-    before: Message
-    messages: tuple[Message, ...]
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Lines of information (``/who``, ``/rooms``)."""
-
-    lines: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A request failed; ``text`` says why, in one line."""
-
-    text: str
-
-
-Event = (
-    Joined | Arrived | Landed | NotSent | EarlierPage | Notice | Problem | Parted | Activity
-    | PresenceChanged | TopicChanged | ConnectionChanged | MentionList
-)
 
 
 class ClientWorker:
