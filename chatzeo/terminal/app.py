@@ -57,20 +57,32 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.application import get_app, get_app_or_none
 from prompt_toolkit.buffer import Buffer
-from prompt_toolkit.filters import Condition
-from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
+from prompt_toolkit.filters import Condition, is_done
+from prompt_toolkit.formatted_text import (
+    FormattedText,
+    StyleAndTextTuples,
+)
 from prompt_toolkit.key_binding import (
     KeyBindings,
     KeyBindingsBase,
     KeyPressEvent,
     merge_key_bindings,
 )
+from prompt_toolkit.layout import (
+    ConditionalContainer,
+    Dimension,
+    FormattedTextControl,
+    HSplit,
+    Window,
+)
+from prompt_toolkit.layout.screen import Char, Screen
 from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.renderer import CPR_Support
 from prompt_toolkit.renderer import print_formatted_text as render_text
 
 from ..client import ChatClient
@@ -610,10 +622,112 @@ async def _prompt_loop(screen: ChatScreen) -> None:
         return screen.keep_input
 
     session.default_buffer.accept_handler = accept
+    _status_under_the_input(session, screen.status)
     with patch_stdout(), contextlib.suppress(EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
-        await session.prompt_async(
-            screen.prompt, bottom_toolbar=screen.status, refresh_interval=REFRESH_SECONDS
-        )
+        await session.prompt_async(screen.prompt, refresh_interval=REFRESH_SECONDS)
+
+
+def _status_under_the_input(
+    session: PromptSession[str], status: Callable[[], FormattedText]
+) -> None:
+    """Draw the status bar on the row right under the input, and redraw after a
+    resize where the re-wrapped terminal left the input, so that resizing leaves
+    no copy of the prompt or the bar in the scrollback.
+
+    What went wrong (seen in tmux 3.3a, which re-wraps its lines on a resize and
+    keeps the rows below the cursor at the bottom of the screen; when the cursor's
+    own row is pushed into the scrollback it puts the cursor at the top left):
+
+    - prompt_toolkit's ``bottom_toolbar`` asks where the cursor is (CPR) and
+      stretches the prompt to the last row of the screen, so a screenful of written
+      rows lies below the cursor; a narrower terminal pushes rows into the
+      scrollback until the cursor's row goes too, and the erase-and-redraw that
+      follows starts below the old prompt: a screenful of copies per resize.
+    - A bar filled to the full width with its background is one long line: narrowed,
+      it takes several rows below the cursor, which moves the cursor up for good
+      (the redrawn bar takes one row again); resize after resize the prompt climbs
+      to the top row and then into the scrollback.
+
+    So: no CPR (its only use here is that stretch), the bar as a window of the
+    prompt's own layout (``bottom_toolbar`` hides while the height below the cursor
+    is unknown, i.e. always without CPR), coloured only as far as its text (the rest
+    of its row is blank to the terminal and never re-wraps), and on a resize the
+    erase starts where the re-wrapped prompt starts now and the redraw as many rows
+    lower as the rows below the cursor grew (`_rewrapped`), which puts the prompt
+    back on the row it had (tests/test_tmux.py
+    ``test_resizing_leaves_no_stale_prompt_in_the_scrollback``).
+    """
+    app = session.app
+    drawn = [0]  # the terminal's columns when the prompt was last drawn
+
+    def bar() -> FormattedText:
+        drawn[0] = app.output.get_size().columns
+        return FormattedText([(f"class:bottom-toolbar {style}", part)
+                              for style, part, *_ in status()])
+
+    redraw = app._on_resize
+
+    def on_resize() -> None:
+        screen, renderer = app.renderer.last_rendered_screen, app.renderer
+        columns = max(app.output.get_size().columns, 1)
+        if screen is not None and drawn[0] and columns != drawn[0]:
+            # prompt_toolkit keeps no public account of where it left the cursor.
+            cursor = renderer._cursor_pos
+            up, down = _rewrapped(_row_widths(screen), cursor.y, cursor.x, columns)
+            output = app.output
+            output.write_raw("\r")
+            output.cursor_up(up)
+            output.erase_down()
+            output.cursor_down(down)
+            output.flush()
+            renderer.reset(leave_alternate_screen=False)  # the cursor is where it draws
+        drawn[0] = 0  # a second report of the same resize moves nothing
+        redraw()  # erases nothing more (the cursor is where the prompt starts), draws
+
+    setattr(app, "_on_resize", on_resize)  # noqa: B010 (read by the running app; see above)
+    app.renderer.cpr_support = CPR_Support.NOT_SUPPORTED
+    root = session.layout.container
+    assert isinstance(root, HSplit)  # PromptSession's layout: input, toolbars
+    root.children.append(ConditionalContainer(
+        Window(FormattedTextControl(bar), dont_extend_height=True, height=Dimension(min=1)),
+        filter=~is_done,
+    ))
+
+
+def _row_widths(screen: Screen) -> list[int]:
+    """The columns each row of a drawn prompt takes in the terminal: up to its last
+    character other than an unstyled space (the terminal keeps no trailing blanks;
+    prompt_toolkit fills the rest of a row with spaces it never writes)."""
+    widths = []
+    for y in range(screen.height):
+        row: Mapping[int, Char] = screen.data_buffer.get(y, {})
+        used = [x + max(char.width, 1) for x, char in row.items()
+                if char.char != " " or "class:" in char.style.replace("class:last-line", "")]
+        widths.append(max(used, default=0))
+    return widths
+
+
+def _rewrapped(widths: Sequence[int], row: int, column: int, columns: int) -> tuple[int, int]:
+    """Where a prompt drawn as rows ``widths`` wide, with the cursor at ``column``
+    of ``row``, is after a terminal re-wrapped each row to ``columns``:
+    ``(up, down)``, the rows from the cursor's row up to the prompt's first one now,
+    and then the rows down to the one it started on before. A terminal that wraps
+    lines narrower keeps its last rows at the bottom of the screen, so the cursor
+    moved up by what the rows below it grew; drawn where it starts now, the prompt
+    would climb with every resize until the cursor's row left the screen.
+    Widened, nothing below grows, and it is drawn where it starts."""
+
+    def rows(width: int) -> int:
+        return max(1, -(-width // columns))
+
+    if not widths:
+        return 0, 0
+    row = min(max(row, 0), len(widths) - 1)
+    inside = min(column // columns, rows(widths[row]) - 1)  # the cursor's row of its line
+    up = sum(rows(width) for width in widths[:row]) + inside
+    below = rows(widths[row]) - 1 - inside + sum(rows(width) for width in widths[row + 1:])
+    grown = below - (len(widths) - 1 - row)
+    return up, max(grown + up - row, 0)
 
 
 def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
