@@ -32,6 +32,7 @@ from .errors import ChatError, InvalidInput, InvalidName, NoSuchRoom
 from .message import Message
 from .reach import open_for_command
 from .retry import RetryPolicy, is_transient
+from .terminal.display import plain_line
 from .terminal.sanitize import clean
 from .validation import (
     MAX_MESSAGE_BYTES,
@@ -56,13 +57,9 @@ WAITED_HISTORY = 10_000
 
 
 def format_line(message: Message) -> str:
-    """One message as a plain, terminal-safe line: ``HH:MM:SS <author> text``."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(message.time))
-    author = clean(message.author or "anonymous")
-    text = clean(message.text)
-    if message.kind == "action":
-        return f"{stamp} * {author} {text}"
-    return f"{stamp} <{author}> {text}"
+    """One message as a plain, terminal-safe line: ``HH:MM:SS <author> text``, dated
+    when it is not from today (the terminal's formatter, `plain_line`)."""
+    return plain_line(message, time.time())
 
 
 def default_name() -> str:

@@ -152,6 +152,26 @@ def test_message_line_shows_time_author_text_and_marks_own() -> None:
     assert text_of(message_line(message("x", None), False, now)).endswith("<anonymous> x")
 
 
+def test_scripts_get_the_terminal_line_without_its_marks() -> None:
+    """`chatzeo tail`/`history` print what the terminal draws, from the same
+    formatter, minus the mark column: own and mention marks mean nothing there."""
+    from chatzeo.cli import format_line
+    from chatzeo.terminal.display import plain_line
+
+    now = time.time()
+    said = message(f"hi @alice {ESCAPES}", "bob", int(now * 1_000_000))
+    drawn = text_of(message_line(said, False, now, mention=True))
+    assert format_line(said) == plain_line(said, now)
+    assert format_line(said) == drawn.replace(" ! ", " ", 1)
+    assert format_line(said).startswith(f"{stamp(now, now)} <bob> hi @alice ")
+    assert is_clean(format_line(said))
+    action = Message("0" * 32, "lobby", int(now * 1_000_000), "bob", "waves", "action")
+    assert format_line(action) == f"{stamp(now, now)} * bob waves"
+    old = message("before", "bob", int((now - 3 * 86400) * 1_000_000))
+    assert format_line(old) == f"{stamp(now - 3 * 86400, now)} <bob> before"
+    assert len(format_line(old).split(" <bob>")[0]) == len("2026-11-21 12:00:00")
+
+
 def test_stamp_adds_the_date_for_an_older_day() -> None:
     now = time.mktime((2026, 11, 23, 12, 0, 0, 0, 0, -1))
     assert stamp(now - 60, now) == "11:59:00"

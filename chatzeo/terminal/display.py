@@ -29,6 +29,7 @@ __all__ = [
     "STYLE",
     "OWN_MARK",
     "message_line",
+    "plain_line",
     "info_line",
     "error_line",
     "prompt_text",
@@ -112,20 +113,30 @@ def message_lines(
 
 
 def message_line(
-    message: Message, own: bool, now: float, mention: bool = False, text: str | None = None
+    message: Message,
+    own: bool,
+    now: float,
+    mention: bool = False,
+    text: str | None = None,
+    *,
+    marks: bool = True,
 ) -> FormattedText:
     """One message: time, a mark if this connection sent it, author and text, all
     sanitized. "Own" is decided by the caller from the ids it sent, never by the
     author name (anyone may use any name without TLS). A message that mentions
     the reader is highlighted, and marked with ``!`` for terminals without colour.
-    ``text`` replaces the message's text (its first line, for `message_lines`)."""
+    ``text`` replaces the message's text (its first line, for `message_lines`).
+    Without ``marks`` the mark column is left out (``HH:MM:SS <bob> hi``: the
+    scriptable commands' line, `plain_line`)."""
     author = clean(message.author or "anonymous")
     text = clean(message.text if text is None else text)
     fragments: list[tuple[str, str]] = [
         ("class:time", stamp(message.time, now)),
         ("class:own" if own else "", f" {OWN_MARK if own else _OTHER_MARK} "),
     ]
-    if mention and not own:
+    if not marks:
+        fragments[1] = ("", " ")
+    elif mention and not own:
         fragments[1] = ("class:mention", " ! ")
     author_style = "class:own" if own else "class:author"
     text_style = "class:own-text" if own else ("class:mention" if mention else "")
@@ -138,6 +149,13 @@ def message_line(
     else:
         fragments += [(author_style, f"<{author}>"), (text_style, f" {text}")]
     return FormattedText(fragments)
+
+
+def plain_line(message: Message, now: float) -> str:
+    """`message_line` as plain, terminal-safe text without marks, for commands whose
+    output goes to scripts and pipes (``chatzeo tail``, ``history``):
+    ``HH:MM:SS <author> text``, the date in front for a message not from today."""
+    return "".join(text for _, text, *_ in message_line(message, False, now, marks=False))
 
 
 def info_line(text: str) -> FormattedText:
