@@ -516,7 +516,13 @@ def _revoke(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from .terminal.app import run_chat
 
-    return run_chat(args)
+    user, room = check_user_name(args.name), check_room_name(args.room)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
+    # Said at once, so a slow or absent server is never a blank screen.
+    print(f"chatzeo: connecting to {clean(str(args.server))} as {user}...", flush=True)
+    db = open_for_command(args.server, args.wait, _tls(args), _cert(args))
+    return run_chat(db, user, room, str(args.server), bell=not args.no_bell)  # closes db
 
 
 def _send(args: argparse.Namespace) -> int:

@@ -50,11 +50,9 @@ Threads
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -84,14 +82,12 @@ from prompt_toolkit.layout.screen import Char, Screen
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.renderer import CPR_Support
 from prompt_toolkit.renderer import print_formatted_text as render_text
+from ZODB import DB
 
 from ..client import ChatClient
-from ..errors import ChatError, InvalidInput
+from ..errors import InvalidInput
 from ..message import Message
-from ..reach import open_for_command
-from ..tls import TLS_ENVIRONMENT, context_from_options
 from ..unread import mention_pattern, mentions
-from ..validation import check_room_name, check_user_name
 from .commands import (
     HELP,
     Bell,
@@ -821,25 +817,14 @@ async def chat(
     return finished
 
 
-def run_chat(args: argparse.Namespace) -> int:
-    """`chatzeo chat`: ``args`` has ``server``, ``wait``, ``room`` and ``name``."""
-    user = check_user_name(args.name)
-    room = check_room_name(args.room)
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
-    tls = getattr(args, "ssl_context", None) or context_from_options(
-        args.tls_cert, args.tls_key, args.tls_ca)
-    # Said at once, so a slow or absent server is never a blank screen.
-    print(f"chatzeo: connecting to {clean(str(args.server))} as {user}...", flush=True)
-    cert = args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"]) or getattr(
-        args, "identity", None)
-    db = open_for_command(args.server, args.wait, tls, cert)
+def run_chat(db: DB, user: str, room: str, server: str, *, bell: bool = True) -> int:
+    """`chatzeo chat` on ``db``, which the command line opened (with its TLS
+    settings) and this takes over: closed when the chat ends, unless the worker is
+    still using it (then exiting the process ends both). ``user`` and ``room`` are
+    checked names; ``server`` is how the server is shown. Returns the exit status."""
     finished = True
     try:
-        finished = asyncio.run(chat(
-            lambda: ChatClient(db, user), user, room, str(args.server),
-            bell=not getattr(args, "no_bell", False),
-        ))
+        finished = asyncio.run(chat(lambda: ChatClient(db, user), user, room, server, bell=bell))
     finally:
         if finished:  # otherwise the worker still uses it; exiting ends it
             db.close()
