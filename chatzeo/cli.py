@@ -37,8 +37,8 @@ from .terminal.sanitize import clean
 from .validation import (
     MAX_MESSAGE_BYTES,
     check_room_name,
-    check_text,
     check_user_name,
+    checked_text,
     decode_text,
 )
 
@@ -533,18 +533,18 @@ def _send(args: argparse.Namespace) -> int:
               f"{example}", file=sys.stderr)
         return EXIT_USAGE
     args.text = args.text[0]
+    # Checked once, here, before connecting: a bad message never costs a round trip,
+    # and the checked text is stored without checking it again.
     if args.text == "-":
-        data = sys.stdin.buffer.read(MAX_MESSAGE_BYTES * 4 + 1)
-        text = decode_text(data)
+        text = decode_text(sys.stdin.buffer.read(MAX_MESSAGE_BYTES * 4 + 1))
     else:
-        text = args.text
-    # Validate before connecting: a bad message never costs a round trip.
-    text, room = check_text(text), check_room_name(args.room)
+        text = checked_text(args.text)
+    room = check_room_name(args.room)
     name = check_user_name(args.name)
 
     def send(client: ChatClient) -> int:
         client.join(room, history=0)
-        client.send(text)
+        client.send(text, read_back=False)  # nothing is printed: its key is not needed
         return EXIT_OK
 
     return _with_client(args, send, user=name)

@@ -372,10 +372,84 @@ def test_worker_joins_sends_receives_and_answers(memory_db: ZODB.DB) -> None:
     other.close()
 
 
+def test_a_send_is_checked_once_sent_once_and_read_back_once(
+    memory_db: ZODB.DB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data path reads forward: a typed line is checked where it is parsed, the
+    worker posts it once and reads it back once (the receive that shows it, not
+    also a look-up after the commit); a request wakes the worker without looking
+    like a commit to its rooms."""
+    import chatzeo.session as session_module
+    from chatzeo.session import ChatSession
+
+    counts: dict[str, int] = {"check": 0, "find": 0, "new": 0, "insert": 0}
+    real_check = session_module.plain_text
+
+    def counting(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    worker, events, _ = start_worker(lambda: ChatClient(memory_db, "alice"))
+    try:
+        wait_until("the worker settled", lambda: worker.is_connected())
+        said = parse("hello once")
+        assert isinstance(said, Say)
+        monkeypatch.setattr(session_module, "check_text", counting("check", real_check),
+                            raising=False)
+        monkeypatch.setattr(ChatSession, "_find", counting("find", ChatSession._find))
+        monkeypatch.setattr(ChatSession, "new_messages",
+                            counting("new", ChatSession.new_messages))
+        monkeypatch.setattr(ChatSession, "_insert", counting("insert", ChatSession._insert))
+        receive_all = counting("receive_all", ChatClient.receive_all)
+        counts["receive_all"] = 0
+        monkeypatch.setattr(ChatClient, "receive_all", receive_all)
+        worker.submit(Outgoing(1, said.text))
+        landed = events.next(Landed)
+        assert [m.text for m in landed.messages] == ["hello once"]
+        assert landed.stored == landed.messages[0].id
+        # Posted once, read back once (one read of the open rooms), no look-up.
+        assert (counts["insert"], counts["find"], counts["new"]) == (1, 0, 1), counts
+        before = dict(counts)
+        worker.submit(Who())  # a request, no commit: no room is read for news
+        assert events.next(Notice).lines == ("in #lobby: alice",)
+        assert counts["receive_all"] == before["receive_all"] == 1, counts  # the send's
+        assert counts["new"] == before["new"], counts
+    finally:
+        assert worker.stop()
+
+
+def test_checked_text_is_checked_once_and_plain_text_always() -> None:
+    """What the boundary checked is not checked again inward; a library caller's
+    plain string is, wherever it is posted."""
+    from chatzeo.validation import CheckedText, checked_text, plain_text
+
+    once = checked_text("fine")
+    assert isinstance(once, CheckedText) and plain_text(once) == "fine"
+    assert type(plain_text(once)) is str  # what is stored is a plain str
+    with pytest.raises(InvalidMessage):
+        plain_text("evil \x1b[2J")
+    with pytest.raises(TypeError):
+        CheckedText("evil \x1b[2J")  # only the check makes one
+    db = ZODB.DB(None)
+    try:
+        client = ChatClient(db, "alice")
+        client.join("lobby")
+        with pytest.raises(InvalidMessage):
+            client.room.add_message("evil \x1b[2J", "alice")  # type: ignore[union-attr]
+        stored = client.send(checked_text("kept"), read_back=False)
+        assert [m.text for m in client.receive()] == ["kept"]
+        assert type(client.history(1)[0].text) is str and stored.text == "kept"
+        client.close()
+    finally:
+        db.close()
+
+
 class GivesUp(ChatClient):
     """A client whose every post runs out of retries, as against a dying server."""
 
-    def send(self, text: str, kind: Any = "say") -> Message:
+    def send(self, text: str, kind: Any = "say", *, read_back: bool = True) -> Message:
         raise RetryLimitExceeded("posting", 7, 15.2, ClientDisconnected("gone"))
 
 

@@ -5,11 +5,13 @@ block on the network, so every call on the `ChatClient` (creating it, joining,
 sending, receiving, heartbeats, closing) happens in this worker thread.
 
 Threads
-    The worker thread runs `ClientWorker._run`. It sleeps in ``client.wait(timeout)``,
-    which returns as soon as ZEO pushes a commit to the watched room (`ChangeFeed`),
-    when `submit` wakes it, or at the timeout: the next heartbeat, or while the
-    server is away a poll of the *local* connection flag (no request to the
-    server) that backs off from ``poll`` to ``away_poll_max`` seconds; ZEO's
+    The worker thread runs `ClientWorker._run`. It sleeps on its own wake-up event,
+    which the client's `ChangeFeed` sets as soon as ZEO pushes a commit to a watched
+    room and `submit`/`stop` set for the UI, or until the timeout; then the feed
+    says (without waiting) whether a room changed, so a request is answered without
+    reading the rooms as if a commit had come. The timeout is the next heartbeat,
+    or while the server is away a poll of the *local* connection flag (no request
+    to the server) that backs off from ``poll`` to ``away_poll_max`` seconds; ZEO's
     reconnection wakes it at once anyway, through the feed. It hands every result
     to the UI through ``deliver``, which it calls from the worker thread, so
     ``deliver`` must be thread-safe (the terminal passes a function that uses
@@ -40,7 +42,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..client import CatchUp, ChatClient
-from ..errors import NotAMember, RetryLimitExceeded
+from ..errors import RetryLimitExceeded
 from ..message import Message
 from .commands import (
     Create,
@@ -116,6 +118,10 @@ class ClientWorker:
         self._requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._outbox: deque[tuple[Outgoing, float]] = deque()
         self._stopping = threading.Event()
+        # The worker's own wake-up: set by `submit`/`stop` (the UI) and by the
+        # client's commit feed; after it, the feed itself says whether a room changed,
+        # so a request never looks like a commit.
+        self._wake = threading.Event()
         self._ready: concurrent.futures.Future[Joined] = concurrent.futures.Future()
         self._client: ChatClient | None = None
         self._present: dict[str, frozenset[str]] = {}
@@ -133,8 +139,7 @@ class ClientWorker:
     def submit(self, request: Request) -> None:
         """Queue a request for the worker and wake it."""
         self._requests.put(request)
-        if self._client is not None:
-            self._client.wake()
+        self._wake.set()
 
     def is_connected(self) -> bool:
         """Whether ZEO is connected to the server now: reads a flag that ZEO's IO
@@ -146,8 +151,7 @@ class ClientWorker:
         """Ask the worker to close the client (counting the connection out) and wait
         up to ``timeout`` seconds; True if it finished."""
         self._stopping.set()
-        if self._client is not None:
-            self._client.wake()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -166,6 +170,8 @@ class ClientWorker:
             for name in client.joined_rooms():
                 client.join(name, history=0, remember=True)
             joined = self._open(client, self._room, switched=False)
+            client.feed.also_notify(self._wake.set)
+            self._wake.set()  # what the feed heard while joining is read at once
             self._client = client
             self._ready.set_result(joined)
             self._snapshot(client)
@@ -284,7 +290,9 @@ class ClientWorker:
                 # at once; the timeout only bounds how late a lost wake-up is seen.
                 timeout = away_wait
                 away_wait = min(away_wait * 2, self._away_poll_max)
-            behind = client.wait(timeout) or behind
+            self._wake.wait(timeout)
+            self._wake.clear()
+            behind = client.wait(0) or behind  # a commit, not a request, woke it
             if self._stopping.is_set():
                 self._send_before_stopping(client)
                 return
@@ -421,7 +429,9 @@ class ClientWorker:
         while self._outbox and client.is_connected():
             outgoing, _ = self._outbox[0]
             try:
-                stored = client.send(outgoing.text, outgoing.kind)
+                # Read back once: by the receive below, which brings it with its
+                # final key and whatever landed before it.
+                stored = client.send(outgoing.text, outgoing.kind, read_back=False)
             except RetryLimitExceeded as error:
                 self._outbox.popleft()
                 self._deliver(NotSent(outgoing.id, f"gave up after {error.seconds:.0f}s"))
@@ -432,7 +442,10 @@ class ClientWorker:
                 self._deliver(NotSent(outgoing.id, _one_line(error)))
                 continue
             self._outbox.popleft()
-            messages = self._read(client)
+            # Our own commit fired the feed; the read below covers every open room,
+            # so that notice is taken here instead of causing a second read.
+            client.wait(0)
+            messages = self._read_after_send(client)
             if messages and client.current is not None:
                 client.mark_read(client.current, messages[-1].key)
             self._deliver(Landed(outgoing.id, tuple(messages or ()), stored.id))
@@ -470,18 +483,24 @@ class ClientWorker:
         except Exception:  # kept in memory; the next attempt writes them
             log.info("writing read markers failed", exc_info=True)
 
-    def _read(self, client: ChatClient) -> list[Message] | None:
+    def _read_after_send(self, client: ChatClient) -> list[Message]:
+        """What is new in every open room, once, after a send: the current room's
+        is returned (it ends with the message sent), the others' delivered as
+        `Arrived`. If the read fails the feed is fired, so the next wake reads."""
         try:
-            return client.receive()
-        except NotAMember as error:
-            if error.room is not None:
-                self._removed(client, error.room, str(error), True)
-            else:
-                self._deliver(Problem(str(error)))
-            return []
+            found = client.receive_all()
         except Exception:  # the server went away mid-read; read again once back
-            log.info("reading the room failed", exc_info=True)
-            return None
+            log.info("reading the rooms failed", exc_info=True)
+            client.wake()
+            return []
+        current = client.current
+        for name, was_current in client.take_removed():
+            self._removed(client, name, f"you are no longer a member of {name}", was_current)
+        others = [message for name, batch in found.items() if name != current
+                  for message in batch]
+        if others:
+            self._deliver(Arrived(tuple(others)))
+        return found.get(current, []) if current is not None else []
 
     def _removed(self, client: ChatClient, name: str, reason: str, was_current: bool) -> None:
         """The client closed the private room ``name``: this user was removed from
