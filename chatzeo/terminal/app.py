@@ -109,6 +109,7 @@ from .display import (
     message_lines,
     plural,
     prompt_text,
+    room_label,
     stamp,
     status_text,
 )
@@ -399,7 +400,7 @@ class ChatScreen:
             self.rooms = list(event.rooms)
             for table in (self.unread, self.mentioned):
                 table.pop(event.room, None)
-            self._show([info_line(f"you left {_label(event.room)}")])
+            self._show([info_line(f"you left {room_label(event.room)}")])
             self._redraw()
         elif isinstance(event, Activity):
             if event.known:
@@ -439,7 +440,7 @@ class ChatScreen:
         self.oldest = event.page[0] if event.page else None
         now = self._clock()
         # A private room's label (#plans (private), @bob) comes with the event.
-        here = event.shown or f"#{event.room}"
+        here = event.shown or room_label(event.room)
         lines: list[FormattedText] = []
         if event.switched:
             lines.append(info_line(f"now in {here}"))
@@ -465,7 +466,7 @@ class ChatScreen:
             else:
                 shown = "no messages yet"
             others = [name for name in self.rooms if name != event.room]
-            also = f"; also open: {', '.join(map(_label, others))}" if others else ""
+            also = f"; also open: {', '.join(map(room_label, others))}" if others else ""
             lines.append(info_line(
                 f"you are in {here} ({shown}; /history N for earlier ones, "
                 f"/help for commands{also})"
@@ -497,10 +498,26 @@ class ChatScreen:
             if mentioned:
                 self.mentioned[message.room] = self.mentioned.get(message.room, 0) + 1
         self._show_messages(here)
+        self._tell_direct(messages)
         if ring and self.bell:
             self._ring()
         if len(here) != len(messages):
             self._redraw()
+
+    def _tell_direct(self, messages: Sequence[Message]) -> None:
+        """A direct message to this user in a conversation they are not looking at
+        is said at once, as a line here (where to read it), not only counted."""
+        came: dict[str, list[str]] = {}
+        for message in messages:
+            if message.room[:1] == "@" and message.room != self.room and (
+                    message.id not in self.own):
+                came.setdefault(message.room, []).append(message.author or "anonymous")
+        for room, authors in came.items():
+            keys = f"Alt-{self.rooms.index(room) + 1} or " if room in self.rooms[:9] else ""
+            who = ", ".join(clean(name) for name in dict.fromkeys(authors))
+            self._show([info_line(
+                f"{plural(len(authors), 'direct message')} from {who} in {room} "
+                f"({keys}/switch {room} to read)")])
 
     def _presence(self, event: PresenceChanged) -> None:
         if event.room:
@@ -511,9 +528,10 @@ class ChatScreen:
             pass
         if event.room and event.room != self.room:
             return
-        lines = [FormattedText([("class:presence", f"--> {clean(name)} joined #{event.room}")])
+        where = clean(room_label(event.room))
+        lines = [FormattedText([("class:presence", f"--> {clean(name)} joined {where}")])
                  for name in event.came if name != self.user]
-        lines += [FormattedText([("class:presence", f"<-- {clean(name)} left #{event.room}")])
+        lines += [FormattedText([("class:presence", f"<-- {clean(name)} left {where}")])
                   for name in event.parted if name != self.user]
         lines += [FormattedText([("class:presence", f"<-- {clean(name)} quit")])
                   for name in event.quit if name != self.user]
@@ -526,13 +544,13 @@ class ChatScreen:
         if event.room != self.room:
             return
         if event.topic is None:
-            self._show([info_line(f"#{event.room} has no topic")])
+            self._show([info_line(f"{room_label(event.room)} has no topic")])
             return
         text, by, when = event.topic
         if text:
-            line = f"{by} set the topic of #{event.room}: {text}"
+            line = f"{by} set the topic of {room_label(event.room)}: {text}"
         else:
-            line = f"{by} cleared the topic of #{event.room}"
+            line = f"{by} cleared the topic of {room_label(event.room)}"
         self._show([info_line(f"{line} ({stamp(when, self._clock())})")])
 
     def _mention_list(self, messages: Sequence[Message]) -> None:
@@ -544,7 +562,7 @@ class ChatScreen:
         lines = [info_line(f"the latest {plural(len(messages), 'message')} mentioning you:")]
         for message in messages:
             for number, line in enumerate(message_lines(message, False, now, width - 1)):
-                prefix = f"#{clean(message.room)} " if number == 0 else " "
+                prefix = f"{clean(room_label(message.room))} " if number == 0 else " "
                 lines.append(FormattedText([("class:info", prefix), *line]))
         self._show(lines)
 
@@ -829,8 +847,3 @@ def run_chat(db: DB, user: str, room: str, server: str, *, bell: bool = True) ->
         if finished:  # otherwise the worker still uses it; exiting ends it
             db.close()
     return 0
-
-
-def _label(room: str) -> str:
-    # An open room's key; a private room's is its label already (chatzeo.client).
-    return room if room[:1] in "#@" else f"#{room}"

@@ -234,7 +234,10 @@ def parse(line: str) -> Command | None:
     if name in ("switch", "part"):
         if " " in argument or (name == "switch" and not argument):
             raise InvalidCommand(f"/{name} needs one room name, e.g. /{name} lobby")
-        room = check_room_name(argument) if argument else None
+        if argument.startswith("@"):  # a direct conversation, by its label
+            room: str | None = "@" + check_user_name(argument[1:])
+        else:
+            room = check_room_name(argument) if argument else None
         if name == "part":
             return Part(room)
         assert room is not None

@@ -30,6 +30,7 @@ __all__ = [
     "OWN_MARK",
     "message_line",
     "plain_line",
+    "room_label",
     "info_line",
     "error_line",
     "prompt_text",
@@ -151,6 +152,14 @@ def message_line(
     return FormattedText(fragments)
 
 
+def room_label(key: str) -> str:
+    """An open room as shown, from its key: ``#lobby`` for the public room
+    ``lobby``; a private room's key is its label already (``#plans (private)``,
+    ``@bob``: `chatzeo.client.ChatClient.open_rooms`), which no public name can
+    equal (names hold no ``#`` or ``@``). Not sanitized: callers clean it."""
+    return key if key[:1] in "#@" else f"#{key}"
+
+
 def plain_line(message: Message, now: float) -> str:
     """`message_line` as plain, terminal-safe text without marks, for commands whose
     output goes to scripts and pipes (``chatzeo tail``, ``history``):
@@ -180,7 +189,7 @@ def prompt_text(
     for kind, text in pending:
         shown = f"* {user} {text}" if kind == "action" else text
         fragments.append(("class:pending", f"   (pending, {state}) {clean(shown)}\n"))
-    fragments.append(("class:prompt", f"[#{clean(room)}] {clean(user)}> "))
+    fragments.append(("class:prompt", f"[{clean(room_label(room))}] {clean(user)}> "))
     return FormattedText(fragments)
 
 
@@ -214,7 +223,7 @@ def status_text(
     """
     state = ("class:status.ok", "connected") if connected else (
         "class:status.down", "reconnecting...")
-    room_part = f"#{clean(room)}"
+    room_part = clean(room_label(room))
     if activity:
         room_part += f" [{activity}]"
     shown_topic = f"topic: {_cut(clean(topic), 40)}" if topic else ""

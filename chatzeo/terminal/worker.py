@@ -58,7 +58,7 @@ from .commands import (
     Topic,
     Who,
 )
-from .display import plural
+from .display import plural, room_label
 from .events import (
     Activity,
     Arrived,
@@ -351,9 +351,9 @@ class ClientWorker:
                 self._receive(client)  # show what arrived in the room being left
                 opened = _match(client, request.room)
                 if isinstance(request, Switch) and opened is None:
-                    shown = ", ".join(_label(name) for name in client.open_rooms)
-                    self._deliver(Problem(f"#{request.room} is not open (open: {shown}); "
-                                          "/join opens it"))
+                    shown = ", ".join(room_label(name) for name in client.open_rooms)
+                    self._deliver(Problem(f"{room_label(request.room)} is not open "
+                                          f"(open: {shown}); /join opens it"))
                     return
                 name = opened or request.room
                 self._deliver(self._open(client, name, switched=opened is not None))
@@ -370,7 +370,7 @@ class ClientWorker:
                 name = request.room or client.current or ""
                 match = _match(client, name)
                 if match is None:
-                    self._deliver(Problem(f"#{name} is not open"))
+                    self._deliver(Problem(f"{room_label(name)} is not open"))
                     return
                 if len(client.open_rooms) == 1:
                     self._deliver(Problem("this is your last open room; /quit leaves the chat"))
@@ -534,11 +534,6 @@ def _still_online(client: ChatClient, user: str) -> bool:
         return client.online(user)
     except Exception:
         return True  # unknown: say "left" rather than claim they quit
-
-
-def _label(key: str) -> str:
-    """An open room's key as shown: a private room's key is its label already."""
-    return key if key[:1] in "#@" else f"#{key}"
 
 
 def _match(client: ChatClient, wanted: str) -> str | None:
