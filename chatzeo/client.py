@@ -425,7 +425,7 @@ class ChatClient:
         the current room."""
         key = self.direct(other)
         self._manager.begin()
-        session = self._root().private[key].session
+        session: ChatSession = self._root().private[key].session
         return session.add_message(text, self.user, kind=kind, policy=self.policy,
                                    clock=self.clock)
 
@@ -451,7 +451,7 @@ class ChatClient:
         oid = private._p_oid
 
         def change(root: ChatRoot) -> bool:
-            room = root._p_jar.get(oid)
+            room: PrivateRoom = root._p_jar.get(oid)
             return room.add_member(me, name) if add else room.remove_member(me, name)
 
         what = f"{'inviting' if add else 'removing'} {name!r}"
