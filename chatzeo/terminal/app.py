@@ -699,6 +699,15 @@ def _status_under_the_input(
         redraw()  # erases nothing more (the cursor is where the prompt starts), draws
 
     setattr(app, "_on_resize", on_resize)  # noqa: B010 (read by the running app; see above)
+    output = app.output
+
+    def erase_down() -> None:
+        # The same erase, but never issued from the top-left cell: there tmux takes
+        # it for a clear screen and first copies the screen (prompt and bar) into the
+        # scrollback. From one column further it erases the rest, then the row.
+        output.write_raw("\x1b7\x1b[C\x1b[J\x1b8\x1b[K")
+
+    setattr(output, "erase_down", erase_down)  # noqa: B010 (used by the renderer)
     app.renderer.cpr_support = CPR_Support.NOT_SUPPORTED
     root = session.layout.container
     assert isinstance(root, HSplit)  # PromptSession's layout: input, toolbars
@@ -769,6 +778,19 @@ def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
     @bindings.add("escape", "enter")
     def _newline(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
+
+    @bindings.add("c-l")
+    def _clear(event: KeyPressEvent) -> None:
+        # Cleared by scrolling: what was said goes up into the scrollback and the
+        # input stays at the bottom. prompt_toolkit's own clear (erase the screen,
+        # draw at the top row) leaves the prompt where a narrowing terminal that
+        # re-wraps (tmux) pushes the cursor's row out of the screen, and the redraw
+        # then leaves the prompt behind in the scrollback.
+        app = event.app
+        app.renderer.erase()
+        app.output.write_raw("\r\n" * app.output.get_size().rows)
+        app.output.flush()
+        app.invalidate()
 
     @bindings.add("c-n")
     def _next_room(event: KeyPressEvent) -> None:
