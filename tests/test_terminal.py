@@ -818,3 +818,30 @@ def test_input_line_draws_each_emoji_sequence_as_one_cell_two_columns_wide() -> 
     # The width marks survive the classes a window appends after the processors.
     assert pt_screen._CHAR_CACHE[FLAG, " class:grapheme-w2 class:last-line"].width == 2
     assert pt_screen._CHAR_CACHE["\U0001f1f7", " class:grapheme-tail class:last-line"].width == 0
+
+
+@pytest.mark.parametrize(
+    ("widths", "row", "column", "columns", "expected"),
+    [
+        # Prompt and bar, both fit: erase from the cursor's row, draw there.
+        ([27, 53], 0, 27, 100, (0, 0)),
+        # The bar re-wraps to two rows below the cursor: the terminal moved the cursor
+        # up by one, so the redraw starts one row lower, on the prompt's old row.
+        ([27, 53], 0, 27, 40, (0, 1)),
+        ([27, 53], 0, 27, 20, (1, 3)),  # and the typed line: the cursor on its 2nd row
+        # A pending line above the input re-wraps: erase from two rows up, redraw one
+        # row lower than that (the rows below the cursor did not grow).
+        ([50, 27, 40], 1, 27, 40, (2, 1)),
+        # The typed line itself re-wraps around the cursor.
+        ([27, 20], 0, 27, 24, (1, 1)),
+        # Wider: nothing grows, nothing moves down.
+        ([27, 53], 0, 27, 200, (0, 0)),
+        ([], 0, 0, 80, (0, 0)),
+    ],
+)
+def test_the_prompt_is_found_where_a_re_wrapping_terminal_put_it(
+    widths: list[int], row: int, column: int, columns: int, expected: tuple[int, int]
+) -> None:
+    from chatzeo.terminal.app import _rewrapped
+
+    assert _rewrapped(widths, row, column, columns) == expected

@@ -3,7 +3,7 @@
 One prompt_toolkit `PromptSession` application, running for the whole chat, reads
 lines at the bottom of the terminal while messages from others are printed above it
 (`print_lines`), without disturbing a half-typed line.
-Below the input a status bar shows the current room, the activity list of the other
+On the row under the input a status bar shows the current room, the activity list of the other
 open rooms (``2:dev(3,@1)``: room 2 has 3 unread messages, one mentions you), the
 topic and whether the server is connected ("reconnecting..." while it is away);
 messages typed but not yet stored are shown above the input as pending until they
@@ -25,13 +25,12 @@ editing and history for free, and needs only a prompt below ordinary output;
 Textual would take over the whole screen with its own widgets and scrolling for
 no gain here, and adds a dependency where prompt_toolkit is already one.
 
-What the scrollback does not survive: resizing. Lines already printed stay as
-they were wrapped (the terminal may re-wrap them), and a terminal that re-wraps
-on resize (tmux 3.3a was seen doing so) can leave a copy of the prompt and status
-bar in the scrollback, because its re-wrapping moves the cursor before
-prompt_toolkit erases what it drew (observed: the cursor went from column 27 of
-the prompt's row to column 0 of a row below it, with rows pushed into history,
-before the client wrote a byte). The status bar is redrawn to fit the new width.
+Resizing: lines already printed stay as they were wrapped (a terminal that
+re-wraps, such as tmux, re-wraps them), the status bar is redrawn to fit the new
+width, and no copy of the prompt or the bar is left in the scrollback; a resize
+may leave blank rows above the prompt instead (`_status_under_the_input` says
+what tmux 3.3a does and how the prompt is drawn around it). Ctrl-L clears by
+scrolling the conversation up into the scrollback.
 
 Keys: Enter sends; Ctrl-C clears a line being typed, and on an empty line leaves
 (as Ctrl-D does); leaving while messages wait for an absent server asks first.
