@@ -360,9 +360,9 @@ def topic_problem(topic: object) -> str | None:
         problem = text_problem(text)
         if problem is not None:
             return f"room topic: {problem}"
-        if "\n" in text:  # type: ignore[operator]
+        if "\n" in text:
             return "room topic is more than one line"
-        if len(text.encode("utf-8")) > MAX_TOPIC_BYTES:  # type: ignore[union-attr]
+        if len(text.encode("utf-8")) > MAX_TOPIC_BYTES:
             return f"room topic is longer than {MAX_TOPIC_BYTES} bytes"
     problem = _user_name_problem(by)
     if problem is not None:

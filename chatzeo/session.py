@@ -152,10 +152,11 @@ class RoomClock(Persistent):
     def newest_key(self) -> int:
         """The room's largest key (``head``), 0 if the stored one is unusable."""
         if self.problem is None:
-            return self.head  # type: ignore[no-any-return]
-        head = self.__dict__.get("head", 0)
+            head: int = self.head
+            return head
+        stored = self.__dict__.get("head", 0)
         entries = self.entries()
-        usable = head if type(head) is int and key_problem(head) is None else 0
+        usable = stored if type(stored) is int and key_problem(stored) is None else 0
         return max(usable, entries[-1][0] if entries else 0)
 
     def flushed_key(self) -> int | None:
@@ -165,9 +166,10 @@ class RoomClock(Persistent):
     def message_count(self) -> int:
         """``count``, or the usable pending entries' number if it is unusable."""
         if self.problem is None:
-            return self.count  # type: ignore[no-any-return]
-        count = self.__dict__.get("count")
-        return count if type(count) is int and count >= 0 else len(self.entries())
+            count: int = self.count
+            return count
+        stored = self.__dict__.get("count")
+        return stored if type(stored) is int and stored >= 0 else len(self.entries())
 
     def _p_resolveConflict(  # noqa: N802 (ZODB's name)
         self, old: dict[str, Any], committed: dict[str, Any], new: dict[str, Any]
@@ -339,7 +341,8 @@ class ChatSession(Persistent):
 
     def watch_target(self) -> Persistent:
         """The object every post to this room changes: what a `ChangeFeed` watches."""
-        return self._clock  # type: ignore[no-any-return]
+        clock: RoomClock = self._clock
+        return clock
 
     def display_name(self) -> str:
         """The room's name, or a placeholder if the stored one breaks the rules."""

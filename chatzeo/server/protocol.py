@@ -403,7 +403,7 @@ class ChatZEOStorage(ZEOStorage):
 
     # -- transactions ------------------------------------------------------------
 
-    def tpc_begin(  # type: ignore[override]
+    def tpc_begin(
         self, id: Any, user: Any, description: Any, ext: Any, tid: Any = None, status: Any = " "
     ) -> None:
         fresh = self.transaction is None
@@ -569,7 +569,7 @@ class ChatServerProtocol(ServerProtocol):
         super().connection_made(transport)
         storage = self.zeo_storage
         assert storage is not None
-        self.data_received = _FrameLimit(  # type: ignore[method-assign]
+        self.data_received = _FrameLimit(
             self.sm_protocol.data_received,
             storage.limits.max_frame_bytes,
             storage.frame_too_large,

@@ -416,7 +416,7 @@ class ReadGuard:
             except TrustViolation as refusal:
                 log.warning("refused a commit from %s (certificate %r): %s",
                             self.log_label, self.identity, refusal)  # type: ignore[attr-defined]
-                self._clear_transaction()  # type: ignore[attr-defined]
+                self._clear_transaction()
                 raise
         return super()._vote(delay)  # type: ignore[misc]
 
