@@ -558,10 +558,14 @@ class ChatClient:
 
     # -- messages --------------------------------------------------------------
 
-    def send(self, text: str, kind: MessageKind = "say") -> Message:
-        """Post ``text`` to the current room as this user and commit it."""
+    def send(self, text: str, kind: MessageKind = "say", *, read_back: bool = True) -> Message:
+        """Post ``text`` to the current room as this user and commit it; see
+        `ChatSession.add_message` (``text`` checked unless a `CheckedText`; without
+        ``read_back`` the key is the one proposed, and `receive` brings the message
+        under its final key)."""
         return self._current().add_message(
-            text, self.user, kind=kind, policy=self.policy, clock=self.clock
+            text, self.user, kind=kind, policy=self.policy, clock=self.clock,
+            read_back=read_back,
         )
 
     def receive(self) -> list[Message]:

@@ -72,7 +72,7 @@ from .records import (
     room_problem,
 )
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
-from .validation import check_room_name, check_text, check_topic, check_user_name
+from .validation import check_room_name, check_topic, check_user_name, plain_text
 
 __all__ = ["ChatSession", "RoomClock", "FLUSH", "FLUSH_CHANCE"]
 
@@ -398,7 +398,7 @@ class ChatSession(Persistent):
         Raises `InvalidInput` before changing anything if the text or author is bad.
         The caller commits, and retries on `ConflictError` as it sees fit.
         """
-        text = check_text(text)
+        text = plain_text(text)  # a CheckedText was checked where it came in
         if author is not None:
             author = check_user_name(author)
         return self._insert(text, author, kind, message_id or new_message_id(), clock)
@@ -471,6 +471,7 @@ class ChatSession(Persistent):
         kind: MessageKind = "say",
         policy: RetryPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
+        read_back: bool = True,
     ) -> Message:
         """Store one message and commit it, retrying transient errors.
 
@@ -483,13 +484,18 @@ class ChatSession(Persistent):
 
         Returns the message as stored: its key is the one conflict resolution gave it,
         read back after the commit (if that read fails, the key the commit proposed,
-        which is never larger).
+        which is never larger). With ``read_back=False`` the key the commit proposed,
+        without that read: for a caller that reads the room next anyway (the
+        terminal), where the message comes with its final key.
+
+        ``text`` is checked (`chatzeo.validation.check_text`) unless it is a
+        `chatzeo.validation.CheckedText`, which was checked where it came in.
 
         A commit cut off by a lost server may have landed; each retry first looks for
         the message (by id) at or after the keys earlier attempts proposed (resolution
         only raises keys), so it is stored once.
         """
-        text = check_text(text)
+        text = plain_text(text)  # a CheckedText was checked where it came in
         if author is not None:
             author = check_user_name(author)
         if self._p_jar is None or self._p_oid is None:
@@ -517,7 +523,7 @@ class ChatSession(Persistent):
             attempt,
             what=f"posting to room {self.name!r}",
             policy=policy,
-            then=stored,
+            then=stored if read_back else None,
         )
 
     def _find(self, message_id: str, min_key: int) -> Message | None:
