@@ -1,9 +1,11 @@
 """chatzeo: a chat whose whole shared state is one ZODB object graph, shared through ZEO.
 
-What the package offers, by where it lives:
+What the package offers, by where it lives (each import below says what it is for).
+The wings build on it and are imported by their own paths: `chatzeo.server` (the
+guarded ZEO server), `chatzeo.terminal` (the terminal client), `chatzeo.cli` (the
+command line), `chatzeo.testing` (real servers and fixtures for tests and benchmarks).
 """
 
-# Storing messages: a room, its time-keyed BTree and per-connection cursors.
 # One participant's view, as the command line and the terminal use it.
 from .client import ChatClient
 
@@ -23,7 +25,10 @@ from .errors import (
     InvalidTarget,
     MalformedRecord,
     NoSuchRoom,
+    NoSuchUser,
+    NotAMember,
     NotInDatabase,
+    PrivateRoomsNeedTLS,
     RetryLimitExceeded,
     ServerUnavailable,
     TooManyConnections,
@@ -56,6 +61,8 @@ from .realm import ChatRoot, User, get_root
 
 # Retrying a unit of work in a private transaction.
 from .retry import RetryPolicy, run_in_transaction
+
+# Storing messages: a room, its time-keyed BTree and per-connection cursors.
 from .session import ChatSession
 
 # Watching a room across processes, with its own connection: for, and async for.
@@ -96,7 +103,10 @@ __all__ = [
     "InvalidTarget",
     "MalformedRecord",
     "NoSuchRoom",
+    "NoSuchUser",
+    "NotAMember",
     "NotInDatabase",
+    "PrivateRoomsNeedTLS",
     "RetryLimitExceeded",
     "ServerUnavailable",
     "TooManyConnections",

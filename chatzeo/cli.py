@@ -32,12 +32,13 @@ from .errors import ChatError, InvalidInput, InvalidName, NoSuchRoom
 from .message import Message
 from .reach import open_for_command
 from .retry import RetryPolicy, is_transient
+from .terminal.display import plain_line
 from .terminal.sanitize import clean
 from .validation import (
     MAX_MESSAGE_BYTES,
     check_room_name,
-    check_text,
     check_user_name,
+    checked_text,
     decode_text,
 )
 
@@ -56,13 +57,9 @@ WAITED_HISTORY = 10_000
 
 
 def format_line(message: Message) -> str:
-    """One message as a plain, terminal-safe line: ``HH:MM:SS <author> text``."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(message.time))
-    author = clean(message.author or "anonymous")
-    text = clean(message.text)
-    if message.kind == "action":
-        return f"{stamp} * {author} {text}"
-    return f"{stamp} <{author}> {text}"
+    """One message as a plain, terminal-safe line: ``HH:MM:SS <author> text``, dated
+    when it is not from today (the terminal's formatter, `plain_line`)."""
+    return plain_line(message, time.time())
 
 
 def default_name() -> str:
@@ -485,7 +482,7 @@ def _authority(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _invite(args: argparse.Namespace) -> int:
-    from .server.identity import IDENTITY_SUFFIX, issue
+    from .server.identity import IDENTITY_SUFFIX, issue, save_identity
 
     user = check_user_name(args.user)
     authority, config = _authority(args)
@@ -496,10 +493,8 @@ def _invite(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{user}{IDENTITY_SUFFIX}")
     if out.exists():
         raise InvalidInput(f"{out} exists already; remove it or pass --out FILE")
-    from .server.identity import _write
-
     text, serial = issue(authority, user, server=address)
-    _write(out, text, 0o600, exclusive=True)
+    save_identity(out, text)
     print(f"wrote {out} for {user} (certificate {serial}); give it to {user} privately:")
     print(f"  chatzeo chat --identity {out}")
     return EXIT_OK
@@ -519,7 +514,13 @@ def _revoke(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from .terminal.app import run_chat
 
-    return run_chat(args)
+    user, room = check_user_name(args.name), check_room_name(args.room)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
+    # Said at once, so a slow or absent server is never a blank screen.
+    print(f"chatzeo: connecting to {clean(str(args.server))} as {user}...", flush=True)
+    db = open_for_command(args.server, args.wait, _tls(args), _cert(args))
+    return run_chat(db, user, room, str(args.server), bell=not args.no_bell)  # closes db
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -530,18 +531,18 @@ def _send(args: argparse.Namespace) -> int:
               f"{example}", file=sys.stderr)
         return EXIT_USAGE
     args.text = args.text[0]
+    # Checked once, here, before connecting: a bad message never costs a round trip,
+    # and the checked text is stored without checking it again.
     if args.text == "-":
-        data = sys.stdin.buffer.read(MAX_MESSAGE_BYTES * 4 + 1)
-        text = decode_text(data)
+        text = decode_text(sys.stdin.buffer.read(MAX_MESSAGE_BYTES * 4 + 1))
     else:
-        text = args.text
-    # Validate before connecting: a bad message never costs a round trip.
-    text, room = check_text(text), check_room_name(args.room)
+        text = checked_text(args.text)
+    room = check_room_name(args.room)
     name = check_user_name(args.name)
 
     def send(client: ChatClient) -> int:
         client.join(room, history=0)
-        client.send(text)
+        client.send(text, read_back=False)  # nothing is printed: its key is not needed
         return EXIT_OK
 
     return _with_client(args, send, user=name)

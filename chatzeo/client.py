@@ -425,7 +425,7 @@ class ChatClient:
         the current room."""
         key = self.direct(other)
         self._manager.begin()
-        session = self._root().private[key].session
+        session: ChatSession = self._root().private[key].session
         return session.add_message(text, self.user, kind=kind, policy=self.policy,
                                    clock=self.clock)
 
@@ -451,7 +451,7 @@ class ChatClient:
         oid = private._p_oid
 
         def change(root: ChatRoot) -> bool:
-            room = root._p_jar.get(oid)
+            room: PrivateRoom = root._p_jar.get(oid)
             return room.add_member(me, name) if add else room.remove_member(me, name)
 
         what = f"{'inviting' if add else 'removing'} {name!r}"
@@ -558,10 +558,14 @@ class ChatClient:
 
     # -- messages --------------------------------------------------------------
 
-    def send(self, text: str, kind: MessageKind = "say") -> Message:
-        """Post ``text`` to the current room as this user and commit it."""
+    def send(self, text: str, kind: MessageKind = "say", *, read_back: bool = True) -> Message:
+        """Post ``text`` to the current room as this user and commit it; see
+        `ChatSession.add_message` (``text`` checked unless a `CheckedText`; without
+        ``read_back`` the key is the one proposed, and `receive` brings the message
+        under its final key)."""
         return self._current().add_message(
-            text, self.user, kind=kind, policy=self.policy, clock=self.clock
+            text, self.user, kind=kind, policy=self.policy, clock=self.clock,
+            read_back=read_back,
         )
 
     def receive(self) -> list[Message]:

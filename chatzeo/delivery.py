@@ -63,6 +63,22 @@ class ChangeFeed:
         self._watched = frozenset(obj._p_oid for obj in objects)
         self._source.want(self._watched)
 
+    def also_notify(self, notify: Callable[[], None]) -> None:
+        """Call ``notify`` too whenever the feed fires, from the firing thread (see
+        "Threads": it must be thread-safe and quick). A reader that waits on more
+        than the feed (the terminal's worker) waits on its own event instead, set
+        here, and then asks `wait` with timeout 0 whether the feed fired."""
+        before = self._notify
+        if before is None:
+            self._notify = notify
+            return
+
+        def both() -> None:
+            before()
+            notify()
+
+        self._notify = both
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a watched object changed since the last `wait`, or ``timeout``
         seconds pass. Returns True if something changed; clears the signal."""

@@ -37,7 +37,7 @@ from transaction.interfaces import NoTransaction
 try:
     import zope.event as zope_event
 except ImportError:  # optional: without it, only `subscribers` are told
-    zope_event = None  # type: ignore[assignment]
+    zope_event = None
 
 from .message import Message
 

@@ -104,7 +104,8 @@ class ReadMarkers(Persistent):
             return len(room.messages_after(self.get(room)))
         posted = clock.posted
         gone = posted - clock.message_count()  # the oldest, removed by retention
-        return max(0, posted - max(position, gone))
+        unread: int = max(0, posted - max(position, gone))
+        return unread
 
     def lost(self, room: Any) -> int:
         """How many messages above the marker retention removed before they were
@@ -113,7 +114,8 @@ class ReadMarkers(Persistent):
         position = self._positions.get(room.name)
         if position is None or clock is None:
             return 0
-        return max(0, clock.posted - clock.message_count() - position)
+        lost: int = max(0, clock.posted - clock.message_count() - position)
+        return lost
 
     def mark_all_read(self, room: Any) -> bool:
         """See `IReadMarkers`."""
@@ -134,7 +136,8 @@ class ReadMarkers(Persistent):
 
     def unread(self, room: Any, *, limit: int | None = None) -> list[Message]:
         """See `IReadMarkers`."""
-        return room.messages_after(self.get(room), limit=limit)
+        messages: list[Message] = room.messages_after(self.get(room), limit=limit)
+        return messages
 
     def has_unread(self, room: Any) -> bool:
         """See `IReadMarkers`."""

@@ -22,7 +22,7 @@ The rule (`access_problem`, checked by the server at each commit)
     new session; a direct conversation has exactly two members. Afterwards only the
     owner changes it, and only its members; the owner stays a member; the key,
     name, kind, owner and session never change; a conversation's members never
-    change. Kept here, apart from `chatzeo.server.trust`, so that the record schema can
+    change. Kept here, apart from `chatzeo.server.rules`, so that the record schema can
     take it over.
 
 Pure functions and a persistent class; the functions run in the server's event
@@ -123,7 +123,7 @@ def access_problem(
     """What is wrong with a commit writing a `PrivateRoom` state, or None.
 
     ``old`` is the state the writer started from (None for a new record), ``new``
-    the state written, both as `chatzeo.server.trust.decode` gives them (dicts, references
+    the state written, both as `chatzeo.server.decoding.decode` gives them (dicts, references
     as objects with an ``oid``); ``session_is_new`` whether the session it names is
     a new object of the same commit.
     """

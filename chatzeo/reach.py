@@ -30,6 +30,7 @@ import socket
 import ssl as ssl_module
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zc.lockfile
@@ -222,7 +223,8 @@ def _alert(error: ssl_module.SSLError) -> str:
 
 
 def wait_for_server(target: str, ssl: ssl_module.SSLContext | None, wait: float,
-                    clock: Any = time.monotonic, sleep: Any = time.sleep,
+                    clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep,
                     cert: str | None = None) -> float:
     """Probe ``target`` until its server answers or ``wait`` seconds pass; return
     the seconds left. Errors that waiting cannot mend are raised at once; a refused

@@ -137,7 +137,8 @@ class ChatRoot(Persistent):
             user = self.users[name] = User(name)
         elif not _is_user(user):
             raise MalformedRecord(f"user {name!r}", "is not a User with a leases tree")
-        return user
+        found: User = user
+        return found
 
     # -- connections and presence ---------------------------------------------
 
@@ -276,4 +277,5 @@ def get_root(connection: Any) -> ChatRoot:
     chat_root = root.get(ROOT_KEY)
     if chat_root is None:
         chat_root = root[ROOT_KEY] = ChatRoot()
-    return chat_root
+    found: ChatRoot = chat_root
+    return found

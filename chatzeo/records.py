@@ -3,7 +3,7 @@
 Every client of a ZEO server can store any state, so the shapes below are a
 contract that three parties check against this module, and only this module:
 
-- the server (`chatzeo.server.trust`, run by every `chatzeo serve`) refuses a commit
+- the server (`chatzeo.server.rules`, run by every `chatzeo serve`) refuses a commit
   whose records break it;
 - readers (`chatzeo.message.Message.from_record`, `chatzeo.session`,
   `chatzeo.realm`, `chatzeo.client`) turn a record that breaks it, stored before
@@ -360,9 +360,9 @@ def topic_problem(topic: object) -> str | None:
         problem = text_problem(text)
         if problem is not None:
             return f"room topic: {problem}"
-        if "\n" in text:  # type: ignore[operator]
+        if "\n" in text:
             return "room topic is more than one line"
-        if len(text.encode("utf-8")) > MAX_TOPIC_BYTES:  # type: ignore[union-attr]
+        if len(text.encode("utf-8")) > MAX_TOPIC_BYTES:
             return f"room topic is longer than {MAX_TOPIC_BYTES} bytes"
     problem = _user_name_problem(by)
     if problem is not None:

@@ -62,7 +62,8 @@ class RetryPolicy:
 
     def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
         """Seconds to sleep before retry number ``retry`` (0 for the first retry)."""
-        return rng() * min(self.max_delay, self.base_delay * (2 ** min(retry, 30)))
+        ceiling: float = min(self.max_delay, self.base_delay * 2.0 ** min(retry, 30))
+        return rng() * ceiling
 
 
 DEFAULT_POLICY = RetryPolicy()

@@ -72,7 +72,7 @@ from .records import (
     room_problem,
 )
 from .retry import DEFAULT_POLICY, RetryPolicy, run_in_transaction
-from .validation import check_room_name, check_text, check_topic, check_user_name
+from .validation import check_room_name, check_topic, check_user_name, plain_text
 
 __all__ = ["ChatSession", "RoomClock", "FLUSH", "FLUSH_CHANCE"]
 
@@ -152,10 +152,11 @@ class RoomClock(Persistent):
     def newest_key(self) -> int:
         """The room's largest key (``head``), 0 if the stored one is unusable."""
         if self.problem is None:
-            return self.head  # type: ignore[no-any-return]
-        head = self.__dict__.get("head", 0)
+            head: int = self.head
+            return head
+        stored = self.__dict__.get("head", 0)
         entries = self.entries()
-        usable = head if type(head) is int and key_problem(head) is None else 0
+        usable = stored if type(stored) is int and key_problem(stored) is None else 0
         return max(usable, entries[-1][0] if entries else 0)
 
     def flushed_key(self) -> int | None:
@@ -165,9 +166,10 @@ class RoomClock(Persistent):
     def message_count(self) -> int:
         """``count``, or the usable pending entries' number if it is unusable."""
         if self.problem is None:
-            return self.count  # type: ignore[no-any-return]
-        count = self.__dict__.get("count")
-        return count if type(count) is int and count >= 0 else len(self.entries())
+            count: int = self.count
+            return count
+        stored = self.__dict__.get("count")
+        return stored if type(stored) is int and stored >= 0 else len(self.entries())
 
     def _p_resolveConflict(  # noqa: N802 (ZODB's name)
         self, old: dict[str, Any], committed: dict[str, Any], new: dict[str, Any]
@@ -339,7 +341,8 @@ class ChatSession(Persistent):
 
     def watch_target(self) -> Persistent:
         """The object every post to this room changes: what a `ChangeFeed` watches."""
-        return self._clock  # type: ignore[no-any-return]
+        clock: RoomClock = self._clock
+        return clock
 
     def display_name(self) -> str:
         """The room's name, or a placeholder if the stored one breaks the rules."""
@@ -395,7 +398,7 @@ class ChatSession(Persistent):
         Raises `InvalidInput` before changing anything if the text or author is bad.
         The caller commits, and retries on `ConflictError` as it sees fit.
         """
-        text = check_text(text)
+        text = plain_text(text)  # a CheckedText was checked where it came in
         if author is not None:
             author = check_user_name(author)
         return self._insert(text, author, kind, message_id or new_message_id(), clock)
@@ -468,6 +471,7 @@ class ChatSession(Persistent):
         kind: MessageKind = "say",
         policy: RetryPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
+        read_back: bool = True,
     ) -> Message:
         """Store one message and commit it, retrying transient errors.
 
@@ -480,13 +484,18 @@ class ChatSession(Persistent):
 
         Returns the message as stored: its key is the one conflict resolution gave it,
         read back after the commit (if that read fails, the key the commit proposed,
-        which is never larger).
+        which is never larger). With ``read_back=False`` the key the commit proposed,
+        without that read: for a caller that reads the room next anyway (the
+        terminal), where the message comes with its final key.
+
+        ``text`` is checked (`chatzeo.validation.check_text`) unless it is a
+        `chatzeo.validation.CheckedText`, which was checked where it came in.
 
         A commit cut off by a lost server may have landed; each retry first looks for
         the message (by id) at or after the keys earlier attempts proposed (resolution
         only raises keys), so it is stored once.
         """
-        text = check_text(text)
+        text = plain_text(text)  # a CheckedText was checked where it came in
         if author is not None:
             author = check_user_name(author)
         if self._p_jar is None or self._p_oid is None:
@@ -514,7 +523,7 @@ class ChatSession(Persistent):
             attempt,
             what=f"posting to room {self.name!r}",
             policy=policy,
-            then=stored,
+            then=stored if read_back else None,
         )
 
     def _find(self, message_id: str, min_key: int) -> Message | None:

@@ -6,6 +6,8 @@ message names what was wrong, in one line.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import InvalidMessage, InvalidName
 from .records import (
     MAX_ROOM_NAME,
@@ -25,6 +27,8 @@ __all__ = [
     "check_text",
     "check_topic",
     "decode_text",
+    "CheckedText",
+    "checked_text",
     "MAX_TOPIC_BYTES",
 ]
 
@@ -70,6 +74,41 @@ def check_text(text: object) -> str:
     return text
 
 
+_ISSUED = object()
+
+
+class CheckedText(str):
+    """A message text that passed `check_text` once, at the boundary where it came in
+    (a typed line, ``chatzeo send``'s argument), so code further in (the terminal's
+    worker, `ChatClient.send`, `ChatSession.add_message`) stores it without checking
+    it again. Only `checked_text` and `decode_text` make one; a plain ``str`` is
+    checked wherever it is posted, so library callers keep every check. Never
+    stored: posting stores ``str(text)`` (and pickling one fails loudly)."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: str, issued: object = None) -> CheckedText:
+        if issued is not _ISSUED:
+            raise TypeError("a CheckedText comes from chatzeo.validation.checked_text")
+        return super().__new__(cls, text)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a CheckedText is not stored; store str(text)")
+
+
+def checked_text(text: object) -> CheckedText:
+    """`check_text`, marking the result as checked (`CheckedText`)."""
+    if isinstance(text, CheckedText):
+        return text
+    return CheckedText(check_text(text), _ISSUED)
+
+
+def plain_text(text: str) -> str:
+    """The plain ``str`` to store for ``text``: a `CheckedText` as it is (checked
+    once already), anything else through `check_text`."""
+    return str(text) if isinstance(text, CheckedText) else check_text(text)
+
+
 def check_topic(text: object) -> str:
     """Return a room topic that may be stored (``""`` clears it), or raise
     `InvalidMessage`: one line of at most `MAX_TOPIC_BYTES` bytes, with the rules of
@@ -85,7 +124,7 @@ def check_topic(text: object) -> str:
     return text
 
 
-def decode_text(data: bytes) -> str:
+def decode_text(data: bytes) -> CheckedText:
     """Decode bytes read from a file or pipe as UTF-8 and check them as a message."""
     # Size first: input cut off at a read limit may end inside a UTF-8 sequence, and
     # "too big" is the true reason then, not "not UTF-8".
@@ -96,4 +135,4 @@ def decode_text(data: bytes) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise InvalidMessage(f"input is not valid UTF-8 (byte {error.start})") from None
-    return check_text(text)
+    return checked_text(text)

@@ -147,7 +147,8 @@ class Watch:
         None if a transient error (a lost server) prevented it."""
         self._manager.begin()
         try:
-            batch = self._connection.get(self._oid).messages_after(self.key, limit=self._batch)
+            room = self._connection.get(self._oid)
+            batch: list[Message] = room.messages_after(self.key, limit=self._batch)
         except ReadConflictError:
             return None  # a pack removed a revision this view needed; the next one has it
         except Exception as error:

@@ -66,7 +66,7 @@ def rewrite_record(db: ZODB.DB, oid: bytes, change: Callable[[Any], Any]) -> Non
     storage = db.storage
     data, serial = storage.load(oid)
     unpickler = pickle.Unpickler(io.BytesIO(data))
-    unpickler.persistent_load = _Reference  # type: ignore[assignment]
+    unpickler.persistent_load = _Reference  # type: ignore[method-assign]
     meta = unpickler.load()
     state = change(unpickler.load())
     out = io.BytesIO()

@@ -3,7 +3,7 @@
 `chatzeo.privacy.access_problem` (who may create and change a `PrivateRoom`),
 `chatzeo.server.readguard.ReadIndex` over a real FileStorage written by chatzeo's own
 classes (what belongs to a room, and that a commit can claim only new objects),
-and `chatzeo.server.identity` (issue, revoke, load) on a throwaway CA.
+and `chatzeo.server.identity` (issue, save, revoke, load) on a throwaway CA.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ import transaction
 import ZODB
 from ZODB.FileStorage import FileStorage
 
-from chatzeo.errors import InvalidInput
+from chatzeo.errors import IdentityError, InvalidInput
 from chatzeo.privacy import PrivateRoom, access_problem
 from chatzeo.realm import get_root
+from chatzeo.server.decoding import Ref, decode
 from chatzeo.server.identity import (
     Revocations,
     ensure_authority,
     issue,
     load_identity,
     revoke,
+    save_identity,
 )
 from chatzeo.server.readguard import ReadIndex
-from chatzeo.server.trust import Ref, decode
 
 Z64 = b"\0" * 8
 
@@ -130,8 +131,13 @@ def test_identity_issue_load_and_revoke(tmp_path: Path) -> None:
     assert stat_mode(authority.ca_key) == 0o600 and stat_mode(authority.directory) == 0o700
     text, serial = issue(authority, "alice", server="127.0.0.1:9")
     path = tmp_path / "alice.chatzeo"
-    path.write_bytes(text)
-    path.chmod(0o600)
+    save_identity(path, text)
+    assert path.read_bytes() == text and stat_mode(path) == 0o600
+    # An identity file holds a private key: it is never replaced, and no temporary
+    # file is left beside it.
+    with pytest.raises(IdentityError, match="exists already"):
+        save_identity(path, b"another")
+    assert path.read_bytes() == text and sorted(tmp_path.iterdir()) == [path, authority.directory]
     identity = load_identity(path)
     assert identity.name == "alice" and identity.server == "127.0.0.1:9"
     assert isinstance(identity.context, ssl.SSLContext)

@@ -509,15 +509,15 @@ def test_slash_commands_in_the_chat_worker(people: Site) -> None:
     from test_terminal import Events
 
     from chatzeo.terminal.commands import parse
-    from chatzeo.terminal.worker import (
+    from chatzeo.terminal.events import (
         Arrived,
-        ClientWorker,
         Joined,
         Landed,
         Notice,
         Outgoing,
         Problem,
     )
+    from chatzeo.terminal.worker import ClientWorker
 
     identity = load_identity(people.identities["bob"])
     bob_db = open_db(identity.server, ssl=identity.context, wait=15)

@@ -45,7 +45,8 @@ from chatzeo.errors import MalformedRecord, ProtocolViolation, TrustViolation
 from chatzeo.message import PLACEHOLDER, Message, new_message_id
 from chatzeo.realm import MALFORMED_PRESENCE, ChatRoot, User, get_root
 from chatzeo.records import MAX_PENDING, MAX_TEXT_BYTES, clock_problem, message_problem
-from chatzeo.server.trust import IndexUpdate, TrustIndex, check_commit
+from chatzeo.server.index import IndexUpdate, TrustIndex
+from chatzeo.server.rules import check_commit
 from chatzeo.session import FLUSH, ChatSession, RoomClock, _dropped
 from chatzeo.testing import (
     ServerProcess,

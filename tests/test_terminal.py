@@ -43,10 +43,8 @@ from chatzeo.terminal.commands import (
     parse,
 )
 from chatzeo.terminal.display import OWN_MARK, message_line, prompt_text, stamp, status_text
-from chatzeo.terminal.sanitize import is_clean
-from chatzeo.terminal.worker import (
+from chatzeo.terminal.events import (
     Arrived,
-    ClientWorker,
     Earlier,
     EarlierPage,
     Event,
@@ -57,6 +55,8 @@ from chatzeo.terminal.worker import (
     Outgoing,
     Problem,
 )
+from chatzeo.terminal.sanitize import is_clean
+from chatzeo.terminal.worker import ClientWorker
 from chatzeo.testing import ServerProcess, chatzeo_command, wait_until
 from chatzeo.validation import MAX_MESSAGE_BYTES, check_text
 
@@ -150,6 +150,26 @@ def test_message_line_shows_time_author_text_and_marks_own() -> None:
     action = Message("0" * 32, "lobby", int(now * 1_000_000), "bob", "waves", "action")
     assert text_of(message_line(action, False, now)).endswith("* bob waves")
     assert text_of(message_line(message("x", None), False, now)).endswith("<anonymous> x")
+
+
+def test_scripts_get_the_terminal_line_without_its_marks() -> None:
+    """`chatzeo tail`/`history` print what the terminal draws, from the same
+    formatter, minus the mark column: own and mention marks mean nothing there."""
+    from chatzeo.cli import format_line
+    from chatzeo.terminal.display import plain_line
+
+    now = time.time()
+    said = message(f"hi @alice {ESCAPES}", "bob", int(now * 1_000_000))
+    drawn = text_of(message_line(said, False, now, mention=True))
+    assert format_line(said) == plain_line(said, now)
+    assert format_line(said) == drawn.replace(" ! ", " ", 1)
+    assert format_line(said).startswith(f"{stamp(now, now)} <bob> hi @alice ")
+    assert is_clean(format_line(said))
+    action = Message("0" * 32, "lobby", int(now * 1_000_000), "bob", "waves", "action")
+    assert format_line(action) == f"{stamp(now, now)} * bob waves"
+    old = message("before", "bob", int((now - 3 * 86400) * 1_000_000))
+    assert format_line(old) == f"{stamp(now - 3 * 86400, now)} <bob> before"
+    assert len(format_line(old).split(" <bob>")[0]) == len("2026-11-21 12:00:00")
 
 
 def test_stamp_adds_the_date_for_an_older_day() -> None:
@@ -352,10 +372,84 @@ def test_worker_joins_sends_receives_and_answers(memory_db: ZODB.DB) -> None:
     other.close()
 
 
+def test_a_send_is_checked_once_sent_once_and_read_back_once(
+    memory_db: ZODB.DB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data path reads forward: a typed line is checked where it is parsed, the
+    worker posts it once and reads it back once (the receive that shows it, not
+    also a look-up after the commit); a request wakes the worker without looking
+    like a commit to its rooms."""
+    import chatzeo.session as session_module
+    from chatzeo.session import ChatSession
+
+    counts: dict[str, int] = {"check": 0, "find": 0, "new": 0, "insert": 0}
+    real_check = session_module.plain_text  # type: ignore[attr-defined]  # its own import
+
+    def counting(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    worker, events, _ = start_worker(lambda: ChatClient(memory_db, "alice"))
+    try:
+        wait_until("the worker settled", lambda: worker.is_connected())
+        said = parse("hello once")
+        assert isinstance(said, Say)
+        monkeypatch.setattr(session_module, "check_text", counting("check", real_check),
+                            raising=False)
+        monkeypatch.setattr(ChatSession, "_find", counting("find", ChatSession._find))
+        monkeypatch.setattr(ChatSession, "new_messages",
+                            counting("new", ChatSession.new_messages))
+        monkeypatch.setattr(ChatSession, "_insert", counting("insert", ChatSession._insert))
+        receive_all = counting("receive_all", ChatClient.receive_all)
+        counts["receive_all"] = 0
+        monkeypatch.setattr(ChatClient, "receive_all", receive_all)
+        worker.submit(Outgoing(1, said.text))
+        landed = events.next(Landed)
+        assert [m.text for m in landed.messages] == ["hello once"]
+        assert landed.stored == landed.messages[0].id
+        # Posted once, read back once (one read of the open rooms), no look-up.
+        assert (counts["insert"], counts["find"], counts["new"]) == (1, 0, 1), counts
+        before = dict(counts)
+        worker.submit(Who())  # a request, no commit: no room is read for news
+        assert events.next(Notice).lines == ("in #lobby: alice",)
+        assert counts["receive_all"] == before["receive_all"] == 1, counts  # the send's
+        assert counts["new"] == before["new"], counts
+    finally:
+        assert worker.stop()
+
+
+def test_checked_text_is_checked_once_and_plain_text_always() -> None:
+    """What the boundary checked is not checked again inward; a library caller's
+    plain string is, wherever it is posted."""
+    from chatzeo.validation import CheckedText, checked_text, plain_text
+
+    once = checked_text("fine")
+    assert isinstance(once, CheckedText) and plain_text(once) == "fine"
+    assert type(plain_text(once)) is str  # what is stored is a plain str
+    with pytest.raises(InvalidMessage):
+        plain_text("evil \x1b[2J")
+    with pytest.raises(TypeError):
+        CheckedText("evil \x1b[2J")  # only the check makes one
+    db = ZODB.DB(None)
+    try:
+        client = ChatClient(db, "alice")
+        client.join("lobby")
+        with pytest.raises(InvalidMessage):
+            client.room.add_message("evil \x1b[2J", "alice")  # type: ignore[union-attr]
+        stored = client.send(checked_text("kept"), read_back=False)
+        assert [m.text for m in client.receive()] == ["kept"]
+        assert type(client.history(1)[0].text) is str and stored.text == "kept"
+        client.close()
+    finally:
+        db.close()
+
+
 class GivesUp(ChatClient):
     """A client whose every post runs out of retries, as against a dying server."""
 
-    def send(self, text: str, kind: Any = "say") -> Message:
+    def send(self, text: str, kind: Any = "say", *, read_back: bool = True) -> Message:
         raise RetryLimitExceeded("posting", 7, 15.2, ClientDisconnected("gone"))
 
 
@@ -724,3 +818,30 @@ def test_input_line_draws_each_emoji_sequence_as_one_cell_two_columns_wide() -> 
     # The width marks survive the classes a window appends after the processors.
     assert pt_screen._CHAR_CACHE[FLAG, " class:grapheme-w2 class:last-line"].width == 2
     assert pt_screen._CHAR_CACHE["\U0001f1f7", " class:grapheme-tail class:last-line"].width == 0
+
+
+@pytest.mark.parametrize(
+    ("widths", "row", "column", "columns", "expected"),
+    [
+        # Prompt and bar, both fit: erase from the cursor's row, draw there.
+        ([27, 53], 0, 27, 100, (0, 0)),
+        # The bar re-wraps to two rows below the cursor: the terminal moved the cursor
+        # up by one, so the redraw starts one row lower, on the prompt's old row.
+        ([27, 53], 0, 27, 40, (0, 1)),
+        ([27, 53], 0, 27, 20, (1, 3)),  # and the typed line: the cursor on its 2nd row
+        # A pending line above the input re-wraps: erase from two rows up, redraw one
+        # row lower than that (the rows below the cursor did not grow).
+        ([50, 27, 40], 1, 27, 40, (2, 1)),
+        # The typed line itself re-wraps around the cursor.
+        ([27, 20], 0, 27, 24, (1, 1)),
+        # Wider: nothing grows, nothing moves down.
+        ([27, 53], 0, 27, 200, (0, 0)),
+        ([], 0, 0, 80, (0, 0)),
+    ],
+)
+def test_the_prompt_is_found_where_a_re_wrapping_terminal_put_it(
+    widths: list[int], row: int, column: int, columns: int, expected: tuple[int, int]
+) -> None:
+    from chatzeo.terminal.app import _rewrapped
+
+    assert _rewrapped(widths, row, column, columns) == expected

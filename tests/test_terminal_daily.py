@@ -6,20 +6,21 @@ tests/test_tmux_daily.py runs the same in a real terminal.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
-from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.formatted_text import FormattedText, fragment_list_to_text
 
 from chatzeo.errors import InvalidInput
 from chatzeo.message import Message
 from chatzeo.terminal.app import ChatScreen
 from chatzeo.terminal.commands import Bell, Part, Switch, Topic, parse
 from chatzeo.terminal.completion import ChatCompleter
-from chatzeo.terminal.display import catch_up_lines, message_lines, status_text
-from chatzeo.terminal.worker import Activity, Arrived, Joined, PresenceChanged
+from chatzeo.terminal.display import catch_up_lines, message_lines, prompt_text, status_text
+from chatzeo.terminal.events import Activity, Arrived, Joined, PresenceChanged
 
 
 def _text(line: FormattedText) -> str:
@@ -165,3 +166,35 @@ def test_status_bar_fits_with_activity_and_topic():
     assert "#general [2:dev(3)]" in full and "topic: ship it" in full
     narrow = _text(status_text("alice", "general", "server:1", True, 0, 40, "2:dev(3)", "ship it"))
     assert len(narrow) <= 40 and "connected" in narrow
+
+
+def test_private_rooms_are_labelled_once_and_a_direct_message_elsewhere_is_said() -> None:
+    """The prompt and the status bar name a private room by its label (not
+    ``##plans (private)`` or ``#@bob``); a direct message that comes while one is in
+    another room is said there, with where to read it; /switch takes ``@bob``."""
+    assert fragment_list_to_text(prompt_text("alice", "#plans (private)", [], True)) == (
+        "[#plans (private)] alice> ")
+    assert fragment_list_to_text(prompt_text("alice", "@bob", [], True)) == "[@bob] alice> "
+    assert fragment_list_to_text(prompt_text("alice", "lobby", [], True)) == "[#lobby] alice> "
+    for key, label in (("@bob", " @bob |"), ("#plans (private)", " #plans (private) |"),
+                       ("lobby", " #lobby |")):
+        bar = fragment_list_to_text(status_text("alice", key, "server", True, 0))
+        assert bar.startswith(label) and "##" not in bar and "#@" not in bar, bar
+    assert parse("/switch @bob") == Switch("@bob")
+    assert parse("/part @bob") == Part("@bob")
+
+    screen, shown, _, _ = _screen()
+    screen.on_event(Joined("general", (), rooms=("general", "@bob", "#plans (private)")))
+    shown.clear()
+    now = time.time()
+    screen.on_event(Arrived((
+        Message("1" * 32, "@bob", int(now * 1_000_000), "bob", "psst"),
+        Message("2" * 32, "@bob", int(now * 1_000_000) + 1, "bob", "are you there?"),
+        Message("3" * 32, "#plans (private)", int(now * 1_000_000) + 2, "carol", "not a DM"),
+    )))
+    assert shown == ["-- 2 direct messages from bob in @bob (Alt-2 or /switch @bob to read)"]
+    assert screen.unread == {"@bob": 2, "#plans (private)": 1}
+    shown.clear()
+    screen.on_event(Joined("@bob", (), switched=True, rooms=("general", "@bob")))
+    screen.on_event(Arrived((Message("4" * 32, "@bob", int(now * 1_000_000) + 3, "bob", "hi"),)))
+    assert not any("direct message" in line for line in shown)  # read where it is shown

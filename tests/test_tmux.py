@@ -511,6 +511,89 @@ def test_long_lines_wrap_at_words_and_the_status_bar_fits_after_a_resize(
     alice.wait_for(f"{EXITED} 0")
 
 
+def whole_history(pane: Pane) -> list[str]:
+    """Every row tmux holds for the pane, scrollback included, wrapped rows joined."""
+    text = pane.tmux.run("capture-pane", "-p", "-J", "-S", "-", "-t", pane.name)
+    return [row.rstrip() for row in text.splitlines()]
+
+
+def test_resizing_leaves_no_stale_prompt_in_the_scrollback(
+    tmux: Tmux, server: ServerProcess, tmp_path: Path
+) -> None:
+    """tmux re-wraps its lines on a resize; however often and however far the
+    window changes width, no copy of the prompt or the status bar may be left in the
+    scrollback (the live ones are the last rows), and what was printed before them
+    stays, once, above them."""
+    # A second connection under the name makes the chat print a notice longer than
+    # the window: a line the terminal itself wraps, and re-wraps on every resize.
+    db = open_db(server.address, wait=5)
+    other = ChatClient(db, "alice")
+    try:
+        alice = start_chat(tmux, server, tmp_path, "alice")
+        alice.wait_for("also in use by another connection")
+    finally:
+        other.close()
+        db.close()
+    for index in range(2):  # few: the prompt starts near the top
+        alice.enter(f"line {index} " + "filler " * 20)  # long: they re-wrap too
+    alice.wait_for("<alice> line 1")
+    alice.type("half a line")
+    wait_until("the typed line", lambda: prompt_line(alice) == "[#lobby] alice> half a line")
+    # Ctrl-L clears by scrolling: the conversation goes to the scrollback, the input
+    # stays at the bottom (prompt_toolkit's own clear put it on the top row, the
+    # first row a narrower terminal pushes out, taking the prompt with it).
+    alice.key("C-l")
+
+    def cleared() -> bool:
+        visible = tmux.run("capture-pane", "-p", "-t", alice.name)
+        return "<alice> line" not in visible and "alice> half a line" in visible
+
+    wait_until("the screen cleared, the prompt redrawn", cleared)
+
+    def counts(rows: list[str]) -> tuple[list[int], list[int]]:
+        # (at 24 columns prompt_toolkit wraps the typed line itself: "alice> half a l")
+        prompts = [i for i, row in enumerate(rows) if "alice> half a" in row]
+        bars = [i for i, row in enumerate(rows) if "connected" in row and "#lobby" in row]
+        return prompts, bars
+
+    copies = (1, 1)  # the live prompt and the live bar
+
+    def drawn_once() -> list[str] | None:
+        rows = whole_history(alice)
+        prompts, bars = counts(rows)
+        shown = [row for row in rows if row.strip()]
+        # Only the live ones, at the end.
+        if (len(prompts), len(bars)) == copies and shown[-1] == rows[bars[-1]] and (
+                rows[prompts[-1]] in shown[-3:-1]):
+            return rows
+        return None
+
+    # Narrower and wider by turns, past the bar's width (it must re-wrap) and down
+    # to where the typed line itself no longer fits on one row.
+    for columns in (100, 60, 100, 60, 40, 120, 30, 80, 24, 120, 45, 120):
+        tmux.run("resize-window", "-t", alice.name, "-x", str(columns), "-y", str(HEIGHT))
+        def redrawn(width: int = columns) -> bool:
+            return tmux.run(
+                "display-message", "-p", "-t", alice.name, "#{pane_width}"
+            ).strip() == str(width) and "alice> half a" in alice.screen()
+
+        wait_until(f"the prompt redrawn at {columns} columns", redrawn)
+        try:
+            rows = wait_until(f"no new prompt or status bar copy at {columns} columns",
+                              drawn_once, timeout=5)
+        except AssertionError as error:
+            raise AssertionError(
+                f"{error} ({copies} before)\n--- whole history ---\n"
+                + "\n".join(whole_history(alice))
+            ) from None
+        said = [row for row in rows if "<alice> line" in row]
+        assert [row.split("<alice> ")[1].split()[:2] for row in said] == [
+            ["line", "0"], ["line", "1"]], rows
+    alice.key("C-c")
+    alice.key("C-c")
+    alice.wait_for(f"{EXITED} 0")
+
+
 def test_a_second_client_under_the_same_name_is_pointed_out_and_not_taken_for_own(
     tmux: Tmux, server: ServerProcess, tmp_path: Path
 ) -> None:

@@ -8,16 +8,20 @@ logs it, and the storage's last transaction did not move.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import pytest
 import transaction
 import ZODB
+from BTrees.OOBTree import OOBTree
 from support import edit, gather, read, server_last_transaction
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
@@ -25,9 +29,12 @@ from ZODB.POSException import ConflictError
 from chatzeo import open_db
 from chatzeo.client import ChatClient
 from chatzeo.errors import ProtocolViolation, TrustViolation
+from chatzeo.privacy import PrivateRoom
 from chatzeo.realm import ChatRoot, get_root
-from chatzeo.server.guard import identity_of
-from chatzeo.server.trust import TrustIndex, check_commit
+from chatzeo.server import rules
+from chatzeo.server.index import TrustIndex
+from chatzeo.server.protocol import certificate_identity
+from chatzeo.server.rules import RULES, CommitRules, check_commit
 from chatzeo.session import FLUSH, ChatSession
 from chatzeo.testing import (
     Pki,
@@ -478,10 +485,10 @@ def test_the_identity_is_the_single_common_name():
     def cert(*subject: tuple[str, str]) -> dict[str, Any]:
         return {"subject": tuple((pair,) for pair in subject)}
 
-    assert identity_of(cert(("organizationName", "x"), ("commonName", "alice"))) == "alice"
-    assert identity_of(cert(("commonName", "alice"), ("commonName", "bob"))) is None
-    assert identity_of(cert(("organizationName", "x"))) is None
-    assert identity_of(None) is None
+    assert certificate_identity(cert(("organizationName", "x"), ("commonName", "alice"))) == "alice"
+    assert certificate_identity(cert(("commonName", "alice"), ("commonName", "bob"))) is None
+    assert certificate_identity(cert(("organizationName", "x"))) is None
+    assert certificate_identity(None) is None
 
 
 class RecordingStorage(FileStorage):
@@ -571,6 +578,117 @@ def test_deep_message_trees_split_and_trim_unrefused(tmp_path):
             check_commit("alice", storage.records, storage, index)
     finally:
         db.close()
+
+
+# -- the rules one by one, in process (chatzeo.server.rules) --------------------------
+
+
+@dataclass
+class Recorded:
+    """chatzeo's root in a `RecordingStorage` (unguarded), and `check` to commit a
+    change there and hand its records to `check_commit` as the server would."""
+
+    storage: RecordingStorage
+    manager: transaction.TransactionManager
+    root: ChatRoot
+    index: TrustIndex = field(default_factory=TrustIndex)
+
+    def check(
+        self, writer: str | None, change: Callable[[ChatRoot], Any], *,
+        enforce_identity: bool = True,
+    ) -> None:
+        """Commit ``change`` and check it; a refused commit stays in the file (the
+        storage is unguarded) but the index does not learn of it."""
+        self.storage.records = []
+        change(self.root)
+        self.manager.commit()
+        update = check_commit(writer, self.storage.records, self.storage, self.index,
+                              enforce_identity=enforce_identity)
+        self.index.apply(update, self.storage.lastTransaction())
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> Iterator[Recorded]:
+    storage = RecordingStorage(str(tmp_path / "chat.fs"))
+    db = ZODB.DB(storage)
+    manager = transaction.TransactionManager()
+    try:
+        root = get_root(db.open(transaction_manager=manager))
+        root.private = OOBTree()  # what `chatzeo serve` with certificates adds
+        manager.commit()
+        yield Recorded(storage, manager, root, TrustIndex.build(storage))
+    finally:
+        manager.abort()
+        db.close()
+
+
+def test_every_rule_is_a_method_whose_refusals_name_it():
+    """Each rule of `RULES` is a `CommitRules` method, listed in the module's
+    docstring and in docs/security.md's table; every refusal a rule's method (or one
+    of its ``_<rule>_...`` steps) makes starts with that rule's name."""
+    table = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    for name in RULES:
+        assert callable(getattr(CommitRules, name)), name
+        assert f"``{name}``" in (rules.__doc__ or ""), name
+        assert f"| `{name}` |" in table, name
+    # The table lists them in the order they are applied, as it says.
+    rows = [table.index(f"| `{name}` |") for name in RULES]
+    assert rows == sorted(rows)
+    source = ast.parse(Path(rules.__file__).read_text())
+    methods = next(node for node in source.body
+                   if isinstance(node, ast.ClassDef) and node.name == "CommitRules").body
+    seen: set[str] = set()
+    for method in methods:
+        if not isinstance(method, ast.FunctionDef):
+            continue
+        owner = next((name for name in RULES
+                      if method.name == name or method.name.startswith(f"_{name}_")), None)
+        for call in ast.walk(method):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                    and call.func.attr == "refuse" and call.args
+                    and isinstance(call.args[0], ast.Constant)):
+                continue
+            rule = call.args[0].value
+            assert isinstance(rule, str), rule
+            seen.add(rule)
+            # Reading the commit refuses what cannot be read, before any rule runs.
+            allowed = {owner} if owner else {"structure", "schema"}
+            assert rule in allowed, f"{method.name} refuses under {rule!r}"
+    assert seen <= set(RULES) and len(seen) >= 8, seen
+
+
+def test_identity_refuses_a_certificate_without_a_name(recorded: Recorded) -> None:
+    with pytest.raises(TrustViolation, match=r"^identity: the client certificate names no"):
+        recorded.check(None, lambda root: root.room("nameless").post("x", "alice"))
+    # Without client certificates no identity is asked for.
+    recorded.check(None, lambda root: root.room("named").post("x", "alice"),
+                   enforce_identity=False)
+
+
+def test_private_keeps_every_private_room_under_its_own_key(recorded: Recorded) -> None:
+    recorded.check("alice", lambda root: root.private.__setitem__(
+        "k1", PrivateRoom("k1", "club", "room", "alice", ["bob"])))
+    with pytest.raises(TrustViolation, match=r"^private: private room 'k1' cannot be repl"):
+        recorded.check("alice", lambda root: root.private.__setitem__(
+            "k1", PrivateRoom("k1", "club", "room", "alice", ["carol"])))
+    with pytest.raises(TrustViolation, match=r"^private: private room 'k1' cannot be remov"):
+        recorded.check("alice", lambda root: root.private.__delitem__("k1"))
+    with pytest.raises(TrustViolation, match=r"^private: private room 'k9' is filed under"):
+        recorded.check("alice", lambda root: root.private.__setitem__(
+            "k2", PrivateRoom("k9", "den", "room", "alice", [])))
+
+
+def test_a_new_rooms_topic_keeps_the_topic_rules(recorded: Recorded) -> None:
+    """A topic set in the commit that creates its room names the writer and is not
+    dated ahead, as a topic set later is."""
+    with pytest.raises(TrustViolation, match=r"^author: 'alice' cannot set a topic as 'bob'"):
+        recorded.check("alice", lambda root: root.room("t1").set_topic("hi", "bob"))
+    ahead = time.time() + 3600
+    with pytest.raises(TrustViolation, match=r"^room: a topic's time lies in the future"):
+        recorded.check("alice", lambda root: root.room("t2").set_topic(
+            "hi", "alice", clock=lambda: ahead))
+    recorded.check("alice", lambda root: root.room("t3").set_topic("hi", "alice"))
+    assert recorded.root.rooms["t3"].topic[:2] == ("hi", "alice")
 
 
 def test_guard_on_needs_client_certificates(tmp_path):

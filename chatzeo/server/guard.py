@@ -3,27 +3,28 @@
 Every server
     ZEO's `StorageServer` makes one `ZEOStorage` per client connection through
     ``create_client_handler``; `install_guard` makes it a `GuardedZEOStorage`, which
-    checks each commit against `chatzeo.server.trust`'s record, history and structure
+    checks each commit against `chatzeo.server.rules`' record, history and structure
     rules (the shapes of `chatzeo.records`), TLS or not.
 
 Identity (``install_guard(..., identities=True)``: a server with client certificates)
-    The handler reads the connection's verified peer certificate when the ZEO
-    handshake is done (``notify_connected``). The identity is the certificate
-    subject's commonName, verbatim; a certificate with no commonName, or more than
-    one, has no identity, and every commit touching chatzeo's graph is refused for
-    it. The identity rules (authors, users' own objects) then apply as well.
+    The identity is the one `chatzeo.server.protocol.ChatZEOStorage` read from the
+    connection's verified peer certificate when the ZEO handshake was done
+    (``notify_connected``): the subject's commonName, verbatim. A certificate with
+    no commonName, or more than one, has no identity, and every commit touching
+    chatzeo's graph is refused for it. The identity rules (authors, users' own
+    objects) then apply as well.
 
 Checking
     ZEO logs each store of a transaction and replays them in ``_vote`` once it holds
     the commit lock. `GuardedZEOStorage` keeps the same records as they arrive, and
-    its ``_vote`` first hands them to `chatzeo.server.trust.check_commit`; a refusal ends
+    its ``_vote`` first hands them to `chatzeo.server.rules.check_commit`; a refusal ends
     the transaction before the storage sees any of it, is logged here, and reaches
     the writer's ``commit()`` as `TrustViolation`. Deleting a checked object, undo,
     restore and blobs are refused outright: chatzeo writes none of them, and each
-    can rewrite history. The roles of the objects a commit adds are recorded once
-    ZEO has finished it.
+    can rewrite history. The roles of the objects a commit adds are recorded in the
+    `chatzeo.server.index.TrustIndex` once ZEO has finished it.
 
-Threads: all of this runs in ZEO's asyncio loop thread (see `chatzeo.server.trust`).
+Threads: all of this runs in ZEO's asyncio loop thread (see `chatzeo.server.rules`).
 """
 
 from __future__ import annotations
@@ -34,31 +35,18 @@ from typing import Any
 from ZEO.asyncio.server import Delay, ServerProtocol
 
 from ..errors import TrustViolation
+from .index import IndexUpdate, TrustIndex
 from .protocol import ChatZEOStorage
-from .trust import IndexUpdate, TrustIndex, check_commit
+from .rules import check_commit
 
-__all__ = ["GuardedZEOStorage", "install_guard", "identity_of"]
+__all__ = ["GuardedZEOStorage", "install_guard"]
 
 log = logging.getLogger(__name__)
 
 
-def identity_of(peercert: dict[str, Any] | None) -> str | None:
-    """The commonName of a certificate as `ssl.SSLSocket.getpeercert` returns it."""
-    if not peercert:
-        return None
-    names = [
-        value
-        for rdn in peercert.get("subject", ())
-        for key, value in rdn
-        if key == "commonName"
-    ]
-    return names[0] if len(names) == 1 else None
-
-
 class GuardedZEOStorage(ChatZEOStorage):
-    """A ZEO client handler that checks every commit against `chatzeo.server.trust`."""
+    """A ZEO client handler that checks every commit against `chatzeo.server.rules`."""
 
-    identity: str | None = None
     _pending: IndexUpdate | None = None
     # This transaction's stores, kept beside ZEO's commit log so that the check
     # need not read that file back; and the first operation the guard refuses.
@@ -73,14 +61,10 @@ class GuardedZEOStorage(ChatZEOStorage):
         self._identities = identities
 
     def notify_connected(self, conn: Any) -> None:
-        super().notify_connected(conn)
-        if not self._identities:
-            return
-        transport = conn.sm_protocol.transport if conn.sm_protocol is not None else None
-        peercert = transport.get_extra_info("peercert") if transport is not None else None
-        self.identity = identity_of(peercert)
-        # ascii(): a CN is the certificate owner's text, and may hold escapes.
-        self.log(f"client certificate identity: {self.identity!a}")
+        super().notify_connected(conn)  # reads the certificate's name into ``identity``
+        if self._identities:
+            # ascii(): a CN is the certificate owner's text, and may hold escapes.
+            self.log(f"client certificate identity: {self.identity!a}")
 
     def tpc_begin(self, id: Any, *args: Any, **kw: Any) -> None:
         fresh = self.transaction is None

@@ -7,8 +7,9 @@ Server side (the operator, next to the server's data directory)
     given). `server_context` is the TLS context `chatzeo serve --tls auto` listens
     with: it requires a client certificate signed by that CA.
     `issue` signs a new key for one user name and returns the *identity file*: the
-    user's private key, certificate and the CA certificate, PEM, in one text (the
-    caller writes it mode 0600); every certificate issued is recorded by serial in
+    user's private key, certificate and the CA certificate, PEM, in one text, which
+    `save_identity` writes (mode 0600, never over an existing file); every
+    certificate issued is recorded by serial in
     ``tls/issued.json``. `revoke` adds every certificate issued to a name to
     ``tls/revoked.json``; `Revocations` is the server's view of that file, re-read
     when its modification time or size changes.
@@ -57,6 +58,7 @@ __all__ = [
     "ensure_authority",
     "issue",
     "revoke",
+    "save_identity",
     "load_identity",
     "server_context",
     "default_identity_path",
@@ -138,6 +140,15 @@ def _write(path: Path, data: bytes, mode: int = 0o600, exclusive: bool = False) 
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def save_identity(path: Path, text: bytes) -> None:
+    """Write the identity file ``text`` (from `issue`) to ``path``, mode 0600, whole.
+
+    Raises `IdentityError` if ``path`` exists (also if another writer creates it
+    meanwhile): an identity file holds a private key, so none is ever replaced.
+    """
+    _write(Path(path), text, 0o600, exclusive=True)
 
 
 def _now() -> datetime.datetime:

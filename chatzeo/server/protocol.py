@@ -305,6 +305,10 @@ class ChatZEOStorage(ZEOStorage):
     """
 
     log_label: str
+    # The connection's verified client certificate (`ssl.SSLSocket.getpeercert`'s
+    # form) and its name (`certificate_identity`), read once when it connects; the
+    # commit guard, the read guard and fan-out use these, and read neither again.
+    peercert: dict[str, Any] | None = None
     identity: str | None = None
     operator = False
     # The first refusal of the current transaction, and what it has buffered.
@@ -327,7 +331,8 @@ class ChatZEOStorage(ZEOStorage):
         transport = conn.sm_protocol.transport if conn.sm_protocol is not None else None
         extra = transport.get_extra_info if transport is not None else (lambda name: None)
         peer = extra("peername")
-        self.identity = certificate_identity(extra("peercert"))
+        self.peercert = extra("peercert")
+        self.identity = certificate_identity(self.peercert)
         tls = self.server.ssl is not None
         self.operator = (self.identity in self.policy.operators) if tls else _is_local(peer)
         # ZEO labels a connection by the server's own address; add the peer's.
@@ -403,7 +408,7 @@ class ChatZEOStorage(ZEOStorage):
 
     # -- transactions ------------------------------------------------------------
 
-    def tpc_begin(  # type: ignore[override]
+    def tpc_begin(
         self, id: Any, user: Any, description: Any, ext: Any, tid: Any = None, status: Any = " "
     ) -> None:
         fresh = self.transaction is None
@@ -569,7 +574,7 @@ class ChatServerProtocol(ServerProtocol):
         super().connection_made(transport)
         storage = self.zeo_storage
         assert storage is not None
-        self.data_received = _FrameLimit(  # type: ignore[method-assign]
+        self.data_received = _FrameLimit(
             self.sm_protocol.data_received,
             storage.limits.max_frame_bytes,
             storage.frame_too_large,

@@ -10,7 +10,7 @@ The index
     objects are ever claimed, so no commit can pull an existing (say, a public)
     object into a room, and an object never leaves its room: the index only grows.
     References are read with `ZODB.serialize.referencesf`, which imports nothing;
-    the `PrivateRoom` records are decoded with `chatzeo.server.trust.decode` (allowlisted,
+    the `PrivateRoom` records are decoded with `chatzeo.server.decoding.decode` (allowlisted,
     nothing imported or called).
 
 What a connection may not do (`ReadGuard`, a mixin of ZEO's per-connection handler)
@@ -52,8 +52,8 @@ from ZODB.serialize import referencesf
 
 from ..errors import TrustViolation
 from ..privacy import access_problem
+from .decoding import Ref, decode
 from .identity import Revocations
-from .trust import Ref, decode
 
 __all__ = [
     "ReadIndex",
@@ -267,12 +267,14 @@ def _check_access(identity: str | None, old: Any, state: Any, new: set[bytes]) -
 class ReadGuard:
     """A cooperative mixin for ZEO's per-connection handler; see the module docstring.
 
-    It expects ``self.identity`` (the certificate's name, set by the guard's
-    ``notify_connected``) and the shared `_ReadState` in ``self._reads``, which
-    `install_read_guard` gives every new handler.
+    It expects ``self.peercert`` and ``self.identity`` (the certificate and its
+    name, read by `chatzeo.server.protocol.ChatZEOStorage.notify_connected`) and the
+    shared `_ReadState` in ``self._reads``, which `install_read_guard` gives every
+    new handler.
     """
 
     _reads: _ReadState
+    peercert: dict[str, Any] | None
     identity: str | None
     _read_stores: list[tuple[bytes, bytes, bytes]]
     _read_checked: list[bytes]
@@ -282,7 +284,6 @@ class ReadGuard:
     def notify_connected(self, conn: Any) -> None:
         super().notify_connected(conn)  # type: ignore[misc]
         reads = self._reads
-        self._read_peercert = _peercert(conn)
         reads.connections.add(self)
         for name in ("async_", "async_threadsafe"):
             send = getattr(self, name, None)
@@ -294,7 +295,7 @@ class ReadGuard:
         # why, closes, and ZEO's own disconnect bookkeeping runs as usual.
         revocations = self._reads.revocations
         revocations.refresh()
-        if revocations.is_revoked(self._read_peercert):
+        if revocations.is_revoked(self.peercert):
             log.warning("refused a revoked certificate (%r) from %s",
                         getattr(self, "identity", None), getattr(self, "log_label", "?"))
             raise TrustViolation("identity: this certificate was revoked")
@@ -416,7 +417,7 @@ class ReadGuard:
             except TrustViolation as refusal:
                 log.warning("refused a commit from %s (certificate %r): %s",
                             self.log_label, self.identity, refusal)  # type: ignore[attr-defined]
-                self._clear_transaction()  # type: ignore[attr-defined]
+                self._clear_transaction()
                 raise
         return super()._vote(delay)  # type: ignore[misc]
 
@@ -457,12 +458,6 @@ class ReadGuard:
         super()._clear_transaction()  # type: ignore[misc]
 
 
-def _peercert(conn: Any) -> dict[str, Any] | None:
-    protocol = getattr(conn, "sm_protocol", None) or conn
-    transport = getattr(protocol, "transport", None)
-    return transport.get_extra_info("peercert") if transport is not None else None
-
-
 @dataclass
 class _ReadState:
     index: ReadIndex
@@ -483,7 +478,7 @@ def _poll_revocations(server: Any, state: _ReadState) -> None:
         try:
             if revocations.refresh():
                 for zs in list(state.connections):
-                    if revocations.is_revoked(getattr(zs, "_read_peercert", None)):
+                    if revocations.is_revoked(zs.peercert):
                         log.warning("closing %s: certificate %r was revoked",
                                     zs.log_label, zs.identity)
                         _drop(zs)

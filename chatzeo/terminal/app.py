@@ -3,7 +3,7 @@
 One prompt_toolkit `PromptSession` application, running for the whole chat, reads
 lines at the bottom of the terminal while messages from others are printed above it
 (`print_lines`), without disturbing a half-typed line.
-Below the input a status bar shows the current room, the activity list of the other
+On the row under the input a status bar shows the current room, the activity list of the other
 open rooms (``2:dev(3,@1)``: room 2 has 3 unread messages, one mentions you), the
 topic and whether the server is connected ("reconnecting..." while it is away);
 messages typed but not yet stored are shown above the input as pending until they
@@ -25,13 +25,12 @@ editing and history for free, and needs only a prompt below ordinary output;
 Textual would take over the whole screen with its own widgets and scrolling for
 no gain here, and adds a dependency where prompt_toolkit is already one.
 
-What the scrollback does not survive: resizing. Lines already printed stay as
-they were wrapped (the terminal may re-wrap them), and a terminal that re-wraps
-on resize (tmux 3.3a was seen doing so) can leave a copy of the prompt and status
-bar in the scrollback, because its re-wrapping moves the cursor before
-prompt_toolkit erases what it drew (observed: the cursor went from column 27 of
-the prompt's row to column 0 of a row below it, with rows pushed into history,
-before the client wrote a byte). The status bar is redrawn to fit the new width.
+Resizing: lines already printed stay as they were wrapped (a terminal that
+re-wraps, such as tmux, re-wraps them), the status bar is redrawn to fit the new
+width, and no copy of the prompt or the bar is left in the scrollback; a resize
+may leave blank rows above the prompt instead (`_status_under_the_input` says
+what tmux 3.3a does and how the prompt is drawn around it). Ctrl-L clears by
+scrolling the conversation up into the scrollback.
 
 Keys: Enter sends; Ctrl-C clears a line being typed, and on an empty line leaves
 (as Ctrl-D does); leaving while messages wait for an absent server asks first.
@@ -50,36 +49,44 @@ Threads
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.application import get_app, get_app_or_none
 from prompt_toolkit.buffer import Buffer
-from prompt_toolkit.filters import Condition
-from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
+from prompt_toolkit.filters import Condition, is_done
+from prompt_toolkit.formatted_text import (
+    FormattedText,
+    StyleAndTextTuples,
+)
 from prompt_toolkit.key_binding import (
     KeyBindings,
     KeyBindingsBase,
     KeyPressEvent,
     merge_key_bindings,
 )
+from prompt_toolkit.layout import (
+    ConditionalContainer,
+    Dimension,
+    FormattedTextControl,
+    HSplit,
+    Window,
+)
+from prompt_toolkit.layout.screen import Char, Screen
 from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.renderer import CPR_Support
 from prompt_toolkit.renderer import print_formatted_text as render_text
+from ZODB import DB
 
 from ..client import ChatClient
-from ..errors import ChatError, InvalidInput
+from ..errors import InvalidInput
 from ..message import Message
-from ..reach import open_for_command
-from ..tls import TLS_ENVIRONMENT, context_from_options
 from ..unread import mention_pattern, mentions
-from ..validation import check_room_name, check_user_name
 from .commands import (
     HELP,
     Bell,
@@ -101,15 +108,14 @@ from .display import (
     message_lines,
     plural,
     prompt_text,
+    room_label,
     stamp,
     status_text,
 )
 from .editing import GraphemeWidths, grapheme_bindings
-from .sanitize import clean
-from .worker import (
+from .events import (
     Activity,
     Arrived,
-    ClientWorker,
     ConnectionChanged,
     Earlier,
     EarlierPage,
@@ -126,6 +132,8 @@ from .worker import (
     Request,
     TopicChanged,
 )
+from .sanitize import clean
+from .worker import ClientWorker
 
 __all__ = ["ChatScreen", "chat", "run_chat", "print_lines"]
 
@@ -391,7 +399,7 @@ class ChatScreen:
             self.rooms = list(event.rooms)
             for table in (self.unread, self.mentioned):
                 table.pop(event.room, None)
-            self._show([info_line(f"you left {_label(event.room)}")])
+            self._show([info_line(f"you left {room_label(event.room)}")])
             self._redraw()
         elif isinstance(event, Activity):
             if event.known:
@@ -431,7 +439,7 @@ class ChatScreen:
         self.oldest = event.page[0] if event.page else None
         now = self._clock()
         # A private room's label (#plans (private), @bob) comes with the event.
-        here = event.shown or f"#{event.room}"
+        here = event.shown or room_label(event.room)
         lines: list[FormattedText] = []
         if event.switched:
             lines.append(info_line(f"now in {here}"))
@@ -457,7 +465,7 @@ class ChatScreen:
             else:
                 shown = "no messages yet"
             others = [name for name in self.rooms if name != event.room]
-            also = f"; also open: {', '.join(map(_label, others))}" if others else ""
+            also = f"; also open: {', '.join(map(room_label, others))}" if others else ""
             lines.append(info_line(
                 f"you are in {here} ({shown}; /history N for earlier ones, "
                 f"/help for commands{also})"
@@ -489,10 +497,26 @@ class ChatScreen:
             if mentioned:
                 self.mentioned[message.room] = self.mentioned.get(message.room, 0) + 1
         self._show_messages(here)
+        self._tell_direct(messages)
         if ring and self.bell:
             self._ring()
         if len(here) != len(messages):
             self._redraw()
+
+    def _tell_direct(self, messages: Sequence[Message]) -> None:
+        """A direct message to this user in a conversation they are not looking at
+        is said at once, as a line here (where to read it), not only counted."""
+        came: dict[str, list[str]] = {}
+        for message in messages:
+            if message.room[:1] == "@" and message.room != self.room and (
+                    message.id not in self.own):
+                came.setdefault(message.room, []).append(message.author or "anonymous")
+        for room, authors in came.items():
+            keys = f"Alt-{self.rooms.index(room) + 1} or " if room in self.rooms[:9] else ""
+            who = ", ".join(clean(name) for name in dict.fromkeys(authors))
+            self._show([info_line(
+                f"{plural(len(authors), 'direct message')} from {who} in {room} "
+                f"({keys}/switch {room} to read)")])
 
     def _presence(self, event: PresenceChanged) -> None:
         if event.room:
@@ -503,9 +527,10 @@ class ChatScreen:
             pass
         if event.room and event.room != self.room:
             return
-        lines = [FormattedText([("class:presence", f"--> {clean(name)} joined #{event.room}")])
+        where = clean(room_label(event.room))
+        lines = [FormattedText([("class:presence", f"--> {clean(name)} joined {where}")])
                  for name in event.came if name != self.user]
-        lines += [FormattedText([("class:presence", f"<-- {clean(name)} left #{event.room}")])
+        lines += [FormattedText([("class:presence", f"<-- {clean(name)} left {where}")])
                   for name in event.parted if name != self.user]
         lines += [FormattedText([("class:presence", f"<-- {clean(name)} quit")])
                   for name in event.quit if name != self.user]
@@ -518,13 +543,13 @@ class ChatScreen:
         if event.room != self.room:
             return
         if event.topic is None:
-            self._show([info_line(f"#{event.room} has no topic")])
+            self._show([info_line(f"{room_label(event.room)} has no topic")])
             return
         text, by, when = event.topic
         if text:
-            line = f"{by} set the topic of #{event.room}: {text}"
+            line = f"{by} set the topic of {room_label(event.room)}: {text}"
         else:
-            line = f"{by} cleared the topic of #{event.room}"
+            line = f"{by} cleared the topic of {room_label(event.room)}"
         self._show([info_line(f"{line} ({stamp(when, self._clock())})")])
 
     def _mention_list(self, messages: Sequence[Message]) -> None:
@@ -536,7 +561,7 @@ class ChatScreen:
         lines = [info_line(f"the latest {plural(len(messages), 'message')} mentioning you:")]
         for message in messages:
             for number, line in enumerate(message_lines(message, False, now, width - 1)):
-                prefix = f"#{clean(message.room)} " if number == 0 else " "
+                prefix = f"{clean(room_label(message.room))} " if number == 0 else " "
                 lines.append(FormattedText([("class:info", prefix), *line]))
         self._show(lines)
 
@@ -610,10 +635,121 @@ async def _prompt_loop(screen: ChatScreen) -> None:
         return screen.keep_input
 
     session.default_buffer.accept_handler = accept
+    _status_under_the_input(session, screen.status)
     with patch_stdout(), contextlib.suppress(EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
-        await session.prompt_async(
-            screen.prompt, bottom_toolbar=screen.status, refresh_interval=REFRESH_SECONDS
-        )
+        await session.prompt_async(screen.prompt, refresh_interval=REFRESH_SECONDS)
+
+
+def _status_under_the_input(
+    session: PromptSession[str], status: Callable[[], FormattedText]
+) -> None:
+    """Draw the status bar on the row right under the input, and redraw after a
+    resize where the re-wrapped terminal left the input, so that resizing leaves
+    no copy of the prompt or the bar in the scrollback.
+
+    What went wrong (seen in tmux 3.3a, which re-wraps its lines on a resize and
+    keeps the rows below the cursor at the bottom of the screen; when the cursor's
+    own row is pushed into the scrollback it puts the cursor at the top left):
+
+    - prompt_toolkit's ``bottom_toolbar`` asks where the cursor is (CPR) and
+      stretches the prompt to the last row of the screen, so a screenful of written
+      rows lies below the cursor; a narrower terminal pushes rows into the
+      scrollback until the cursor's row goes too, and the erase-and-redraw that
+      follows starts below the old prompt: a screenful of copies per resize.
+    - A bar filled to the full width with its background is one long line: narrowed,
+      it takes several rows below the cursor, which moves the cursor up for good
+      (the redrawn bar takes one row again); resize after resize the prompt climbs
+      to the top row and then into the scrollback.
+
+    So: no CPR (its only use here is that stretch), the bar as a window of the
+    prompt's own layout (``bottom_toolbar`` hides while the height below the cursor
+    is unknown, i.e. always without CPR), coloured only as far as its text (the rest
+    of its row is blank to the terminal and never re-wraps), and on a resize the
+    erase starts where the re-wrapped prompt starts now and the redraw as many rows
+    lower as the rows below the cursor grew (`_rewrapped`), which puts the prompt
+    back on the row it had (tests/test_tmux.py
+    ``test_resizing_leaves_no_stale_prompt_in_the_scrollback``).
+    """
+    app = session.app
+    drawn = [0]  # the terminal's columns when the prompt was last drawn
+
+    def bar() -> FormattedText:
+        drawn[0] = app.output.get_size().columns
+        return FormattedText([(f"class:bottom-toolbar {style}", part)
+                              for style, part, *_ in status()])
+
+    redraw = app._on_resize
+
+    def on_resize() -> None:
+        screen, renderer = app.renderer.last_rendered_screen, app.renderer
+        columns = max(app.output.get_size().columns, 1)
+        if screen is not None and drawn[0] and columns != drawn[0]:
+            # prompt_toolkit keeps no public account of where it left the cursor.
+            cursor = renderer._cursor_pos
+            up, down = _rewrapped(_row_widths(screen), cursor.y, cursor.x, columns)
+            output = app.output
+            output.write_raw("\r")
+            output.cursor_up(up)
+            output.erase_down()
+            output.cursor_down(down)
+            output.flush()
+            renderer.reset(leave_alternate_screen=False)  # the cursor is where it draws
+        drawn[0] = 0  # a second report of the same resize moves nothing
+        redraw()  # erases nothing more (the cursor is where the prompt starts), draws
+
+    setattr(app, "_on_resize", on_resize)  # noqa: B010 (read by the running app; see above)
+    output = app.output
+
+    def erase_down() -> None:
+        # The same erase, but never issued from the top-left cell: there tmux takes
+        # it for a clear screen and first copies the screen (prompt and bar) into the
+        # scrollback. From one column further it erases the rest, then the row.
+        output.write_raw("\x1b7\x1b[C\x1b[J\x1b8\x1b[K")
+
+    setattr(output, "erase_down", erase_down)  # noqa: B010 (used by the renderer)
+    app.renderer.cpr_support = CPR_Support.NOT_SUPPORTED
+    root = session.layout.container
+    assert isinstance(root, HSplit)  # PromptSession's layout: input, toolbars
+    root.children.append(ConditionalContainer(
+        Window(FormattedTextControl(bar), dont_extend_height=True, height=Dimension(min=1)),
+        filter=~is_done,
+    ))
+
+
+def _row_widths(screen: Screen) -> list[int]:
+    """The columns each row of a drawn prompt takes in the terminal: up to its last
+    character other than an unstyled space (the terminal keeps no trailing blanks;
+    prompt_toolkit fills the rest of a row with spaces it never writes)."""
+    widths = []
+    for y in range(screen.height):
+        row: Mapping[int, Char] = screen.data_buffer.get(y, {})
+        used = [x + max(char.width, 1) for x, char in row.items()
+                if char.char != " " or "class:" in char.style.replace("class:last-line", "")]
+        widths.append(max(used, default=0))
+    return widths
+
+
+def _rewrapped(widths: Sequence[int], row: int, column: int, columns: int) -> tuple[int, int]:
+    """Where a prompt drawn as rows ``widths`` wide, with the cursor at ``column``
+    of ``row``, is after a terminal re-wrapped each row to ``columns``:
+    ``(up, down)``, the rows from the cursor's row up to the prompt's first one now,
+    and then the rows down to the one it started on before. A terminal that wraps
+    lines narrower keeps its last rows at the bottom of the screen, so the cursor
+    moved up by what the rows below it grew; drawn where it starts now, the prompt
+    would climb with every resize until the cursor's row left the screen.
+    Widened, nothing below grows, and it is drawn where it starts."""
+
+    def rows(width: int) -> int:
+        return max(1, -(-width // columns))
+
+    if not widths:
+        return 0, 0
+    row = min(max(row, 0), len(widths) - 1)
+    inside = min(column // columns, rows(widths[row]) - 1)  # the cursor's row of its line
+    up = sum(rows(width) for width in widths[:row]) + inside
+    below = rows(widths[row]) - 1 - inside + sum(rows(width) for width in widths[row + 1:])
+    grown = below - (len(widths) - 1 - row)
+    return up, max(grown + up - row, 0)
 
 
 def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
@@ -641,6 +777,19 @@ def _chat_bindings(screen: ChatScreen) -> KeyBindingsBase:
     @bindings.add("escape", "enter")
     def _newline(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
+
+    @bindings.add("c-l")
+    def _clear(event: KeyPressEvent) -> None:
+        # Cleared by scrolling: what was said goes up into the scrollback and the
+        # input stays at the bottom. prompt_toolkit's own clear (erase the screen,
+        # draw at the top row) leaves the prompt where a narrowing terminal that
+        # re-wraps (tmux) pushes the cursor's row out of the screen, and the redraw
+        # then leaves the prompt behind in the scrollback.
+        app = event.app
+        app.renderer.erase()
+        app.output.write_raw("\r\n" * app.output.get_size().rows)
+        app.output.flush()
+        app.invalidate()
 
     @bindings.add("c-n")
     def _next_room(event: KeyPressEvent) -> None:
@@ -707,31 +856,15 @@ async def chat(
     return finished
 
 
-def run_chat(args: argparse.Namespace) -> int:
-    """`chatzeo chat`: ``args`` has ``server``, ``wait``, ``room`` and ``name``."""
-    user = check_user_name(args.name)
-    room = check_room_name(args.room)
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise ChatError("chatzeo chat needs a terminal; scripts can use chatzeo send and tail")
-    tls = getattr(args, "ssl_context", None) or context_from_options(
-        args.tls_cert, args.tls_key, args.tls_ca)
-    # Said at once, so a slow or absent server is never a blank screen.
-    print(f"chatzeo: connecting to {clean(str(args.server))} as {user}...", flush=True)
-    cert = args.tls_cert or os.environ.get(TLS_ENVIRONMENT["cert"]) or getattr(
-        args, "identity", None)
-    db = open_for_command(args.server, args.wait, tls, cert)
+def run_chat(db: DB, user: str, room: str, server: str, *, bell: bool = True) -> int:
+    """`chatzeo chat` on ``db``, which the command line opened (with its TLS
+    settings) and this takes over: closed when the chat ends, unless the worker is
+    still using it (then exiting the process ends both). ``user`` and ``room`` are
+    checked names; ``server`` is how the server is shown. Returns the exit status."""
     finished = True
     try:
-        finished = asyncio.run(chat(
-            lambda: ChatClient(db, user), user, room, str(args.server),
-            bell=not getattr(args, "no_bell", False),
-        ))
+        finished = asyncio.run(chat(lambda: ChatClient(db, user), user, room, server, bell=bell))
     finally:
         if finished:  # otherwise the worker still uses it; exiting ends it
             db.close()
     return 0
-
-
-def _label(room: str) -> str:
-    # An open room's key; a private room's is its label already (chatzeo.client).
-    return room if room[:1] in "#@" else f"#{room}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidCommand
 from ..message import MessageKind
-from ..validation import check_room_name, check_text, check_topic, check_user_name
+from ..validation import check_room_name, check_topic, check_user_name, checked_text
 
 __all__ = [
     "Command",
@@ -215,16 +215,16 @@ def parse(line: str) -> Command | None:
     if not line.strip():
         return None
     if line.startswith("//"):
-        return Say(check_text(line[1:]))
+        return Say(checked_text(line[1:]))
     if not line.startswith("/"):
-        return Say(check_text(line))
+        return Say(checked_text(line))
     name, _, rest = line[1:].partition(" ")
     argument = rest.strip()
     name = name.lower()
     if name == "me":
         if not argument:
             raise InvalidCommand("/me needs an action, e.g. /me waves")
-        return Say(check_text(argument), "action")
+        return Say(checked_text(argument), "action")
     if name == "join":
         if not argument or " " in argument:
             raise InvalidCommand("/join needs one room name, e.g. /join lobby")
@@ -234,7 +234,10 @@ def parse(line: str) -> Command | None:
     if name in ("switch", "part"):
         if " " in argument or (name == "switch" and not argument):
             raise InvalidCommand(f"/{name} needs one room name, e.g. /{name} lobby")
-        room = check_room_name(argument) if argument else None
+        if argument.startswith("@"):  # a direct conversation, by its label
+            room: str | None = "@" + check_user_name(argument[1:])
+        else:
+            room = check_room_name(argument) if argument else None
         if name == "part":
             return Part(room)
         assert room is not None
@@ -266,9 +269,9 @@ def parse(line: str) -> Command | None:
         user, _, text = argument.partition(" ")
         if not user or not text.strip():
             raise InvalidCommand("/msg needs a user and a message, e.g. /msg bob hello")
-        return Msg(check_user_name(user.removeprefix("@")), check_text(text))
+        return Msg(check_user_name(user.removeprefix("@")), checked_text(text))
     if name == "quit":
-        return Quit(check_text(argument) if argument else "")
+        return Quit(checked_text(argument) if argument else "")
     simple: dict[str, Command] = {
         "rooms": Rooms(), "who": Who(), "help": Help(), "members": Members(),
     }

@@ -29,6 +29,8 @@ __all__ = [
     "STYLE",
     "OWN_MARK",
     "message_line",
+    "plain_line",
+    "room_label",
     "info_line",
     "error_line",
     "prompt_text",
@@ -112,20 +114,30 @@ def message_lines(
 
 
 def message_line(
-    message: Message, own: bool, now: float, mention: bool = False, text: str | None = None
+    message: Message,
+    own: bool,
+    now: float,
+    mention: bool = False,
+    text: str | None = None,
+    *,
+    marks: bool = True,
 ) -> FormattedText:
     """One message: time, a mark if this connection sent it, author and text, all
     sanitized. "Own" is decided by the caller from the ids it sent, never by the
     author name (anyone may use any name without TLS). A message that mentions
     the reader is highlighted, and marked with ``!`` for terminals without colour.
-    ``text`` replaces the message's text (its first line, for `message_lines`)."""
+    ``text`` replaces the message's text (its first line, for `message_lines`).
+    Without ``marks`` the mark column is left out (``HH:MM:SS <bob> hi``: the
+    scriptable commands' line, `plain_line`)."""
     author = clean(message.author or "anonymous")
     text = clean(message.text if text is None else text)
     fragments: list[tuple[str, str]] = [
         ("class:time", stamp(message.time, now)),
         ("class:own" if own else "", f" {OWN_MARK if own else _OTHER_MARK} "),
     ]
-    if mention and not own:
+    if not marks:
+        fragments[1] = ("", " ")
+    elif mention and not own:
         fragments[1] = ("class:mention", " ! ")
     author_style = "class:own" if own else "class:author"
     text_style = "class:own-text" if own else ("class:mention" if mention else "")
@@ -138,6 +150,21 @@ def message_line(
     else:
         fragments += [(author_style, f"<{author}>"), (text_style, f" {text}")]
     return FormattedText(fragments)
+
+
+def room_label(key: str) -> str:
+    """An open room as shown, from its key: ``#lobby`` for the public room
+    ``lobby``; a private room's key is its label already (``#plans (private)``,
+    ``@bob``: `chatzeo.client.ChatClient.open_rooms`), which no public name can
+    equal (names hold no ``#`` or ``@``). Not sanitized: callers clean it."""
+    return key if key[:1] in "#@" else f"#{key}"
+
+
+def plain_line(message: Message, now: float) -> str:
+    """`message_line` as plain, terminal-safe text without marks, for commands whose
+    output goes to scripts and pipes (``chatzeo tail``, ``history``):
+    ``HH:MM:SS <author> text``, the date in front for a message not from today."""
+    return "".join(text for _, text, *_ in message_line(message, False, now, marks=False))
 
 
 def info_line(text: str) -> FormattedText:
@@ -162,7 +189,7 @@ def prompt_text(
     for kind, text in pending:
         shown = f"* {user} {text}" if kind == "action" else text
         fragments.append(("class:pending", f"   (pending, {state}) {clean(shown)}\n"))
-    fragments.append(("class:prompt", f"[#{clean(room)}] {clean(user)}> "))
+    fragments.append(("class:prompt", f"[{clean(room_label(room))}] {clean(user)}> "))
     return FormattedText(fragments)
 
 
@@ -196,7 +223,7 @@ def status_text(
     """
     state = ("class:status.ok", "connected") if connected else (
         "class:status.down", "reconnecting...")
-    room_part = f"#{clean(room)}"
+    room_part = clean(room_label(room))
     if activity:
         room_part += f" [{activity}]"
     shown_topic = f"topic: {_cut(clean(topic), 40)}" if topic else ""

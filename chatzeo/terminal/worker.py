@@ -5,11 +5,13 @@ block on the network, so every call on the `ChatClient` (creating it, joining,
 sending, receiving, heartbeats, closing) happens in this worker thread.
 
 Threads
-    The worker thread runs `ClientWorker._run`. It sleeps in ``client.wait(timeout)``,
-    which returns as soon as ZEO pushes a commit to the watched room (`ChangeFeed`),
-    when `submit` wakes it, or at the timeout: the next heartbeat, or while the
-    server is away a poll of the *local* connection flag (no request to the
-    server) that backs off from ``poll`` to ``away_poll_max`` seconds; ZEO's
+    The worker thread runs `ClientWorker._run`. It sleeps on its own wake-up event,
+    which the client's `ChangeFeed` sets as soon as ZEO pushes a commit to a watched
+    room and `submit`/`stop` set for the UI, or until the timeout; then the feed
+    says (without waiting) whether a room changed, so a request is answered without
+    reading the rooms as if a commit had come. The timeout is the next heartbeat,
+    or while the server is away a poll of the *local* connection flag (no request
+    to the server) that backs off from ``poll`` to ``away_poll_max`` seconds; ZEO's
     reconnection wakes it at once anyway, through the feed. It hands every result
     to the UI through ``deliver``, which it calls from the worker thread, so
     ``deliver`` must be thread-safe (the terminal passes a function that uses
@@ -38,12 +40,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..client import CatchUp, ChatClient
-from ..errors import NotAMember, RetryLimitExceeded
-from ..message import Message, MessageKind
-from ..unread import RoomUnread
+from ..errors import RetryLimitExceeded
+from ..message import Message
 from .commands import (
     Create,
     Invite,
@@ -54,36 +54,33 @@ from .commands import (
     Msg,
     Part,
     Query,
-    Rooms,
     Switch,
     Topic,
     Who,
 )
-from .display import plural
+from .display import plural, room_label
+from .events import (
+    Activity,
+    Arrived,
+    ConnectionChanged,
+    Earlier,
+    EarlierPage,
+    Event,
+    Joined,
+    Landed,
+    MentionList,
+    Notice,
+    NotSent,
+    Outgoing,
+    Parted,
+    PresenceChanged,
+    Problem,
+    Request,
+    TopicChanged,
+)
 from .sanitize import clean
 
-__all__ = [
-    "ClientWorker",
-    "Outgoing",
-    "Earlier",
-    "Request",
-    "Event",
-    "Joined",
-    "Arrived",
-    "Landed",
-    "NotSent",
-    "EarlierPage",
-    "Notice",
-    "Problem",
-    "Parted",
-    "Activity",
-    "PresenceChanged",
-    "TopicChanged",
-    "ConnectionChanged",
-    "MentionList",
-    "HISTORY_PAGE",
-    "CATCH_UP",
-]
+__all__ = ["ClientWorker", "HISTORY_PAGE", "CATCH_UP"]
 
 log = logging.getLogger(__name__)
 
@@ -93,161 +90,6 @@ HISTORY_PAGE = 50
 CATCH_UP = 200
 # Switching to a room with nothing new shows its last few messages for context.
 SWITCH_CONTEXT = 10
-
-
-# -- requests: UI thread -> worker ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to post; ``id`` is the UI's handle on it while it is pending."""
-
-    id: int
-    text: str
-    kind: MessageKind = "say"
-
-
-@dataclass(frozen=True)
-class Earlier:
-    """Fetch the ``count`` messages before ``before`` in the current room."""
-
-    count: int
-    before: Message
-
-
-Request = (
-    Outgoing | Earlier | Join | Rooms | Who | Switch | Part | Topic | Mentions
-    | Create | Invite | Kick | Members | Msg | Query
-)
-
-
-# -- events: worker -> UI thread -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Joined:
-    """Now in ``room`` (just opened, or ``switched`` to); ``page`` holds its latest
-    history, oldest first, or when ``new`` messages came since the user's read
-    marker, the newest `CATCH_UP` of those; ``lost`` more were removed by retention
-    before they were read. ``topic`` is the room's, as `ChatClient.topic` gives it;
-    ``rooms`` every room open now, in order (keys of `ChatClient.open_rooms`: a
-    private room's is its label). ``shown`` is how the room is named on screen
-    (``#lobby``, ``#plans (private)``, ``@bob``)."""
-
-    room: str
-    page: tuple[Message, ...]
-    new: int = 0
-    lost: int = 0
-    topic: tuple[str, str, float] | None = None
-    switched: bool = False
-    rooms: tuple[str, ...] = ()
-    shown: str = field(default="", compare=False)
-
-
-@dataclass(frozen=True)
-class Parted:
-    """``room`` is closed; ``rooms`` are the ones still open."""
-
-    room: str
-    rooms: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Activity:
-    """Unread state of the other open rooms as stored (at start: what came while
-    away); ``known`` names every room on the server (for completion)."""
-
-    rooms: tuple[RoomUnread, ...]
-    known: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class PresenceChanged:
-    """In ``room``, ``came`` are now present and ``parted`` left it (still online
-    elsewhere); ``present`` is everyone there now. With ``room`` "", ``quit`` names
-    those who left the chat (no live connection any more) from any open room."""
-
-    room: str
-    came: tuple[str, ...] = ()
-    parted: tuple[str, ...] = ()
-    quit: tuple[str, ...] = ()
-    present: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TopicChanged:
-    """Someone (``topic[1]``) changed the topic of ``room``."""
-
-    room: str
-    topic: tuple[str, str, float] | None
-
-
-@dataclass(frozen=True)
-class ConnectionChanged:
-    """The connection to the server was lost (``up`` False) or is back."""
-
-    up: bool
-
-
-@dataclass(frozen=True)
-class MentionList:
-    """The answer to `Mentions`: the latest messages mentioning the user, oldest first."""
-
-    messages: tuple[Message, ...]
-
-
-@dataclass(frozen=True)
-class Arrived:
-    """New messages, oldest first per room: the current room's to be shown, the
-    others' to be counted (each message names its room)."""
-
-    messages: tuple[Message, ...]
-
-
-@dataclass(frozen=True)
-class Landed:
-    """Outgoing message ``id`` is stored, as the message whose id is ``stored``;
-    ``messages`` are what arrived up to it."""
-
-    id: int
-    messages: tuple[Message, ...]
-    stored: str | None = None
-
-
-@dataclass(frozen=True)
-class NotSent:
-    """Outgoing message ``id`` was given up; ``reason`` says why, in one line."""
-
-    id: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class EarlierPage:
-    """The answer to `Earlier`: the messages before ``before``, oldest first."""
-
-    before: Message
-    messages: tuple[Message, ...]
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Lines of information (``/who``, ``/rooms``)."""
-
-    lines: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A request failed; ``text`` says why, in one line."""
-
-    text: str
-
-
-Event = (
-    Joined | Arrived | Landed | NotSent | EarlierPage | Notice | Problem | Parted | Activity
-    | PresenceChanged | TopicChanged | ConnectionChanged | MentionList
-)
 
 
 class ClientWorker:
@@ -276,6 +118,10 @@ class ClientWorker:
         self._requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._outbox: deque[tuple[Outgoing, float]] = deque()
         self._stopping = threading.Event()
+        # The worker's own wake-up: set by `submit`/`stop` (the UI) and by the
+        # client's commit feed; after it, the feed itself says whether a room changed,
+        # so a request never looks like a commit.
+        self._wake = threading.Event()
         self._ready: concurrent.futures.Future[Joined] = concurrent.futures.Future()
         self._client: ChatClient | None = None
         self._present: dict[str, frozenset[str]] = {}
@@ -293,8 +139,7 @@ class ClientWorker:
     def submit(self, request: Request) -> None:
         """Queue a request for the worker and wake it."""
         self._requests.put(request)
-        if self._client is not None:
-            self._client.wake()
+        self._wake.set()
 
     def is_connected(self) -> bool:
         """Whether ZEO is connected to the server now: reads a flag that ZEO's IO
@@ -306,8 +151,7 @@ class ClientWorker:
         """Ask the worker to close the client (counting the connection out) and wait
         up to ``timeout`` seconds; True if it finished."""
         self._stopping.set()
-        if self._client is not None:
-            self._client.wake()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -326,6 +170,8 @@ class ClientWorker:
             for name in client.joined_rooms():
                 client.join(name, history=0, remember=True)
             joined = self._open(client, self._room, switched=False)
+            client.feed.also_notify(self._wake.set)
+            self._wake.set()  # what the feed heard while joining is read at once
             self._client = client
             self._ready.set_result(joined)
             self._snapshot(client)
@@ -444,7 +290,9 @@ class ClientWorker:
                 # at once; the timeout only bounds how late a lost wake-up is seen.
                 timeout = away_wait
                 away_wait = min(away_wait * 2, self._away_poll_max)
-            behind = client.wait(timeout) or behind
+            self._wake.wait(timeout)
+            self._wake.clear()
+            behind = client.wait(0) or behind  # a commit, not a request, woke it
             if self._stopping.is_set():
                 self._send_before_stopping(client)
                 return
@@ -503,9 +351,9 @@ class ClientWorker:
                 self._receive(client)  # show what arrived in the room being left
                 opened = _match(client, request.room)
                 if isinstance(request, Switch) and opened is None:
-                    shown = ", ".join(_label(name) for name in client.open_rooms)
-                    self._deliver(Problem(f"#{request.room} is not open (open: {shown}); "
-                                          "/join opens it"))
+                    shown = ", ".join(room_label(name) for name in client.open_rooms)
+                    self._deliver(Problem(f"{room_label(request.room)} is not open "
+                                          f"(open: {shown}); /join opens it"))
                     return
                 name = opened or request.room
                 self._deliver(self._open(client, name, switched=opened is not None))
@@ -522,7 +370,7 @@ class ClientWorker:
                 name = request.room or client.current or ""
                 match = _match(client, name)
                 if match is None:
-                    self._deliver(Problem(f"#{name} is not open"))
+                    self._deliver(Problem(f"{room_label(name)} is not open"))
                     return
                 if len(client.open_rooms) == 1:
                     self._deliver(Problem("this is your last open room; /quit leaves the chat"))
@@ -581,7 +429,9 @@ class ClientWorker:
         while self._outbox and client.is_connected():
             outgoing, _ = self._outbox[0]
             try:
-                stored = client.send(outgoing.text, outgoing.kind)
+                # Read back once: by the receive below, which brings it with its
+                # final key and whatever landed before it.
+                stored = client.send(outgoing.text, outgoing.kind, read_back=False)
             except RetryLimitExceeded as error:
                 self._outbox.popleft()
                 self._deliver(NotSent(outgoing.id, f"gave up after {error.seconds:.0f}s"))
@@ -592,7 +442,10 @@ class ClientWorker:
                 self._deliver(NotSent(outgoing.id, _one_line(error)))
                 continue
             self._outbox.popleft()
-            messages = self._read(client)
+            # Our own commit fired the feed; the read below covers every open room,
+            # so that notice is taken here instead of causing a second read.
+            client.wait(0)
+            messages = self._read_after_send(client)
             if messages and client.current is not None:
                 client.mark_read(client.current, messages[-1].key)
             self._deliver(Landed(outgoing.id, tuple(messages or ()), stored.id))
@@ -630,18 +483,24 @@ class ClientWorker:
         except Exception:  # kept in memory; the next attempt writes them
             log.info("writing read markers failed", exc_info=True)
 
-    def _read(self, client: ChatClient) -> list[Message] | None:
+    def _read_after_send(self, client: ChatClient) -> list[Message]:
+        """What is new in every open room, once, after a send: the current room's
+        is returned (it ends with the message sent), the others' delivered as
+        `Arrived`. If the read fails the feed is fired, so the next wake reads."""
         try:
-            return client.receive()
-        except NotAMember as error:
-            if error.room is not None:
-                self._removed(client, error.room, str(error), True)
-            else:
-                self._deliver(Problem(str(error)))
-            return []
+            found = client.receive_all()
         except Exception:  # the server went away mid-read; read again once back
-            log.info("reading the room failed", exc_info=True)
-            return None
+            log.info("reading the rooms failed", exc_info=True)
+            client.wake()
+            return []
+        current = client.current
+        for name, was_current in client.take_removed():
+            self._removed(client, name, f"you are no longer a member of {name}", was_current)
+        others = [message for name, batch in found.items() if name != current
+                  for message in batch]
+        if others:
+            self._deliver(Arrived(tuple(others)))
+        return found.get(current, []) if current is not None else []
 
     def _removed(self, client: ChatClient, name: str, reason: str, was_current: bool) -> None:
         """The client closed the private room ``name``: this user was removed from
@@ -675,11 +534,6 @@ def _still_online(client: ChatClient, user: str) -> bool:
         return client.online(user)
     except Exception:
         return True  # unknown: say "left" rather than claim they quit
-
-
-def _label(key: str) -> str:
-    """An open room's key as shown: a private room's key is its label already."""
-    return key if key[:1] in "#@" else f"#{key}"
 
 
 def _match(client: ChatClient, wanted: str) -> str | None:
