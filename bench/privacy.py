@@ -31,8 +31,8 @@ from ZODB.utils import p64, u64
 
 from chatzeo import open_db
 from chatzeo.client import ChatClient
-from chatzeo.server.identity import load_identity
 from chatzeo.testing import ServerProcess, percentile
+from chatzeo.tls import load_identity
 
 __all__ = ["main"]
 

@@ -92,8 +92,7 @@ def _resolve_connection(args: argparse.Namespace) -> None:
     default ``--name``; a different ``--name`` is refused, since the server would
     refuse every commit under it. Without any, a loopback server protects no name.
     """
-    from .server.identity import default_identity_path, load_identity
-    from .tls import context_from_options
+    from .tls import context_from_options, default_identity_path, load_identity
 
     explicit = args.identity or os.environ.get("CHATZEO_IDENTITY") or None
     tls_options = any(getattr(args, f"tls_{o}") for o in ("cert", "key", "ca"))
@@ -482,7 +481,8 @@ def _authority(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _invite(args: argparse.Namespace) -> int:
-    from .server.identity import IDENTITY_SUFFIX, issue, save_identity
+    from .server.identity import issue, save_identity
+    from .tls import IDENTITY_SUFFIX
 
     user = check_user_name(args.user)
     authority, config = _authority(args)

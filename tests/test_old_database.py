@@ -26,9 +26,9 @@ from chatzeo.errors import NoSuchRoom
 from chatzeo.markers import ReadMarkers
 from chatzeo.privacy import PrivateRoom
 from chatzeo.realm import ChatRoot, User, get_root
-from chatzeo.server.identity import load_identity
 from chatzeo.session import ChatSession, RoomClock
 from chatzeo.testing import ServerProcess, chatzeo_command
+from chatzeo.tls import load_identity
 
 pytestmark = pytest.mark.timeout(180)
 

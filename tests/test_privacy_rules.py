@@ -26,11 +26,11 @@ from chatzeo.server.identity import (
     Revocations,
     ensure_authority,
     issue,
-    load_identity,
     revoke,
     save_identity,
 )
 from chatzeo.server.readguard import ReadIndex
+from chatzeo.tls import load_identity
 
 Z64 = b"\0" * 8
 

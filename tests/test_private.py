@@ -36,8 +36,8 @@ from chatzeo.errors import (
     TrustViolation,
 )
 from chatzeo.realm import get_root
-from chatzeo.server.identity import load_identity
 from chatzeo.testing import ServerProcess, chatzeo_command, wait_until
+from chatzeo.tls import load_identity
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,15 +14,7 @@ Server side (the operator, next to the server's data directory)
     ``tls/revoked.json``; `Revocations` is the server's view of that file, re-read
     when its modification time or size changes.
 
-Client side
-    `load_identity` reads an identity file and returns its name (the certificate's
-    commonName), the server address it names (if any) and an `ssl.SSLContext` that
-    presents the certificate and trusts only that CA. The server's certificate is
-    checked against that CA alone, not against a host name: the CA is this one
-    server's own, so any certificate it signed for a server is this server's
-    (`ssl.SSLContext.check_hostname` is off for that reason, and only then).
-    `default_identity_path` is ``$CHATZEO_IDENTITY``, else
-    ``$XDG_CONFIG_HOME/chatzeo/identity.chatzeo``.
+The client side (reading an identity file to connect with) is `chatzeo.tls`.
 
 Everything runs in the calling thread; files are written whole through a temporary
 file and a rename, so a crash never leaves half of one.
@@ -47,29 +39,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..errors import IdentityError, InvalidInput
+from ..errors import IdentityError
+from ..tls import IDENTITY_HEADER
 from ..validation import check_user_name
 
 __all__ = [
     "Authority",
-    "Identity",
     "IdentityError",
     "Revocations",
     "ensure_authority",
     "issue",
     "revoke",
     "save_identity",
-    "load_identity",
     "server_context",
-    "default_identity_path",
-    "IDENTITY_SUFFIX",
 ]
 
-IDENTITY_SUFFIX = ".chatzeo"
 # Certificates are long-lived: a user's is revoked, not left to expire.
 CA_DAYS = 3650
 LEAF_DAYS = 825
-_HEADER = "# chatzeo identity"
 
 
 @dataclass(frozen=True)
@@ -104,16 +91,6 @@ class Authority:
 
     def exists(self) -> bool:
         return self.ca_cert.is_file() and self.ca_key.is_file()
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What an identity file holds, ready to connect with."""
-
-    name: str
-    server: str | None
-    context: ssl.SSLContext
-    path: Path
 
 
 def _write(path: Path, data: bytes, mode: int = 0o600, exclusive: bool = False) -> None:
@@ -298,7 +275,7 @@ def issue(authority: Authority, name: str, server: str | None = None) -> tuple[b
     revoked = _read_json(authority.revoked)
     if serial in revoked.get(name, []):  # pragma: no cover - random 159-bit serials
         raise IdentityError("a fresh serial is on the revocation list; try again")
-    lines = [f"{_HEADER} for {name}"]
+    lines = [f"{IDENTITY_HEADER} for {name}"]
     if server:
         lines.append(f"# server: {server}")
     text = "\n".join(lines).encode() + b"\n" + _key_pem(key) + pem + authority.ca_cert.read_bytes()
@@ -364,59 +341,3 @@ class Revocations:
             return isinstance(serial, str) and int(serial, 16) in self.serials
         except ValueError:
             return True
-
-
-# -- client side ------------------------------------------------------------------
-
-
-def default_identity_path() -> Path:
-    """``$CHATZEO_IDENTITY``, else ``$XDG_CONFIG_HOME/chatzeo/identity.chatzeo``."""
-    explicit = os.environ.get("CHATZEO_IDENTITY")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(base) / "chatzeo" / f"identity{IDENTITY_SUFFIX}"
-
-
-_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
-_SERVER = re.compile(rb"^# server: (\S+)\s*$", re.MULTILINE)
-
-
-def load_identity(path: Path) -> Identity:
-    """Read an identity file (`issue`); raises `InvalidInput` naming what is wrong."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-        mode = os.stat(path).st_mode
-    except OSError as error:
-        raise InvalidInput(f"cannot read identity file {path}: {error.strerror}") from None
-    if mode & 0o077:
-        raise InvalidInput(
-            f"identity file {path} can be read by others (mode {mode & 0o777:o}); "
-            f"chmod 600 {path}"
-        )
-    blocks = [(m.group(1).decode(), m.group(0)) for m in _BLOCK.finditer(data)]
-    certs = [block for kind, block in blocks if kind == "CERTIFICATE"]
-    keys = [block for kind, block in blocks if kind.endswith("PRIVATE KEY")]
-    if len(certs) != 2 or len(keys) != 1:
-        raise InvalidInput(
-            f"{path} is not a chatzeo identity file (one key, its certificate and the CA)"
-        )
-    try:
-        cert = x509.load_pem_x509_certificate(certs[0])
-        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError as error:
-        raise InvalidInput(f"{path}: the certificate cannot be read ({error})") from None
-    if len(names) != 1:
-        raise InvalidInput(f"{path}: the certificate names no single user")
-    name = str(names[0].value)
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.load_verify_locations(cadata=certs[1].decode("ascii"))
-    # Trusting only this server's own CA pins the server; see the module docstring.
-    context.check_hostname = False
-    try:
-        context.load_cert_chain(str(path))
-    except ssl.SSLError as error:
-        raise InvalidInput(f"{path}: the key does not fit its certificate ({error})") from None
-    server = _SERVER.search(data)
-    return Identity(name, server.group(1).decode() if server else None, context, path)
